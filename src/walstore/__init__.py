@@ -1,0 +1,45 @@
+"""walstore: a transactional store of plain files for async apps, made crash-safe by a
+write-ahead journal."""
+
+from ._engine import Durability as Durability
+from ._errors import ConflictError as ConflictError
+from ._errors import CorruptionError as CorruptionError
+from ._errors import InvalidPathError as InvalidPathError
+from ._errors import StoreClosedError as StoreClosedError
+from ._errors import StoreError as StoreError
+from ._errors import StoreFailedError as StoreFailedError
+from ._errors import StoreLockedError as StoreLockedError
+from ._errors import TransactionClosedError as TransactionClosedError
+from ._errors import TransactionError as TransactionError
+from ._fs import FileStat as FileStat
+from ._fs import FileSystem as FileSystem
+from ._fs import OsFileSystem as OsFileSystem
+from ._recovery import RecoveryReport as RecoveryReport
+from ._store import Store as Store
+from ._store import open as open
+from ._transaction import Transaction as Transaction
+from ._transaction import TxState as TxState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConflictError",
+    "CorruptionError",
+    "Durability",
+    "FileStat",
+    "FileSystem",
+    "InvalidPathError",
+    "OsFileSystem",
+    "RecoveryReport",
+    "Store",
+    "StoreClosedError",
+    "StoreError",
+    "StoreFailedError",
+    "StoreLockedError",
+    "Transaction",
+    "TransactionClosedError",
+    "TransactionError",
+    "TxState",
+    "__version__",
+    "open",
+]

@@ -1,0 +1,494 @@
+"""Engine: the blocking core of a store, run from worker threads.
+
+It owns the journal writer, the applier and the lock, and runs the commit protocol of
+docs/commit-protocol.md for one group of transactions at a time. Steps are named as in the doc:
+
+1. ``validate``      check each transaction's paths on disk and its reads for conflicts
+2. ``sync_staged``   fsync the staging directories of large values (their files were fsynced
+                     when they were staged)
+3. ``append_commit`` append one COMMIT record for the whole group, in one write
+   ``sync_journal``  fdatasync the journal. This is the commit point.
+4. ``apply``         rename every change into place, readers held off by the apply gate
+5. ``acknowledge``   hand each transaction its outcome (done by the caller with the results)
+
+``checkpoint`` runs between groups; ``open`` runs recovery.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+from . import _journal_format as fmt
+from ._apply import Applier
+from ._errors import (
+    ConflictError,
+    InvalidPathError,
+    StoreError,
+    StoreFailedError,
+    StoreLockedError,
+)
+from ._fs import FileStat, FileSystem, write_all
+from ._journal_writer import AppendFailed, JournalWriter
+from ._paths import RESERVED, parent, parents
+from ._recovery import RecoveryReport, recover
+
+log = logging.getLogger("walstore")
+
+
+class Durability(enum.Enum):
+    """How much a returned commit survives."""
+
+    FULL = "full"  # fsync at every group commit: a returned commit survives power loss
+    NORMAL = "normal"  # atomic; on power loss the newest commits may be lost (today: as FULL)
+    OFF = "off"  # no fsync: survives a process crash, not a power loss (tests, caches)
+
+
+class Outcome(enum.Enum):
+    COMMITTED = "committed"  # durable in the journal (and applied unless error is set)
+    REJECTED = "rejected"  # nothing written: error says why
+    UNKNOWN = "unknown"  # the commit record was written but its sync failed
+
+
+@dataclass(frozen=True)
+class PreparedTx:
+    """A transaction handed to the committer: its ops and what it read."""
+
+    txid: int
+    begin_lsn: int
+    ops: tuple[fmt.Op, ...]
+    staged: bool = False  # has files under staging/<txid>/
+    reads: frozenset[str] = frozenset()  # files read, or found missing
+    listed: frozenset[str] = frozenset()  # directories listed
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    lsn: int = 0
+    error: BaseException | None = None
+
+
+@dataclass
+class Counters:
+    commits: int = 0
+    groups: int = 0
+    conflicts: int = 0
+    checkpoints: int = 0
+    journal_bytes: int = 0
+    journal_syncs: int = 0
+
+
+class _Gate:
+    """Readers share it; the apply step takes it alone, so no reader sees half a group."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writer = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass
+class _Validation:
+    """Effects of the transactions validated so far in a group."""
+
+    kinds: dict[str, str | None] = field(default_factory=dict)  # path -> "file"/"dir"/None
+    modified: set[str] = field(default_factory=set)
+    listing_changed: set[str] = field(default_factory=set)
+
+
+class Engine:
+    """The blocking core. Every method runs in a worker thread, never on the event loop."""
+
+    def __init__(
+        self,
+        fs: FileSystem,
+        root: str,
+        durability: Durability,
+        *,
+        checkpoint_bytes: int = 8 << 20,
+        checkpoint_files: int = 20_000,
+    ) -> None:
+        self.fs = fs
+        self.root = os.path.abspath(root)
+        self.meta = os.path.join(self.root, RESERVED)
+        self.journal_dir = os.path.join(self.meta, "journal")
+        self.staging_dir = os.path.join(self.meta, "staging")
+        self.durability = durability
+        self.sync = durability is not Durability.OFF
+        self.checkpoint_bytes = checkpoint_bytes
+        self.checkpoint_files = checkpoint_files
+        self.counters = Counters()
+        self.failed: StoreFailedError | None = None
+        self.readonly = False
+        self.next_txid = 1
+        self.last_lsn = 0  # LSN of the last applied COMMIT (or checkpoint)
+        self._lock = threading.Lock()  # the commit lock: groups, checkpoints, close
+        self._gate = _Gate()
+        self._lock_fd: int | None = None
+        self._journal: JournalWriter | None = None
+        self._applier = Applier(fs, self.root, self.staging_dir)
+        self._real_root = self.root
+        # Conflict detection: LSN of the last commit that changed a file / a directory listing.
+        self._modified: dict[str, int] = {}
+        self._listing_modified: dict[str, int] = {}
+
+    # -- open and close ------------------------------------------------------------------
+
+    def open(self, *, create: bool, readonly: bool) -> RecoveryReport:
+        """Lock the store and recover it (or, read-only, just check it is a store)."""
+        fs = self.fs
+        self.readonly = readonly
+        if readonly or not create:
+            if fs.lstat(self.journal_dir) is None:
+                raise StoreError(f"{self.root} is not a walstore store (no {RESERVED}/journal)")
+        else:
+            self._make_layout()
+        self._real_root = fs.realpath(self.root)
+        if readonly:
+            return RecoveryReport()
+        lock_fd = fs.lock(os.path.join(self.meta, "LOCK"))
+        if lock_fd is None:
+            raise StoreLockedError(self._holder_message())
+        try:
+            fs.truncate(lock_fd, 0)
+            write_all(fs, lock_fd, f"{os.getpid()}\n".encode(), 0)
+            rec = recover(fs, self.root, self.journal_dir, self.staging_dir, sync=self.sync)
+        except BaseException:
+            fs.unlock(lock_fd)
+            raise
+        self._lock_fd = lock_fd
+        self._journal = rec.journal
+        self._applier = rec.applier
+        self.next_txid = rec.next_txid
+        self.last_lsn = rec.last_lsn
+        if not rec.report.clean:
+            log.info("recovered %s: %s", self.root, rec.report)
+        return rec.report
+
+    def try_lock(self) -> bool:
+        """One attempt at the LOCK (for open's retry loop); True if it is free now."""
+        fd = self.fs.lock(os.path.join(self.meta, "LOCK"))
+        if fd is None:
+            return False
+        self.fs.unlock(fd)
+        return True
+
+    def _holder_message(self) -> str:
+        try:
+            pid = self.fs.read_file(os.path.join(self.meta, "LOCK")).decode().strip()
+        except (OSError, UnicodeDecodeError):
+            pid = "?"
+        return f"store {self.root} is locked by another process (pid {pid or '?'})"
+
+    def _make_layout(self) -> None:
+        fs = self.fs
+        made = False
+        for d in (self.root, self.meta, self.journal_dir, self.staging_dir):
+            st = fs.lstat(d)
+            if st is None:
+                with suppress(FileExistsError):
+                    fs.mkdir(d)
+                made = True
+            elif st.kind != "dir":
+                raise StoreError(f"{d} exists and is not a directory")
+        if made and self.sync:
+            for d in (os.path.dirname(self.root), self.root, self.meta):
+                fs.fsync_dir(d)
+
+    def close(self) -> None:
+        """Checkpoint if anything was committed, release the LOCK. Requires: no group runs."""
+        with self._lock:
+            try:
+                j = self._journal
+                if j is not None and self.failed is None and j.next_lsn > j.checkpoint_lsn + 1:
+                    self._checkpoint_locked()
+            finally:
+                if self._journal is not None:
+                    self._journal.close()
+                    self._journal = None
+                if self._lock_fd is not None:
+                    self.fs.unlock(self._lock_fd)
+                    self._lock_fd = None
+
+    # -- staging -------------------------------------------------------------------------
+
+    def stage(self, txid: int, index: int, data: bytes) -> fmt.PutStaged:
+        """Write a large value to ``staging/<txid>/<index>`` and fsync it (outside the commit
+        lock, so many transactions stage in parallel). Returns the op without its path."""
+        if index == 0:
+            try:
+                self.fs.mkdir(os.path.join(self.staging_dir, str(txid)))
+            except FileExistsError:
+                pass  # a first attempt was cancelled after making it
+        name = f"{txid}/{index}"
+        fd = self.fs.open(os.path.join(self.staging_dir, name), create=True, truncate=True)
+        try:
+            write_all(self.fs, fd, data, 0)
+            if self.sync:
+                self.fs.fsync(fd)
+        finally:
+            self.fs.close(fd)
+        return fmt.PutStaged("", name, len(data), zlib.crc32(data))
+
+    def discard(self, txid: int) -> None:
+        """Remove what a rolled-back transaction staged."""
+        d = os.path.join(self.staging_dir, str(txid))
+        if self.fs.lstat(d) is None:
+            return
+        for name in self.fs.listdir(d):
+            self.fs.unlink(os.path.join(d, name))
+        self.fs.rmdir(d)
+
+    # -- the commit protocol -------------------------------------------------------------
+
+    def commit_group(self, group: list[PreparedTx], oldest_begin: int) -> list[Result]:
+        """Run steps 1-4 for a group, in one worker call. ``oldest_begin`` is the smallest
+        begin LSN of any open transaction (older conflict records are dropped)."""
+        with self._lock:
+            if self.failed is not None:
+                err = StoreFailedError(f"store failed earlier: {self.failed}")
+                return [Result(Outcome.REJECTED, error=err) for _ in group]
+            assert self._journal is not None
+            journal = self._journal
+            lsn = journal.next_lsn
+            results: list[Result | None] = [None] * len(group)
+
+            # Step 1: validate
+            state = _Validation()
+            for i, tx in enumerate(group):
+                try:
+                    self._validate(tx, state)
+                except (InvalidPathError, ConflictError, OSError) as exc:
+                    if isinstance(exc, ConflictError):
+                        self.counters.conflicts += 1
+                    results[i] = Result(Outcome.REJECTED, error=exc)
+            live = [tx for i, tx in enumerate(group) if results[i] is None]
+            if not live:
+                return [r for r in results if r is not None]
+
+            # Step 2: sync_staged
+            try:
+                if self.sync and any(tx.staged for tx in live):
+                    for tx in live:
+                        if tx.staged:
+                            self.fs.fsync_dir(os.path.join(self.staging_dir, str(tx.txid)))
+                    self.fs.fsync_dir(self.staging_dir)
+                # Step 3: append_commit
+                record = fmt.Commit(lsn, tuple(fmt.TxRecord(t.txid, t.ops) for t in live))
+                journal.append(fmt.RecordType.COMMIT, fmt.encode_commit(record))
+            except OSError as exc:
+                return self._fill(results, Result(Outcome.REJECTED, error=exc))
+            except AppendFailed as exc:
+                self._fail(f"journal append failed and could not be undone: {exc}", exc)
+                err = StoreFailedError(f"commit outcome unknown: {exc}")
+                return self._fill(results, Result(Outcome.UNKNOWN, error=err))
+            # Step 3: sync_journal. This is the commit point.
+            try:
+                if self.sync:
+                    journal.sync()
+                    self.counters.journal_syncs += 1
+            except OSError as exc:
+                self._fail(f"journal fdatasync failed: {exc}", exc)
+                err = StoreFailedError(
+                    f"commit outcome unknown: the journal sync failed ({exc}); "
+                    "reopen the store to learn whether it committed"
+                )
+                err.__cause__ = exc
+                return self._fill(results, Result(Outcome.UNKNOWN, error=err))
+            journal.next_lsn = lsn + 1
+
+            # Step 4: apply
+            try:
+                with self._gate.write():
+                    self._applier.forget_dir_cache()
+                    for tx in live:
+                        self._applier.apply(tx.txid, tx.ops)
+                    self.last_lsn = lsn
+            except OSError as exc:
+                self._fail(f"apply failed after the commit point: {exc}", exc)
+                err = StoreFailedError(
+                    f"committed (journal LSN {lsn}) but not applied: {exc}; "
+                    "reopen the store to finish applying it"
+                )
+                err.__cause__ = exc
+                return self._fill(results, Result(Outcome.COMMITTED, lsn, err))
+            for p in state.modified:
+                self._modified[p] = lsn
+            for d in state.listing_changed:
+                self._listing_modified[d] = lsn
+            self._prune(oldest_begin)
+            self.counters.groups += 1
+            self.counters.commits += len(live)
+            self.counters.journal_bytes = journal.bytes_written
+            for tx in live:
+                log.debug("txid=%d committed lsn=%d ops=%d", tx.txid, lsn, len(tx.ops))
+            return self._fill(results, Result(Outcome.COMMITTED, lsn))
+
+    @staticmethod
+    def _fill(results: list[Result | None], value: Result) -> list[Result]:
+        return [value if r is None else r for r in results]
+
+    def _fail(self, message: str, exc: BaseException) -> None:
+        log.error("store %s failed: %s", self.root, message)
+        self.failed = StoreFailedError(message)
+        self.failed.__cause__ = exc
+
+    def _prune(self, oldest_begin: int) -> None:
+        if len(self._modified) + len(self._listing_modified) < 4096:
+            return
+        for table in (self._modified, self._listing_modified):
+            for key in [k for k, v in table.items() if v <= oldest_begin]:
+                del table[key]
+
+    def _kind(self, path: str, state: _Validation, local: dict[str, str | None]) -> str | None:
+        for layer in (local, state.kinds):
+            if path in layer:
+                return layer[path]
+        st = self.fs.lstat(self._applier.full(path))
+        return st.kind if st is not None else None
+
+    def _validate(self, tx: PreparedTx, state: _Validation) -> None:
+        """Step 1 for one transaction: raise ConflictError or InvalidPathError, else record
+        its effects in ``state``. Nothing on disk is touched."""
+        for p in tx.reads:
+            if self._modified.get(p, 0) > tx.begin_lsn or p in state.modified:
+                raise ConflictError(f"txid={tx.txid}: {p!r} was changed by another commit")
+        for d in tx.listed:
+            if self._listing_modified.get(d, 0) > tx.begin_lsn or d in state.listing_changed:
+                raise ConflictError(f"txid={tx.txid}: directory {d!r} changed")
+        local: dict[str, str | None] = {}
+        modified: set[str] = set()
+        listing: set[str] = set()
+        for op in tx.ops:
+            for anc in parents(op.path):
+                kind = self._kind(anc, state, local)
+                if kind is None:
+                    local[anc] = "dir"
+                    listing.add(parent(anc))
+                elif kind != "dir":
+                    what = "a symlink" if kind == "symlink" else "not a directory"
+                    raise InvalidPathError(f"cannot write {op.path!r}: {anc!r} is {what}")
+            kind = self._kind(op.path, state, local)
+            if kind not in (None, "file"):
+                what = {"dir": "a directory", "symlink": "a symlink"}.get(kind, "not a file")
+                raise InvalidPathError(f"cannot change {op.path!r}: it is {what}")
+            if isinstance(op, fmt.Delete):
+                if kind is not None:
+                    listing.add(parent(op.path))
+                local[op.path] = None
+            else:
+                if kind is None:
+                    listing.add(parent(op.path))
+                local[op.path] = "file"
+            modified.add(op.path)
+        state.kinds.update(local)
+        state.modified |= modified
+        state.listing_changed |= listing
+
+    def checkpoint_due(self) -> bool:
+        j = self._journal
+        return (
+            j is not None
+            and self.failed is None
+            and (
+                j.offset > self.checkpoint_bytes
+                or len(self._applier.dirty_files) > self.checkpoint_files
+            )
+        )
+
+    def checkpoint(self) -> None:
+        """Make everything applied durable in place and start a new journal segment."""
+        with self._lock:
+            if self.failed is not None:
+                raise StoreFailedError(f"store failed earlier: {self.failed}")
+            try:
+                self._checkpoint_locked()
+            except OSError as exc:
+                self._fail(f"checkpoint failed: {exc}", exc)
+                raise StoreFailedError(f"checkpoint failed: {exc}") from exc
+
+    def _checkpoint_locked(self) -> None:
+        assert self._journal is not None
+        old = self._journal
+        # checkpoint_sync: the applied files and directories, so the journal can be dropped.
+        if self.sync:
+            self._applier.sync()
+        else:
+            self._applier.dirty_files.clear()
+            self._applier.dirty_dirs.clear()
+        # checkpoint_new_segment: HEADER + CHECKPOINT, synced with its directory entry.
+        cp = fmt.Checkpoint(old.next_lsn, self.next_txid)
+        self._journal = JournalWriter.create(self.fs, self.journal_dir, cp, sync=self.sync)
+        self._journal.bytes_written = old.bytes_written
+        self.last_lsn = cp.lsn
+        old.close()
+        # checkpoint_drop_segments
+        self.fs.unlink(old.path)
+        self.counters.checkpoints += 1
+        log.debug("checkpoint lsn=%d", cp.lsn)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _resolve(self, path: str) -> str:
+        """The file a store path names, following symlinks only inside the root."""
+        full = self._applier.full(path)
+        real = self.fs.realpath(full)
+        if real != full and real != self._real_root and not real.startswith(self._real_root + "/"):
+            raise InvalidPathError(f"{path!r} leads out of the store through a symlink")
+        meta = os.path.join(self._real_root, RESERVED)
+        if real == meta or real.startswith(meta + "/"):
+            raise InvalidPathError(f"{path!r} leads into {RESERVED}/ through a symlink")
+        return real
+
+    def read(self, path: str) -> bytes:
+        with self._gate.read():
+            return self.fs.read_file(self._resolve(path))
+
+    def lstat(self, path: str) -> FileStat | None:
+        with self._gate.read():
+            return self.fs.lstat(self._resolve(path))
+
+    def listdir(self, path: str) -> list[str]:
+        with self._gate.read():
+            full = self._resolve(path)
+            st = self.fs.lstat(full)
+            if st is None:
+                raise FileNotFoundError(2, "No such file or directory", path)
+            if st.kind != "dir":
+                raise NotADirectoryError(20, "Not a directory", path)
+            names = self.fs.listdir(full)
+        return sorted(n for n in names if path or n != RESERVED)

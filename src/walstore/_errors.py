@@ -1,0 +1,62 @@
+"""The walstore exception hierarchy.
+
+Our exception hierarchy::
+
+    StoreError
+    ├── StoreLockedError     another process holds the store (holder's pid in the message)
+    ├── StoreClosedError     used after aclose()
+    ├── StoreFailedError     an fsync/rename failed after the commit point; reopen to recover
+    ├── CorruptionError      journal damage that is not a torn tail
+    ├── InvalidPathError     (also ValueError) path escapes the root or names a reserved file
+    └── TransactionError
+        ├── ConflictError    serializable validation failed; retrying may succeed
+        └── TransactionClosedError
+
+A file that does not exist raises the stdlib ``FileNotFoundError``; other ``OSError``\\ s met
+before a transaction's commit point propagate unchanged (the transaction is rolled back and the
+store stays usable).
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every error walstore raises on its own account."""
+
+
+class StoreLockedError(StoreError):
+    """Raised by open() when another process holds the store's LOCK past ``lock_timeout``."""
+
+
+class StoreClosedError(StoreError):
+    """Raised when a store is used after ``aclose()``."""
+
+
+class StoreFailedError(StoreError):
+    """Raised when an fsync or rename failed after a commit point.
+
+    The instance refuses every later write (an fsync is never retried: after a failed fsync
+    the kernel may report success while the data is gone). Reopen the store to recover.
+    """
+
+
+class CorruptionError(StoreError):
+    """Raised when the journal is damaged in a way a torn tail cannot explain."""
+
+
+class InvalidPathError(StoreError, ValueError):
+    """Raised when a path is absolute, climbs out of the root, names ``.walstore/`` or is
+    otherwise unusable; nothing has been changed."""
+
+
+class TransactionError(StoreError):
+    """Base class of errors about one transaction."""
+
+
+class ConflictError(TransactionError):
+    """Raised at commit when something the transaction read was changed by another commit
+    since it began; nothing was changed and retrying may succeed."""
+
+
+class TransactionClosedError(TransactionError):
+    """Raised when a transaction is used after it committed, rolled back or failed."""

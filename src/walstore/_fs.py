@@ -1,0 +1,225 @@
+"""The file-system seam: every file syscall walstore makes goes through a ``FileSystem``.
+
+``OsFileSystem`` is the real one and the only code in walstore that calls ``os.*`` on files.
+``walstore.testing.MemoryFileSystem`` is a simulated one that can crash at the Nth call, lose
+unsynced writes in a simulated power cut and raise chosen errors (LevelDB's ``Env``/memenv).
+
+All methods are blocking; the store calls them from worker threads. Paths are absolute strings.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat as stat_mod
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Kind = Literal["file", "dir", "symlink", "other"]
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What ``lstat`` reports: the entry's kind, its size in bytes and its mtime."""
+
+    kind: Kind
+    size: int
+    mtime_ns: int
+
+
+class FileSystem(Protocol):
+    """The operations walstore needs; each call is one step a crash test can stop at."""
+
+    calls: Counter[str]
+
+    def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
+        """Open for reading and writing; returns a handle."""
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        """Write at ``offset``; may write fewer bytes than given (a short write)."""
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes: ...
+
+    def size(self, fd: int) -> int: ...
+
+    def truncate(self, fd: int, size: int) -> None: ...
+
+    def fsync(self, fd: int) -> None: ...
+
+    def fdatasync(self, fd: int) -> None: ...
+
+    def close(self, fd: int) -> None: ...
+
+    def read_file(self, path: str) -> bytes:
+        """Read a whole file, following symlinks."""
+
+    def rename(self, src: str, dst: str) -> None: ...
+
+    def link(self, src: str, dst: str) -> None: ...
+
+    def unlink(self, path: str) -> None: ...
+
+    def mkdir(self, path: str) -> None: ...
+
+    def rmdir(self, path: str) -> None: ...
+
+    def listdir(self, path: str) -> list[str]: ...
+
+    def lstat(self, path: str) -> FileStat | None:
+        """Stat without following a final symlink; None when nothing is there."""
+
+    def realpath(self, path: str) -> str: ...
+
+    def fsync_dir(self, path: str) -> None:
+        """Make the directory's entries (creations, renames, unlinks) durable."""
+
+    def lock(self, path: str) -> int | None:
+        """Take an exclusive advisory lock on ``path`` (created if missing) without waiting.
+
+        Returns a handle that holds the lock, or None when another process holds it."""
+
+    def unlock(self, fd: int) -> None: ...
+
+
+def write_all(fs: FileSystem, fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite until all of ``data`` is written (a short write is not an error)."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = fs.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        done += n
+
+
+def _kind(mode: int) -> Kind:
+    if stat_mod.S_ISREG(mode):
+        return "file"
+    if stat_mod.S_ISDIR(mode):
+        return "dir"
+    if stat_mod.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+class OsFileSystem:
+    """The real file system (Linux/POSIX)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
+        self.calls["open"] += 1
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if create:
+            flags |= os.O_CREAT
+        if truncate:
+            flags |= os.O_TRUNC
+        return os.open(path, flags, 0o644)
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        self.calls["pwrite"] += 1
+        return os.pwrite(fd, data, offset)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        self.calls["pread"] += 1
+        return os.pread(fd, size, offset)
+
+    def size(self, fd: int) -> int:
+        self.calls["size"] += 1
+        return os.fstat(fd).st_size
+
+    def truncate(self, fd: int, size: int) -> None:
+        self.calls["truncate"] += 1
+        os.ftruncate(fd, size)
+
+    def fsync(self, fd: int) -> None:
+        self.calls["fsync"] += 1
+        os.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self.calls["fdatasync"] += 1
+        os.fdatasync(fd)
+
+    def close(self, fd: int) -> None:
+        self.calls["close"] += 1
+        os.close(fd)
+
+    def read_file(self, path: str) -> bytes:
+        self.calls["read_file"] += 1
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            chunks = []
+            while True:
+                chunk = os.read(fd, max(size, 65536))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.calls["rename"] += 1
+        os.rename(src, dst)
+
+    def link(self, src: str, dst: str) -> None:
+        self.calls["link"] += 1
+        os.link(src, dst, follow_symlinks=False)
+
+    def unlink(self, path: str) -> None:
+        self.calls["unlink"] += 1
+        os.unlink(path)
+
+    def mkdir(self, path: str) -> None:
+        self.calls["mkdir"] += 1
+        os.mkdir(path, 0o755)
+
+    def rmdir(self, path: str) -> None:
+        self.calls["rmdir"] += 1
+        os.rmdir(path)
+
+    def listdir(self, path: str) -> list[str]:
+        self.calls["listdir"] += 1
+        return os.listdir(path)
+
+    def lstat(self, path: str) -> FileStat | None:
+        self.calls["lstat"] += 1
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+        return FileStat(_kind(st.st_mode), st.st_size, st.st_mtime_ns)
+
+    def realpath(self, path: str) -> str:
+        self.calls["realpath"] += 1
+        return os.path.realpath(path)
+
+    def fsync_dir(self, path: str) -> None:
+        self.calls["fsync_dir"] += 1
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def lock(self, path: str) -> int | None:
+        self.calls["lock"] += 1
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            raise
+        return fd
+
+    def unlock(self, fd: int) -> None:
+        self.calls["unlock"] += 1
+        os.close(fd)  # closing the descriptor releases the flock

@@ -1,0 +1,239 @@
+"""Journal record layout: encode and decode, no I/O.
+
+See ../../docs/journal-format.md for the byte layout, a worked example and the reasons.
+
+    record  := length: u32 | crc: u32 | type: u8 | payload: bytes[length]
+    crc     := crc32(type || payload), seeded with the segment's salt (0 for HEADER)
+
+All integers are little-endian.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+
+HEADER_SIZE = 9  # length u32, crc u32, type u8
+MAX_PAYLOAD = 1 << 31  # a length above this cannot be ours: the header itself is damaged
+MAGIC = b"WALSTORE"
+VERSION = 1
+
+_HEAD = struct.Struct("<IIB")
+_SEGMENT = struct.Struct("<8sHQI")  # magic, version, first_lsn, salt
+_CHECKPOINT = struct.Struct("<QQ")  # lsn, next_txid
+_GROUP = struct.Struct("<QI")  # lsn, number of transactions
+_TX = struct.Struct("<QI")  # txid, number of ops
+_OP = struct.Struct("<BH")  # op kind, path length
+_U32 = struct.Struct("<I")
+_STAGED = struct.Struct("<QI")  # size, crc32
+
+
+class RecordType(enum.IntEnum):
+    """Record types. 0 is reserved: a zero-filled region (a preallocated or torn tail) never
+    parses as a record, as LevelDB reserves kZeroType."""
+
+    ZERO = 0
+    HEADER = 1  # first record of every segment: magic, version, first LSN, salt
+    CHECKPOINT = 2  # second record of every segment: all earlier commits are durable in place
+    COMMIT = 3  # one commit group: its transactions' ops; its fdatasync is the commit point
+
+
+class OpKind(enum.IntEnum):
+    """Operation kinds inside a COMMIT record (0 reserved)."""
+
+    PUT = 1  # small value inline
+    PUT_STAGED = 2  # large value staged under .walstore/staging/, by name, size and crc
+    DELETE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Write ``data`` to ``path`` (created or replaced)."""
+
+    path: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PutStaged:
+    """Rename the staged file ``staged`` (relative to the staging directory) onto ``path``."""
+
+    path: str
+    staged: str
+    size: int
+    crc: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Remove the file ``path`` (nothing to do if it is already gone)."""
+
+    path: str
+
+
+Op = Put | PutStaged | Delete
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    first_lsn: int
+    salt: int
+
+
+@dataclass(frozen=True, slots=True)
+class TxRecord:
+    """One transaction inside a COMMIT record."""
+
+    txid: int
+    ops: tuple[Op, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """A COMMIT record: the transactions of one commit group, in commit order."""
+
+    lsn: int
+    txs: tuple[TxRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A CHECKPOINT record: every COMMIT with a smaller LSN is applied and durable."""
+
+    lsn: int
+    next_txid: int  # txids below this were handed out before the checkpoint
+
+
+class FormatError(ValueError):
+    """A payload whose CRC matched does not decode: the writer had a bug or the file is not
+    ours. Readers turn it into CorruptionError."""
+
+
+def crc_of(rtype: int, payload: bytes | memoryview, salt: int) -> int:
+    return zlib.crc32(payload, zlib.crc32(bytes((rtype,)), salt))
+
+
+def encode_record(rtype: RecordType, payload: bytes, salt: int) -> bytes:
+    return _HEAD.pack(len(payload), crc_of(rtype, payload, salt), rtype) + payload
+
+
+def decode_head(buf: bytes | memoryview, offset: int) -> tuple[int, int, int]:
+    """Return (length, crc, type) of the record header at ``offset``."""
+    length, crc, rtype = _HEAD.unpack_from(buf, offset)
+    return length, crc, rtype
+
+
+def encode_header(header: SegmentHeader) -> bytes:
+    payload = _SEGMENT.pack(MAGIC, VERSION, header.first_lsn, header.salt)
+    return encode_record(RecordType.HEADER, payload, 0)
+
+
+def decode_header(payload: bytes | memoryview) -> SegmentHeader:
+    if len(payload) != _SEGMENT.size:
+        raise FormatError(f"segment header is {len(payload)} bytes, expected {_SEGMENT.size}")
+    magic, version, first_lsn, salt = _SEGMENT.unpack(payload)
+    if magic != MAGIC:
+        raise FormatError("not a walstore journal segment (bad magic)")
+    if version != VERSION:
+        raise FormatError(f"journal format version {version} is not supported (this is {VERSION})")
+    return SegmentHeader(first_lsn, salt)
+
+
+def encode_checkpoint(cp: Checkpoint) -> bytes:
+    return _CHECKPOINT.pack(cp.lsn, cp.next_txid)
+
+
+def decode_checkpoint(payload: bytes | memoryview) -> Checkpoint:
+    if len(payload) != _CHECKPOINT.size:
+        raise FormatError(f"checkpoint is {len(payload)} bytes, expected {_CHECKPOINT.size}")
+    return Checkpoint(*_CHECKPOINT.unpack(payload))
+
+
+def _encode_str(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+def payload_lsn(payload: bytes | memoryview) -> int:
+    """The LSN that opens every CHECKPOINT and COMMIT payload."""
+    if len(payload) < 8:
+        raise FormatError("record too short to hold its LSN")
+    return int.from_bytes(payload[:8], "little")
+
+
+def encode_commit(commit: Commit) -> bytes:
+    parts = [_GROUP.pack(commit.lsn, len(commit.txs))]
+    for tx in commit.txs:
+        parts.append(_TX.pack(tx.txid, len(tx.ops)))
+        _encode_ops(tx.ops, parts)
+    return b"".join(parts)
+
+
+def _encode_ops(ops: tuple[Op, ...], parts: list[bytes]) -> None:
+    for op in ops:
+        path = _encode_str(op.path)
+        if isinstance(op, Put):
+            parts += [_OP.pack(OpKind.PUT, len(path)), path, _U32.pack(len(op.data)), op.data]
+        elif isinstance(op, PutStaged):
+            name = _encode_str(op.staged)
+            parts += [
+                _OP.pack(OpKind.PUT_STAGED, len(path)),
+                path,
+                _U32.pack(len(name)),
+                name,
+                _STAGED.pack(op.size, op.crc),
+            ]
+        else:
+            parts += [_OP.pack(OpKind.DELETE, len(path)), path]
+
+
+class _Cursor:
+    def __init__(self, buf: bytes | memoryview) -> None:
+        self.buf = memoryview(buf)
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.buf):
+            raise FormatError("commit record ends inside an operation")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, st: struct.Struct) -> tuple[int, ...]:
+        return st.unpack(self.take(st.size))
+
+    def text(self, n: int) -> str:
+        return bytes(self.take(n)).decode("utf-8", "surrogateescape")
+
+
+def decode_commit(payload: bytes | memoryview) -> Commit:
+    cur = _Cursor(payload)
+    lsn, ntx = cur.unpack(_GROUP)
+    txs = []
+    for _ in range(ntx):
+        txid, nops = cur.unpack(_TX)
+        txs.append(TxRecord(txid, _decode_ops(cur, nops)))
+    if cur.pos != len(cur.buf):
+        raise FormatError("commit record has trailing bytes")
+    return Commit(lsn, tuple(txs))
+
+
+def _decode_ops(cur: _Cursor, count: int) -> tuple[Op, ...]:
+    ops: list[Op] = []
+    for _ in range(count):
+        kind, path_len = cur.unpack(_OP)
+        path = cur.text(path_len)
+        if kind == OpKind.PUT:
+            (size,) = cur.unpack(_U32)
+            ops.append(Put(path, bytes(cur.take(size))))
+        elif kind == OpKind.PUT_STAGED:
+            (name_len,) = cur.unpack(_U32)
+            name = cur.text(name_len)
+            size, crc = cur.unpack(_STAGED)
+            ops.append(PutStaged(path, name, size, crc))
+        elif kind == OpKind.DELETE:
+            ops.append(Delete(path))
+        else:
+            raise FormatError(f"unknown operation kind {kind}")
+    return tuple(ops)

@@ -1,0 +1,144 @@
+"""JournalReader: parse one journal segment, tell a torn tail from corruption.
+
+A segment is ``HEADER CHECKPOINT COMMIT*``. The writer appends each commit group as one record
+in one write and fdatasyncs it before the next group is written, so only the last record of the
+live segment can be incomplete. Damage there is a torn write: the writer died mid-append, as
+LevelDB's log reader treats it, and the reader reports the bytes to truncate. Damage that is
+followed by a valid record with a later LSN cannot be explained by a torn write and raises
+CorruptionError naming the segment and offset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import NoReturn, TypeVar
+
+from . import _journal_format as fmt
+from ._errors import CorruptionError
+
+# A new segment is written as HEADER + CHECKPOINT and synced before anything else is appended,
+# so a segment at most this long whose start does not parse is a segment whose creation was cut
+# short; anything longer with a bad start has lost synced data.
+FRESH_SEGMENT_SIZE = 2 * fmt.HEADER_SIZE + 22 + 16
+
+_Record = tuple[int, int, int, memoryview]  # offset, end, type, payload
+T = TypeVar("T")
+
+
+@dataclass
+class SegmentScan:
+    """What one segment holds."""
+
+    name: str
+    header: fmt.SegmentHeader
+    checkpoint: fmt.Checkpoint
+    commits: list[fmt.Commit] = field(default_factory=list)
+    valid_end: int = 0  # offset just past the last good record
+    torn_bytes: int = 0  # bytes after valid_end: a torn tail to truncate
+
+    @property
+    def next_lsn(self) -> int:
+        return self.commits[-1].lsn + 1 if self.commits else self.checkpoint.lsn + 1
+
+
+class TornSegment(Exception):
+    """The segment's HEADER or CHECKPOINT is incomplete: its creation was cut short."""
+
+
+def _records(data: bytes, offset: int, salt: int) -> Iterator[_Record]:
+    """Yield (offset, end, type, payload) of consecutive valid records; stop at the first
+    record that is cut off or fails its CRC."""
+    view = memoryview(data)
+    while offset + fmt.HEADER_SIZE <= len(data):
+        length, crc, rtype = fmt.decode_head(view, offset)
+        end = offset + fmt.HEADER_SIZE + length
+        if rtype == fmt.RecordType.ZERO or length > fmt.MAX_PAYLOAD or end > len(data):
+            return
+        payload = view[offset + fmt.HEADER_SIZE : end]
+        if fmt.crc_of(rtype, payload, salt) != crc:
+            # Don't trust the length: it may itself be what was damaged (LevelDB log_reader).
+            return
+        yield offset, end, rtype, payload
+        offset = end
+
+
+def _valid_record_after(data: bytes, start: int, salt: int, after_lsn: int) -> int | None:
+    """Offset of a valid COMMIT/CHECKPOINT record with an LSN above ``after_lsn`` that begins
+    after ``start``, or None. Used only once damage is found, to tell corruption from a tear."""
+    view = memoryview(data)
+    types = (fmt.RecordType.COMMIT, fmt.RecordType.CHECKPOINT)
+    pos = start + 1
+    limit = len(data) - fmt.HEADER_SIZE - 8
+    while pos <= limit:
+        # The type byte sits at +8; jump between candidate positions instead of every byte.
+        hits = [i for i in (data.find(bytes((t,)), pos + 8) for t in types) if i >= 0]
+        if not hits:
+            return None
+        pos = min(hits) - 8
+        if pos > limit:
+            return None
+        length, crc, rtype = fmt.decode_head(view, pos)
+        end = pos + fmt.HEADER_SIZE + length
+        if length >= 8 and end <= len(data):
+            payload = view[pos + fmt.HEADER_SIZE : end]
+            if fmt.crc_of(rtype, payload, salt) == crc and fmt.payload_lsn(payload) > after_lsn:
+                return pos
+        pos += 1
+    return None
+
+
+def scan_segment(name: str, data: bytes) -> SegmentScan:
+    """Parse a segment. Raises TornSegment if its creation was cut short (it may be removed),
+    CorruptionError if it is damaged beyond a torn tail."""
+    records = _records(data, 0, 0)
+    first = next(records, None)
+    if first is None or first[2] != fmt.RecordType.HEADER:
+        _torn_or_corrupt(name, data, "segment header")
+    header = _decode(name, first, fmt.decode_header)
+    records = _records(data, first[1], header.salt)
+    second = next(records, None)
+    if second is None or second[2] != fmt.RecordType.CHECKPOINT:
+        _torn_or_corrupt(name, data, "segment checkpoint")
+    checkpoint = _decode(name, second, fmt.decode_checkpoint)
+    if checkpoint.lsn != header.first_lsn:
+        raise CorruptionError(
+            f"journal segment {name}: checkpoint LSN {checkpoint.lsn} "
+            f"does not match the header's {header.first_lsn}"
+        )
+    scan = SegmentScan(name, header, checkpoint, valid_end=second[1])
+    for offset, end, rtype, payload in records:
+        if rtype != fmt.RecordType.COMMIT:
+            raise CorruptionError(
+                f"journal segment {name}, offset {offset}: unexpected record type {rtype}"
+            )
+        commit = _decode(name, (offset, end, rtype, payload), fmt.decode_commit)
+        if commit.lsn != scan.next_lsn:
+            raise CorruptionError(
+                f"journal segment {name}, offset {offset}: LSN {commit.lsn}, "
+                f"expected {scan.next_lsn}"
+            )
+        scan.commits.append(commit)
+        scan.valid_end = end
+    if scan.valid_end < len(data):
+        later = _valid_record_after(data, scan.valid_end, header.salt, scan.next_lsn - 1)
+        if later is not None:
+            raise CorruptionError(
+                f"journal segment {name}, offset {scan.valid_end}: damaged record followed by "
+                f"a valid one at offset {later}"
+            )
+        scan.torn_bytes = len(data) - scan.valid_end
+    return scan
+
+
+def _decode(name: str, record: _Record, decode: Callable[[memoryview], T]) -> T:
+    try:
+        return decode(record[3])
+    except fmt.FormatError as exc:
+        raise CorruptionError(f"journal segment {name}, offset {record[0]}: {exc}") from exc
+
+
+def _torn_or_corrupt(name: str, data: bytes, what: str) -> NoReturn:
+    if len(data) <= FRESH_SEGMENT_SIZE:
+        raise TornSegment(f"journal segment {name}: {what} incomplete ({len(data)} bytes)")
+    raise CorruptionError(f"journal segment {name}, offset 0: {what} is damaged")

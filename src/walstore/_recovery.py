@@ -1,0 +1,183 @@
+"""Recovery on open: roll committed work forward, roll the rest back.
+
+Steps (docs/commit-protocol.md, "Recovery"):
+
+R1 ``recover_scan``: find the live segment, the newest one whose HEADER and CHECKPOINT parse.
+   A newer segment whose creation was cut short is dropped; damage elsewhere is CorruptionError.
+R2 ``recover_replay``: apply every transaction of every COMMIT after the checkpoint, in journal
+   order, skipping an op superseded by a later op on the same path.
+R3 ``recover_checkpoint``: fsync what was replayed, start a new segment with a CHECKPOINT, drop
+   the older segments (this discards a torn tail), then clear ``staging/`` (the roll back).
+
+Every step only redoes idempotent work, so a crash during recovery is recovered by the next open.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from . import _journal_format as fmt
+from ._apply import Applier
+from ._errors import CorruptionError
+from ._fs import FileSystem
+from ._journal_reader import SegmentScan, TornSegment, scan_segment
+from ._journal_writer import JournalWriter, segment_lsn
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What the last open recovered."""
+
+    rolled_forward: tuple[int, ...] = ()  # txids replayed from the journal
+    rolled_back: tuple[int, ...] = ()  # txids whose staged files were discarded uncommitted
+    torn_bytes: int = 0  # bytes of torn journal tail discarded
+    orphans_removed: int = 0  # files and directories removed from staging/
+    segments_removed: int = 0  # old or half-created journal segments removed
+    ops_replayed: int = 0
+
+    @property
+    def clean(self) -> bool:
+        """True when the store was closed cleanly and nothing needed doing."""
+        return not (
+            self.rolled_forward
+            or self.rolled_back
+            or self.torn_bytes
+            or self.orphans_removed
+            or self.segments_removed
+        )
+
+
+@dataclass
+class Recovered:
+    """The state recovery hands to the engine."""
+
+    report: RecoveryReport
+    journal: JournalWriter
+    next_txid: int
+    last_lsn: int
+    applier: Applier = field(repr=False)
+
+
+def _segments(fs: FileSystem, journal_dir: str) -> list[tuple[int, str]]:
+    names = [(segment_lsn(n), n) for n in fs.listdir(journal_dir)]
+    return sorted((lsn, n) for lsn, n in names if lsn is not None)
+
+
+def _find_live(fs: FileSystem, journal_dir: str, segs: list[tuple[int, str]]) -> SegmentScan | None:
+    """R1: the newest segment that parses; newer half-created ones are left for R3 to drop."""
+    for _lsn, name in reversed(segs):
+        try:
+            return scan_segment(name, fs.read_file(os.path.join(journal_dir, name)))
+        except TornSegment:
+            continue
+    return None
+
+
+def _staging_entries(fs: FileSystem, staging_dir: str) -> list[str]:
+    return sorted(fs.listdir(staging_dir))
+
+
+def _remove_tree(fs: FileSystem, path: str) -> int:
+    st = fs.lstat(path)
+    if st is None:
+        return 0
+    if st.kind != "dir":
+        fs.unlink(path)
+        return 1
+    n = sum(_remove_tree(fs, os.path.join(path, c)) for c in fs.listdir(path))
+    fs.rmdir(path)
+    return n + 1
+
+
+def _superseded(commits: list[fmt.Commit]) -> set[tuple[int, int, int]]:
+    """(record index, tx index, op index) of ops a later op on the same path overwrites."""
+    seen: set[str] = set()
+    out: set[tuple[int, int, int]] = set()
+    for ri in range(len(commits) - 1, -1, -1):
+        txs = commits[ri].txs
+        for ti in range(len(txs) - 1, -1, -1):
+            ops = txs[ti].ops
+            for oi in range(len(ops) - 1, -1, -1):
+                if ops[oi].path in seen:
+                    out.add((ri, ti, oi))
+                seen.add(ops[oi].path)
+    return out
+
+
+def recover(
+    fs: FileSystem, root: str, journal_dir: str, staging_dir: str, *, sync: bool
+) -> Recovered:
+    """Run R1-R3. Requires: caller holds the store LOCK. Raises CorruptionError."""
+    segs = _segments(fs, journal_dir)
+    live = _find_live(fs, journal_dir, segs)
+    staged = _staging_entries(fs, staging_dir)
+    applier = Applier(fs, root, staging_dir)
+
+    if live is None:  # a new store, or one whose first open was cut short
+        live_next_lsn, next_txid, commits, torn = 1, 1, [], 0
+    else:
+        live_next_lsn = live.next_lsn
+        next_txid = live.checkpoint.next_txid
+        commits, torn = live.commits, live.torn_bytes
+    live_name = live.name if live else None
+    others = [n for _, n in segs if n != live_name]
+
+    if live is not None and not commits and not torn and not staged and not others:
+        # Closed cleanly: append to the live segment as it is.
+        path = os.path.join(journal_dir, live.name)
+        fd = fs.open(path)
+        journal = JournalWriter(
+            fs,
+            path,
+            fd,
+            salt=live.header.salt,
+            offset=live.valid_end,
+            checkpoint_lsn=live.checkpoint.lsn,
+            next_lsn=live_next_lsn,
+        )
+        return Recovered(RecoveryReport(), journal, next_txid, live_next_lsn - 1, applier)
+
+    # R2 recover_replay
+    skip = _superseded(commits)
+    rolled_forward: list[int] = []
+    replayed = 0
+    for ri, commit in enumerate(commits):
+        for ti, tx in enumerate(commit.txs):
+            ops = [op for oi, op in enumerate(tx.ops) if (ri, ti, oi) not in skip]
+            try:
+                replayed += applier.apply(tx.txid, ops, replay=True)
+            except (NotADirectoryError, IsADirectoryError) as exc:
+                raise CorruptionError(
+                    f"cannot replay transaction {tx.txid}: {exc} "
+                    "(was the store changed outside walstore?)"
+                ) from exc
+            rolled_forward.append(tx.txid)
+            next_txid = max(next_txid, tx.txid + 1)
+    committed = set(rolled_forward)
+    staged_txids = [int(n) for n in staged if n.isdigit()]
+    next_txid = max([next_txid, *(t + 1 for t in staged_txids)])
+
+    # R3 recover_checkpoint
+    if sync:
+        applier.sync()
+    journal = JournalWriter.create(
+        fs, journal_dir, fmt.Checkpoint(live_next_lsn, next_txid), sync=sync
+    )
+    removed_segments = 0
+    for _lsn, name in segs:
+        if name != os.path.basename(journal.path):
+            fs.unlink(os.path.join(journal_dir, name))
+            removed_segments += 1
+    orphans = 0
+    for name in _staging_entries(fs, staging_dir):
+        orphans += _remove_tree(fs, os.path.join(staging_dir, name))
+    report = RecoveryReport(
+        rolled_forward=tuple(rolled_forward),
+        rolled_back=tuple(t for t in staged_txids if t not in committed),
+        torn_bytes=torn,
+        orphans_removed=orphans,
+        segments_removed=removed_segments,
+        ops_replayed=replayed,
+    )
+    return Recovered(report, journal, next_txid, live_next_lsn, applier)
