@@ -26,20 +26,23 @@ class Applier:
         self.staging_dir = staging_dir
         self.dirty_files: set[str] = set()  # store paths written since the last checkpoint
         self.dirty_dirs: set[str] = set()  # store paths of directories whose entries changed
+        self.staged_dirs: set[str] = set()  # staging/<txid>/ of applied transactions
         self._known_dirs: set[str] = set()
 
     def full(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
 
     def apply(self, txid: int, ops: Iterable[Op], *, replay: bool = False) -> int:
-        """Apply one transaction's ops in order; returns how many were applied. With
-        ``replay``, a staged file that is already gone was renamed before and is skipped."""
+        """Apply one transaction's ops in order; returns how many were applied.
+
+        A staged value is hard-linked into place (through a temporary name, so that it can
+        replace an existing file), not renamed: its staging name stays until the checkpoint
+        has made the target durable, so a replay always finds it."""
         applied = 0
-        staged_dirs = set()
         for i, op in enumerate(ops):
+            tmp = os.path.join(self.staging_dir, f"{txid}-{i}.tmp")
             if isinstance(op, Put):
                 self._make_parents(op.path)
-                tmp = os.path.join(self.staging_dir, f"{txid}-{i}.tmp")
                 fd = self.fs.open(tmp, create=True, truncate=True)
                 try:
                     write_all(self.fs, fd, op.data, 0)
@@ -49,11 +52,12 @@ class Applier:
                 self._changed(op.path)
             elif isinstance(op, PutStaged):
                 src = os.path.join(self.staging_dir, op.staged)
-                staged_dirs.add(os.path.dirname(src))
-                if replay and self.fs.lstat(src) is None:
-                    continue
+                self.staged_dirs.add(os.path.dirname(src))
                 self._make_parents(op.path)
-                self.fs.rename(src, self.full(op.path))
+                if replay and self.fs.lstat(tmp) is not None:
+                    self.fs.unlink(tmp)  # left by the apply that crashed
+                self.fs.link(src, tmp)
+                self.fs.rename(tmp, self.full(op.path))
                 self._changed(op.path)
             elif isinstance(op, Delete):
                 try:
@@ -63,8 +67,6 @@ class Applier:
                 self.dirty_files.discard(op.path)
                 self.dirty_dirs.add(parent(op.path))
             applied += 1
-        for d in staged_dirs:
-            self._remove_empty(d)
         return applied
 
     def forget_dir_cache(self) -> None:
@@ -88,16 +90,18 @@ class Applier:
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.full(d))
             self._known_dirs.add(d)
 
-    def _remove_empty(self, d: str) -> None:
-        """Remove a transaction's staging directory once its values are in place (what is
-        left are values the transaction itself overwrote)."""
-        try:
-            names = self.fs.listdir(d)
-        except FileNotFoundError:
-            return
-        for name in names:
-            self.fs.unlink(os.path.join(d, name))
-        self.fs.rmdir(d)
+    def drop_staged(self) -> None:
+        """Checkpoint step, once the new CHECKPOINT is durable: remove the staging
+        directories of applied transactions (their values are durable in place)."""
+        for d in sorted(self.staged_dirs):
+            try:
+                names = self.fs.listdir(d)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                self.fs.unlink(os.path.join(d, name))
+            self.fs.rmdir(d)
+        self.staged_dirs.clear()
 
     def sync(self) -> None:
         """Checkpoint step: fsync every file written and every directory changed since the last

@@ -16,6 +16,7 @@ docs/commit-protocol.md for one group of transactions at a time. Steps are named
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -250,10 +251,9 @@ class Engine:
         """Write a large value to ``staging/<txid>/<index>`` and fsync it (outside the commit
         lock, so many transactions stage in parallel). Returns the op without its path."""
         if index == 0:
-            try:
+            # Suppressed: a first attempt may have been cancelled after making it.
+            with contextlib.suppress(FileExistsError):
                 self.fs.mkdir(os.path.join(self.staging_dir, str(txid)))
-            except FileExistsError:
-                pass  # a first attempt was cancelled after making it
         name = f"{txid}/{index}"
         fd = self.fs.open(os.path.join(self.staging_dir, name), create=True, truncate=True)
         try:
@@ -456,8 +456,9 @@ class Engine:
         self._journal.bytes_written = old.bytes_written
         self.last_lsn = cp.lsn
         old.close()
-        # checkpoint_drop_segments
+        # checkpoint_drop_segments, then checkpoint_drop_staged
         self.fs.unlink(old.path)
+        self._applier.drop_staged()
         self.counters.checkpoints += 1
         log.debug("checkpoint lsn=%d", cp.lsn)
 

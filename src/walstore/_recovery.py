@@ -147,6 +147,10 @@ def recover(
             ops = [op for oi, op in enumerate(tx.ops) if (ri, ti, oi) not in skip]
             try:
                 replayed += applier.apply(tx.txid, ops, replay=True)
+            except FileNotFoundError as exc:
+                raise CorruptionError(
+                    f"cannot replay transaction {tx.txid}: its staged value is missing ({exc})"
+                ) from exc
             except (NotADirectoryError, IsADirectoryError) as exc:
                 raise CorruptionError(
                     f"cannot replay transaction {tx.txid}: {exc} "
@@ -156,6 +160,10 @@ def recover(
             next_txid = max(next_txid, tx.txid + 1)
     committed = set(rolled_forward)
     staged_txids = [int(n) for n in staged if n.isdigit()]
+    # Staging directories of txids handed out before the live checkpoint are leftovers of
+    # transactions that committed long ago (a lost rmdir); the others never committed.
+    began_after = live.checkpoint.next_txid if live else 1
+    rolled_back = [t for t in staged_txids if t >= began_after and t not in committed]
     next_txid = max([next_txid, *(t + 1 for t in staged_txids)])
 
     # R3 recover_checkpoint
@@ -174,7 +182,7 @@ def recover(
         orphans += _remove_tree(fs, os.path.join(staging_dir, name))
     report = RecoveryReport(
         rolled_forward=tuple(rolled_forward),
-        rolled_back=tuple(t for t in staged_txids if t not in committed),
+        rolled_back=tuple(rolled_back),
         torn_bytes=torn,
         orphans_removed=orphans,
         segments_removed=removed_segments,

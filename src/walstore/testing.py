@@ -1,0 +1,518 @@
+"""Test doubles for walstore users and for walstore's own tests.
+
+``MemoryFileSystem`` is a simulated file system (LevelDB's memenv plus its
+``fault_injection_test``) that a store can be opened on with ``walstore.open(root, fs=...)``.
+It can
+
+* stop the process at the Nth file-system call (``crash_at``): that call and every later one
+  raise ``SimulatedCrash``, as if the process had died there;
+* simulate a power cut (``reboot(power_loss=rng)``): every write not made durable by an fsync
+  is kept, dropped, torn, zero-filled or garbled at random, and every directory change
+  (create, rename, unlink) not made durable by an fsync of that directory is kept or lost at
+  random, each rename atomically;
+* raise chosen errors at chosen calls (``fault``), including short writes.
+
+The durability model is POSIX's, stricter than ext4's: ``fsync`` of a file makes its content
+durable, not its name; ``fsync_dir`` of a directory makes the entries of that directory
+durable (a rename is durable once either of its directories is synced).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._fs import FileStat, Kind
+
+__all__ = ["MemoryFileSystem", "ShortWrite", "SimulatedCrash"]
+
+
+class SimulatedCrash(BaseException):
+    """The simulated process died at a file-system call. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` in the code under test swallows it."""
+
+
+class ShortWrite(Exception):
+    """Returned (not raised) by a fault hook to make a ``pwrite`` write only half its bytes."""
+
+
+Fault = Callable[[int, str, str], BaseException | None]
+"""A fault hook: (call index, call name, path) -> an exception to raise, a ShortWrite, or None."""
+
+
+@dataclass
+class _Inode:
+    kind: Kind
+    data: bytearray = field(default_factory=bytearray)  # file: current content
+    synced: bytes = b""  # file: content as of the last fsync
+    entries: dict[str, int] = field(default_factory=dict)  # dir: current entries
+    target: str = ""  # symlink
+
+
+# Metadata changes not yet durable: ("link", dir, name, ino) | ("unlink", dir, name, ino)
+# | ("rename", src_dir, src_name, dst_dir, dst_name, ino)
+_Pending = tuple[Any, ...]
+
+
+def _err(code: int, path: str) -> OSError:
+    return OSError(code, os.strerror(code), path)
+
+
+class MemoryFileSystem:
+    """An in-memory FileSystem with crash, power-loss and fault injection. Thread-safe."""
+
+    ROOT = 1
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.count = 0  # number of calls made so far; the next call has this index
+        self.crash_at: int | None = None
+        self.crashed = False
+        self.fault: Fault | None = None
+        self.trace: list[tuple[int, str, str]] | None = None  # set to [] to record calls
+        self._lock = threading.RLock()
+        self._inodes: dict[int, _Inode] = {self.ROOT: _Inode("dir")}
+        self._durable: dict[int, dict[str, int]] = {self.ROOT: {}}
+        self._pending: list[_Pending] = []
+        self._next_ino = 2
+        self._fds: dict[int, int] = {}
+        self._next_fd = 3
+        self._locks: dict[int, int] = {}  # inode -> fd holding its flock
+
+    # -- the call gate ---------------------------------------------------------------------
+
+    def _call(self, name: str, path: str = "") -> BaseException | None:
+        """Count a call; crash or fail it if so arranged. Requires: self._lock held."""
+        if self.crashed:
+            raise SimulatedCrash(f"process already crashed; {name}({path})")
+        index = self.count
+        self.count += 1
+        self.calls[name] += 1
+        if self.trace is not None:
+            self.trace.append((index, name, path))
+        if self.crash_at is not None and index >= self.crash_at:
+            self.crashed = True
+            raise SimulatedCrash(f"crash at call {index}: {name}({path})")
+        if self.fault is not None:
+            out = self.fault(index, name, path)
+            if isinstance(out, ShortWrite):
+                return out
+            if out is not None:
+                raise out
+        return None
+
+    # -- path resolution ---------------------------------------------------------------------
+
+    def _walk(
+        self, path: str, *, follow: bool = True, depth: int = 0
+    ) -> tuple[int, str, int | None]:
+        """Resolve ``path`` to (parent dir inode, last name, inode or None)."""
+        if depth > 40:
+            raise _err(errno.ELOOP, path)
+        if not path.startswith("/"):
+            raise _err(errno.EINVAL, path)
+        parts = [p for p in path.split("/") if p and p != "."]
+        cur = self.ROOT
+        stack: list[int] = []
+        if not parts:
+            return self.ROOT, "", self.ROOT
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            node = self._inodes[cur]
+            if node.kind != "dir":
+                raise _err(errno.ENOTDIR, path)
+            if part == "..":
+                cur = stack.pop() if stack else self.ROOT
+                if last:
+                    return cur, "", cur
+                continue
+            child = node.entries.get(part)
+            if child is None:
+                if last:
+                    return cur, part, None
+                raise _err(errno.ENOENT, path)
+            cnode = self._inodes[child]
+            if cnode.kind == "symlink" and (follow or not last):
+                base = "/" + "/".join(parts[:i])
+                target = cnode.target if cnode.target.startswith("/") else f"{base}/{cnode.target}"
+                rest = "/".join(parts[i + 1 :])
+                return self._walk(
+                    f"{target}/{rest}" if rest else target, follow=follow, depth=depth + 1
+                )
+            if last:
+                return cur, part, child
+            stack.append(cur)
+            cur = child
+        raise AssertionError("unreachable")
+
+    def _get(self, path: str, *, follow: bool = True) -> int:
+        _, _, ino = self._walk(path, follow=follow)
+        if ino is None:
+            raise _err(errno.ENOENT, path)
+        return ino
+
+    def _new(self, kind: Kind) -> int:
+        ino = self._next_ino
+        self._next_ino += 1
+        self._inodes[ino] = _Inode(kind)
+        if kind == "dir":
+            self._durable[ino] = {}
+        return ino
+
+    def _link(self, d: int, name: str, ino: int) -> None:
+        self._inodes[d].entries[name] = ino
+        self._pending.append(("link", d, name, ino))
+
+    # -- FileSystem --------------------------------------------------------------------------
+
+    def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
+        with self._lock:
+            self._call("open", path)
+            d, name, ino = self._walk(path)
+            if ino is None:
+                if not create:
+                    raise _err(errno.ENOENT, path)
+                ino = self._new("file")
+                self._link(d, name, ino)
+            node = self._inodes[ino]
+            if node.kind == "dir":
+                raise _err(errno.EISDIR, path)
+            if truncate:
+                node.data = bytearray()
+            fd = self._next_fd
+            self._next_fd += 1
+            self._fds[fd] = ino
+            return fd
+
+    def _file(self, fd: int) -> _Inode:
+        if fd not in self._fds:
+            raise _err(errno.EBADF, str(fd))
+        return self._inodes[self._fds[fd]]
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        with self._lock:
+            out = self._call("pwrite", str(fd))
+            node = self._file(fd)
+            data = bytes(data)
+            if isinstance(out, ShortWrite) and len(data) > 1:
+                data = data[: len(data) // 2]
+            if offset > len(node.data):
+                node.data.extend(bytes(offset - len(node.data)))
+            node.data[offset : offset + len(data)] = data
+            return len(data)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        with self._lock:
+            self._call("pread", str(fd))
+            return bytes(self._file(fd).data[offset : offset + size])
+
+    def size(self, fd: int) -> int:
+        with self._lock:
+            self._call("size", str(fd))
+            return len(self._file(fd).data)
+
+    def truncate(self, fd: int, size: int) -> None:
+        with self._lock:
+            self._call("truncate", str(fd))
+            node = self._file(fd)
+            del node.data[size:]
+            node.data.extend(bytes(size - len(node.data)))
+
+    def fsync(self, fd: int) -> None:
+        with self._lock:
+            self._call("fsync", str(fd))
+            node = self._file(fd)
+            node.synced = bytes(node.data)
+
+    def fdatasync(self, fd: int) -> None:
+        with self._lock:
+            self._call("fdatasync", str(fd))
+            node = self._file(fd)
+            node.synced = bytes(node.data)
+
+    def close(self, fd: int) -> None:
+        with self._lock:
+            self._call("close", str(fd))
+            self._fds.pop(fd, None)
+
+    def read_file(self, path: str) -> bytes:
+        with self._lock:
+            self._call("read_file", path)
+            node = self._inodes[self._get(path)]
+            if node.kind == "dir":
+                raise _err(errno.EISDIR, path)
+            return bytes(node.data)
+
+    def rename(self, src: str, dst: str) -> None:
+        with self._lock:
+            self._call("rename", f"{src} -> {dst}")
+            sd, sname, sino = self._walk(src, follow=False)
+            if sino is None:
+                raise _err(errno.ENOENT, src)
+            dd, dname, dino = self._walk(dst, follow=False)
+            if dino == sino:
+                return
+            skind = self._inodes[sino].kind
+            if dino is not None:
+                dkind = self._inodes[dino].kind
+                if dkind == "dir" and skind != "dir":
+                    raise _err(errno.EISDIR, dst)
+                if dkind != "dir" and skind == "dir":
+                    raise _err(errno.ENOTDIR, dst)
+                if dkind == "dir" and self._inodes[dino].entries:
+                    raise _err(errno.ENOTEMPTY, dst)
+            del self._inodes[sd].entries[sname]
+            self._inodes[dd].entries[dname] = sino
+            self._pending.append(("rename", sd, sname, dd, dname, sino))
+
+    def link(self, src: str, dst: str) -> None:
+        with self._lock:
+            self._call("link", f"{src} -> {dst}")
+            sino = self._get(src, follow=False)
+            if self._inodes[sino].kind == "dir":
+                raise _err(errno.EPERM, src)
+            dd, dname, dino = self._walk(dst, follow=False)
+            if dino is not None:
+                raise _err(errno.EEXIST, dst)
+            self._link(dd, dname, sino)
+
+    def unlink(self, path: str) -> None:
+        with self._lock:
+            self._call("unlink", path)
+            d, name, ino = self._walk(path, follow=False)
+            if ino is None:
+                raise _err(errno.ENOENT, path)
+            if self._inodes[ino].kind == "dir":
+                raise _err(errno.EISDIR, path)
+            del self._inodes[d].entries[name]
+            self._pending.append(("unlink", d, name, ino))
+
+    def mkdir(self, path: str) -> None:
+        with self._lock:
+            self._call("mkdir", path)
+            d, name, ino = self._walk(path, follow=False)
+            if ino is not None:
+                raise _err(errno.EEXIST, path)
+            self._link(d, name, self._new("dir"))
+
+    def rmdir(self, path: str) -> None:
+        with self._lock:
+            self._call("rmdir", path)
+            d, name, ino = self._walk(path, follow=False)
+            if ino is None:
+                raise _err(errno.ENOENT, path)
+            node = self._inodes[ino]
+            if node.kind != "dir":
+                raise _err(errno.ENOTDIR, path)
+            if node.entries:
+                raise _err(errno.ENOTEMPTY, path)
+            del self._inodes[d].entries[name]
+            self._pending.append(("unlink", d, name, ino))
+
+    def listdir(self, path: str) -> list[str]:
+        with self._lock:
+            self._call("listdir", path)
+            node = self._inodes[self._get(path)]
+            if node.kind != "dir":
+                raise _err(errno.ENOTDIR, path)
+            return list(node.entries)
+
+    def lstat(self, path: str) -> FileStat | None:
+        with self._lock:
+            self._call("lstat", path)
+            try:
+                _, _, ino = self._walk(path, follow=False)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    return None
+                raise
+            if ino is None:
+                return None
+            node = self._inodes[ino]
+            return FileStat(node.kind, len(node.data), 0)
+
+    def realpath(self, path: str) -> str:
+        with self._lock:
+            self._call("realpath", path)
+            return self._real(path, 0)
+
+    def _real(self, path: str, depth: int) -> str:
+        if depth > 40:
+            return path
+        parts = [p for p in path.split("/") if p and p != "."]
+        out: list[str] = []
+        cur: int | None = self.ROOT
+        for i, part in enumerate(parts):
+            if part == "..":
+                if out:
+                    out.pop()
+                cur = self._get("/" + "/".join(out)) if out else self.ROOT
+                continue
+            child = None
+            if cur is not None and self._inodes[cur].kind == "dir":
+                child = self._inodes[cur].entries.get(part)
+            if child is not None and self._inodes[child].kind == "symlink":
+                t = self._inodes[child].target
+                base = "/" + "/".join(out)
+                target = t if t.startswith("/") else f"{base.rstrip('/')}/{t}"
+                rest = "/".join(parts[i + 1 :])
+                return self._real(f"{target}/{rest}" if rest else target, depth + 1)
+            out.append(part)
+            cur = child
+        return "/" + "/".join(out)
+
+    def fsync_dir(self, path: str) -> None:
+        with self._lock:
+            self._call("fsync_dir", path)
+            d = self._get(path)
+            if self._inodes[d].kind != "dir":
+                raise _err(errno.ENOTDIR, path)
+            remaining: list[_Pending] = []
+            for op in self._pending:
+                if op[1] == d or (op[0] == "rename" and op[3] == d):
+                    self._make_durable(op)
+                    if op[0] == "rename":  # the source's pending creation is superseded
+                        remaining = [o for o in remaining if o != ("link", op[1], op[2], op[5])]
+                else:
+                    remaining.append(op)
+            self._pending = remaining
+
+    def _make_durable(self, op: _Pending) -> None:
+        if op[0] == "link":
+            _, d, name, ino = op
+            self._durable[d][name] = ino
+        elif op[0] == "unlink":
+            _, d, name, ino = op
+            if self._durable[d].get(name) == ino:
+                del self._durable[d][name]
+        else:
+            _, sd, sname, dd, dname, ino = op
+            if self._durable[sd].get(sname) == ino:
+                del self._durable[sd][sname]
+            self._durable[dd][dname] = ino
+
+    def lock(self, path: str) -> int | None:
+        with self._lock:
+            self._call("lock", path)
+            d, name, ino = self._walk(path)
+            if ino is None:
+                ino = self._new("file")
+                self._link(d, name, ino)
+            if ino in self._locks:
+                return None
+            fd = self._next_fd
+            self._next_fd += 1
+            self._fds[fd] = ino
+            self._locks[ino] = fd
+            return fd
+
+    def unlock(self, fd: int) -> None:
+        with self._lock:
+            self._call("unlock", str(fd))
+            ino = self._fds.pop(fd, None)
+            if ino is not None and self._locks.get(ino) == fd:
+                del self._locks[ino]
+
+    # -- simulation control (not file-system calls: never counted, never crash) -------------
+
+    def reboot(self, power_loss: random.Random | None = None) -> None:
+        """Start a new "process" on the same disk. Without ``power_loss`` this follows a
+        process crash: everything written stays (the page cache survives). With it, a power
+        cut: each directory change not yet durable is kept or lost at random, and each file's
+        unsynced content is kept, dropped, torn, zero-filled or garbled at random."""
+        with self._lock:
+            if power_loss is not None:
+                rng = power_loss
+                for op in self._pending:
+                    if rng.random() < 0.5:
+                        self._make_durable(op)
+                self._pending = []
+                for ino, entries in self._durable.items():
+                    self._inodes[ino].entries = dict(entries)
+                for node in self._inodes.values():
+                    if node.kind == "file" and bytes(node.data) != node.synced:
+                        node.data = bytearray(self._damage(rng, bytes(node.data), node.synced))
+                    node.synced = bytes(node.data)
+            self.crashed = False
+            self.crash_at = None
+            self.fault = None
+            self._fds.clear()
+            self._locks.clear()
+
+    @staticmethod
+    def _damage(rng: random.Random, cur: bytes, synced: bytes) -> bytes:
+        p = 0
+        while p < min(len(cur), len(synced)) and cur[p] == synced[p]:
+            p += 1
+        pattern = rng.randrange(5)
+        if pattern == 0:  # the write reached the disk
+            return cur
+        if pattern == 1:  # it did not
+            return synced
+        if pattern == 2:  # torn: a prefix of it did
+            k = rng.randint(p, len(cur))
+            return cur[:k] + synced[k:]
+        if pattern == 3:  # the size grew, the data did not (zero-filled tail)
+            return cur[:p] + bytes(len(cur) - p)
+        out = bytearray(cur)  # garbled
+        for _ in range(rng.randint(1, 8)):
+            if len(out) > p:
+                out[rng.randrange(p, len(out))] = rng.randrange(256)
+        return bytes(out)
+
+    def symlink(self, target: str, path: str) -> None:
+        """Create a symlink (a test fixture helper, durable at once)."""
+        with self._lock:
+            d, name, ino = self._walk(path, follow=False)
+            if ino is not None:
+                raise _err(errno.EEXIST, path)
+            new = self._new("symlink")
+            self._inodes[new].target = target
+            self._inodes[d].entries[name] = new
+            self._durable[d][name] = new
+
+    def files(self, root: str, *, skip: tuple[str, ...] = (".walstore",)) -> dict[str, bytes]:
+        """Every regular file under ``root`` (top-level names in ``skip`` left out), by path
+        relative to ``root``; directories as ``path/`` with value b"" only when empty."""
+        with self._lock:
+            out: dict[str, bytes] = {}
+            base = self._get(root)
+
+            def walk(ino: int, prefix: str) -> None:
+                for name, child in sorted(self._inodes[ino].entries.items()):
+                    if not prefix and name in skip:
+                        continue
+                    node = self._inodes[child]
+                    if node.kind == "dir":
+                        if not node.entries:
+                            out[prefix + name + "/"] = b""
+                        walk(child, prefix + name + "/")
+                    else:
+                        out[prefix + name] = bytes(node.data)
+
+            walk(base, "")
+            return out
+
+    def clone(self) -> MemoryFileSystem:
+        """A copy of the disk (durable and unsynced state alike), with no open handles or
+        locks: the same machine, another process. Counters start at zero."""
+        with self._lock:
+            new = MemoryFileSystem()
+            new._inodes = {
+                ino: _Inode(n.kind, bytearray(n.data), n.synced, dict(n.entries), n.target)
+                for ino, n in self._inodes.items()
+            }
+            new._durable = {ino: dict(e) for ino, e in self._durable.items()}
+            new._pending = list(self._pending)
+            new._next_ino = self._next_ino
+            return new
+
+    def open_fds(self) -> int:
+        """How many handles are open (a leak check)."""
+        return len(self._fds)

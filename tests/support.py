@@ -1,0 +1,165 @@
+"""Shared pieces of the crash and model tests: a workload, a model, and the checker.
+
+The checker is ALICE's: after any fault the store is reopened and must equal the model of
+every acknowledged transaction, with the interrupted one wholly present or wholly absent.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import anyio
+
+import walstore
+from walstore.testing import MemoryFileSystem, SimulatedCrash
+
+ROOT = "/store"
+INLINE = 64  # small inline threshold: values of a few hundred bytes exercise staging
+
+Model = dict[str, bytes]
+Ops = list[tuple[str, bytes | None]]  # (path, value) or (path, None) for a delete
+
+DIRS = ["", "d1/", "d1/d2/", "d3/e/"]
+NAMES = ["a", "b.json", "c.txt"]
+PATHS = [d + n for d in DIRS for n in NAMES]
+
+
+def random_ops(rng: random.Random, model: Model, n: int | None = None) -> Ops:
+    """1-20 ops: creates, overwrites and deletes, values 0 bytes to 4x the inline threshold."""
+    ops: Ops = []
+    view = dict(model)
+    for _ in range(n or rng.randint(1, 20)):
+        path = rng.choice(PATHS)
+        if path in view and rng.random() < 0.3:
+            ops.append((path, None))
+            del view[path]
+        else:
+            size = rng.choice([0, 1, 7, INLINE, INLINE + 1, 3 * INLINE, 4 * INLINE])
+            value = rng.randbytes(size)
+            ops.append((path, value))
+            view[path] = value
+    return ops
+
+
+def applied(model: Model, ops: Ops) -> Model:
+    out = dict(model)
+    for path, value in ops:
+        if value is None:
+            out.pop(path, None)
+        else:
+            out[path] = value
+    return out
+
+
+async def run_tx(store: walstore.Store, ops: Ops) -> walstore.Transaction:
+    async with store.transaction() as tx:
+        for path, value in ops:
+            if value is None:
+                await tx.delete(path)
+            else:
+                await tx.write(path, value)
+    return tx
+
+
+def open_store(fs: MemoryFileSystem, durability: walstore.Durability) -> walstore.Store:
+    async def go() -> walstore.Store:
+        return await walstore.open(ROOT, fs=fs, durability=durability, inline_threshold=INLINE)
+
+    return anyio.run(go)
+
+
+def user_files(fs: MemoryFileSystem) -> Model:
+    return {p: v for p, v in fs.files(ROOT).items() if not p.endswith("/")}
+
+
+@dataclass
+class Tally:
+    cases: int = 0
+    violations: list[str] = field(default_factory=list)
+
+
+def check_reopened(
+    fs: MemoryFileSystem,
+    store: walstore.Store,
+    allowed: list[Model],
+    what: str,
+    tally: Tally,
+) -> Model:
+    """Check the reopened store against the allowed states; returns the state found."""
+    tally.cases += 1
+    found = user_files(fs)
+    if found not in allowed:
+        missing = {p for m in allowed for p in m} ^ set(found)
+        tally.violations.append(f"{what}: state matches none of {len(allowed)} allowed ({missing})")
+    staging = fs.files(ROOT + "/.walstore/staging", skip=())
+    if staging:
+        tally.violations.append(f"{what}: staging leftovers {sorted(staging)}")
+    segments = fs.files(ROOT + "/.walstore/journal", skip=())
+    if len(segments) != 1:
+        tally.violations.append(f"{what}: {len(segments)} journal segments")
+    return found
+
+
+def crash_once(
+    fs: MemoryFileSystem,
+    store: walstore.Store,
+    model: Model,
+    ops: Ops,
+    crash_after: int,
+    rng: random.Random | None,
+    recovery_crash_after: int | None,
+    durability: walstore.Durability,
+    tally: Tally,
+    what: str,
+) -> tuple[walstore.Store, Model]:
+    """Run one transaction with a crash ``crash_after`` calls in, reboot (losing power when
+    ``rng`` is given), optionally crash once more during recovery, reopen and check.
+    Returns the reopened store and the new model."""
+    fs.crash_at = fs.count + crash_after
+    tx: walstore.Transaction | None = None
+    crashed = False
+    try:
+        tx = anyio.run(run_tx, store, ops)
+    except SimulatedCrash:
+        crashed = True
+    except BaseException as exc:  # a crash inside a worker thread surfaces as itself
+        if not _is_crash(exc):
+            raise
+        crashed = True
+    fs.crash_at = None
+    after = applied(model, ops)
+    if not crashed:
+        assert tx is not None and tx.state is walstore.TxState.COMMITTED
+        # acknowledged; now crash while closing (the checkpoint), or at once
+        fs.crash_at = fs.count + max(0, crash_after)
+        try:
+            anyio.run(store.aclose)
+        except BaseException as exc:
+            if not _is_crash(exc):
+                raise
+        allowed = [after]
+    else:
+        allowed = [model, after]
+    fs.reboot(power_loss=rng)
+    if recovery_crash_after is not None:
+        fs.crash_at = fs.count + recovery_crash_after
+        try:
+            s = open_store(fs, durability)
+            anyio.run(s.aclose)
+        except BaseException as exc:
+            if not _is_crash(exc):
+                raise
+        fs.reboot(power_loss=random.Random(rng.random()) if rng else None)
+    store = open_store(fs, durability)
+    found = check_reopened(fs, store, allowed, what, tally)
+    return store, found if found in allowed else model
+
+
+def _is_crash(exc: BaseException) -> bool:
+    if isinstance(exc, SimulatedCrash):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_crash(e) for e in exc.exceptions)
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(exc, walstore.StoreFailedError) and cause is not None and _is_crash(cause)
