@@ -110,10 +110,11 @@ def test_every_call_site_was_a_crash_point() -> None:
 
 
 def test_open_fds_balanced_and_files_plain() -> None:
+    """A staged value and an inline one end up as plain files; no handle stays open."""
+    assert len(BIG) > INLINE
     fs, model = _prepared([("a", b"1"), ("d1/d2/b", BIG)])
     store = open_store(fs, FULL)
     assert user_files(fs) == model
+    assert fs.read_file(ROOT + "/d1/d2/b") == BIG
     anyio.run(store.aclose)
     assert fs.open_fds() == 0
-    assert ROOT
-    assert INLINE < len(BIG)
