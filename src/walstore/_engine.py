@@ -297,19 +297,24 @@ class Engine:
                         self.counters.conflicts += 1
                     results[i] = Result(Outcome.REJECTED, error=exc)
             live = [tx for i, tx in enumerate(group) if results[i] is None]
-            if not live:
-                return [r for r in results if r is not None]
+            writers = [tx for tx in live if tx.ops]  # read-only ones only needed validating
+            if not writers:
+                return self._fill(results, Result(Outcome.COMMITTED, self.last_lsn))
 
             # Step 2: sync_staged
             try:
-                if self.sync and any(tx.staged for tx in live):
-                    for tx in live:
+                if self.sync and any(tx.staged for tx in writers):
+                    for tx in writers:
                         if tx.staged:
                             self.fs.fsync_dir(os.path.join(self.staging_dir, str(tx.txid)))
                     self.fs.fsync_dir(self.staging_dir)
                 # Step 3: append_commit
-                record = fmt.Commit(lsn, tuple(fmt.TxRecord(t.txid, t.ops) for t in live))
-                journal.append(fmt.RecordType.COMMIT, fmt.encode_commit(record))
+                record = fmt.Commit(lsn, tuple(fmt.TxRecord(t.txid, t.ops) for t in writers))
+                payload = fmt.encode_commit(record)
+                if len(payload) > fmt.MAX_PAYLOAD:
+                    big = StoreError(f"commit group of {len(payload)} bytes is too large")
+                    return self._fill(results, Result(Outcome.REJECTED, error=big))
+                journal.append(fmt.RecordType.COMMIT, payload)
             except OSError as exc:
                 return self._fill(results, Result(Outcome.REJECTED, error=exc))
             except AppendFailed as exc:
@@ -335,8 +340,12 @@ class Engine:
             try:
                 with self._gate.write():
                     self._applier.forget_dir_cache()
-                    for tx in live:
+                    for tx in writers:
                         self._applier.apply(tx.txid, tx.ops)
+                        if tx.staged:  # dropped at the next checkpoint
+                            self._applier.staged_dirs.add(
+                                os.path.join(self.staging_dir, str(tx.txid))
+                            )
                     self.last_lsn = lsn
             except OSError as exc:
                 self._fail(f"apply failed after the commit point: {exc}", exc)
@@ -352,9 +361,9 @@ class Engine:
                 self._listing_modified[d] = lsn
             self._prune(oldest_begin)
             self.counters.groups += 1
-            self.counters.commits += len(live)
+            self.counters.commits += len(writers)
             self.counters.journal_bytes = journal.bytes_written
-            for tx in live:
+            for tx in writers:
                 log.debug("txid=%d committed lsn=%d ops=%d", tx.txid, lsn, len(tx.ops))
             return self._fill(results, Result(Outcome.COMMITTED, lsn))
 
@@ -477,7 +486,29 @@ class Engine:
 
     def read(self, path: str) -> bytes:
         with self._gate.read():
-            return self.fs.read_file(self._resolve(path))
+            try:
+                return self.fs.read_file(self._resolve(path))
+            except NotADirectoryError:
+                raise self._blocked(path) from None
+            except FileNotFoundError:
+                raise FileNotFoundError(2, "No such file or directory", path) from None
+
+    def _blocked(self, path: str) -> InvalidPathError:
+        for anc in parents(path):
+            st = self.fs.lstat(self._applier.full(anc))
+            if st is not None and st.kind != "dir":
+                return InvalidPathError(f"{path!r}: {anc!r} is a file, not a directory")
+        return InvalidPathError(f"{path!r}: a parent is not a directory")
+
+    def check_parents(self, path: str) -> None:
+        """Raise InvalidPathError if an existing parent of ``path`` is not a directory."""
+        with self._gate.read():
+            for anc in parents(path):
+                st = self.fs.lstat(self._applier.full(anc))
+                if st is None:
+                    return
+                if st.kind != "dir":
+                    raise self._blocked(path)
 
     def lstat(self, path: str) -> FileStat | None:
         with self._gate.read():

@@ -94,12 +94,12 @@ def scan_segment(name: str, data: bytes) -> SegmentScan:
     records = _records(data, 0, 0)
     first = next(records, None)
     if first is None or first[2] != fmt.RecordType.HEADER:
-        _torn_or_corrupt(name, data, "segment header")
+        _torn_or_corrupt(name, data, "segment header", 0)
     header = _decode(name, first, fmt.decode_header)
     records = _records(data, first[1], header.salt)
     second = next(records, None)
     if second is None or second[2] != fmt.RecordType.CHECKPOINT:
-        _torn_or_corrupt(name, data, "segment checkpoint")
+        _torn_or_corrupt(name, data, "segment checkpoint", first[1])
     checkpoint = _decode(name, second, fmt.decode_checkpoint)
     if checkpoint.lsn != header.first_lsn:
         raise CorruptionError(
@@ -138,7 +138,7 @@ def _decode(name: str, record: _Record, decode: Callable[[memoryview], T]) -> T:
         raise CorruptionError(f"journal segment {name}, offset {record[0]}: {exc}") from exc
 
 
-def _torn_or_corrupt(name: str, data: bytes, what: str) -> NoReturn:
+def _torn_or_corrupt(name: str, data: bytes, what: str, offset: int) -> NoReturn:
     if len(data) <= FRESH_SEGMENT_SIZE:
         raise TornSegment(f"journal segment {name}: {what} incomplete ({len(data)} bytes)")
-    raise CorruptionError(f"journal segment {name}, offset 0: {what} is damaged")
+    raise CorruptionError(f"journal segment {name}, offset {offset}: {what} is damaged")

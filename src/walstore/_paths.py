@@ -28,6 +28,10 @@ def check_path(path: str | os.PathLike[str], *, allow_root: bool = False) -> str
         raise InvalidPathError("path is empty")
     if "\x00" in path:
         raise InvalidPathError(f"path contains a NUL byte: {path!r}")
+    try:
+        path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise InvalidPathError(f"path cannot be encoded for the file system: {path!r}") from None
     if path.startswith("/"):
         raise InvalidPathError(f"path is absolute: {path!r}")
     parts = path.split("/")

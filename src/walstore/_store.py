@@ -140,6 +140,10 @@ class Store:
         self._check_open()
         return await self._run(self._engine.lstat, path)
 
+    async def _check_parents(self, path: str) -> None:
+        self._check_open()
+        await self._run(self._engine.check_parents, path)
+
     async def _list_raw(self, path: str) -> list[str]:
         self._check_open()
         return await self._run(self._engine.listdir, path)
@@ -343,6 +347,7 @@ class Store:
         with anyio.CancelScope(shield=True):
             for tx in list(self._open_txs):
                 if tx.state is TxState.ACTIVE:
+                    tx._closed_with_store = True
                     await self._end(tx, TxState.ROLLED_BACK)
             if not self._readonly:
                 await self._run(self._engine.close)

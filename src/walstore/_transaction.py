@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _journal_format as fmt
-from ._errors import InvalidPathError, TransactionClosedError
+from ._errors import InvalidPathError, StoreClosedError, TransactionClosedError
 from ._paths import check_path
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class Transaction:
         self._reads: set[str] = set()
         self._listed: set[str] = set()
         self._staged = 0
+        self._closed_with_store = False  # rolled back by Store.aclose()
 
     def __repr__(self) -> str:
         return f"<Transaction txid={self.txid} {self.state.value} ops={len(self._ops)}>"
@@ -124,7 +125,12 @@ class Transaction:
         (unless ``missing_ok``). Cancellation: nothing recorded, the transaction stays usable."""
         self._check_active()
         p = check_path(path)
+        if any(
+            k.startswith(p + "/") and not isinstance(o, fmt.Delete) for k, o in self._ops.items()
+        ):
+            raise InvalidPathError(f"cannot delete {p!r}: it is a directory")
         if not await self.exists(p):
+            await self._store._check_parents(p)
             if missing_ok:
                 return
             raise FileNotFoundError(2, "No such file or directory", p)
@@ -181,6 +187,8 @@ class Transaction:
         FileNotFoundError / NotADirectoryError. Cancellation: propagates; nothing changes."""
         self._check_active()
         p = check_path(path, allow_root=True)
+        if isinstance(self._ops.get(p), fmt.Put | fmt.PutStaged):
+            raise NotADirectoryError(20, "Not a directory", p)
         prefix = p + "/" if p else ""
         mine = [k for k in self._ops if k.startswith(prefix)]
         self._listed.add(p)
@@ -234,6 +242,11 @@ class Transaction:
         tb: TracebackType | None,
     ) -> None:
         if self.state is not TxState.ACTIVE:
+            if self._closed_with_store and exc is None:
+                raise StoreClosedError(
+                    f"the store was closed inside transaction {self.txid}'s block; "
+                    "it was rolled back"
+                )
             return  # rolled back (or committed) explicitly inside the block
         if exc is None:
             await self.commit()
