@@ -8,6 +8,7 @@ the checkpoint can fsync exactly what changed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterable
@@ -49,7 +50,7 @@ class Applier:
                 finally:
                     self.fs.close(fd)
                 self.fs.rename(tmp, self.full(op.path))
-                self._changed(op.path)
+                self._changed(op.path, replay)
             elif isinstance(op, PutStaged):
                 src = os.path.join(self.staging_dir, op.staged)
                 self.staged_dirs.add(os.path.dirname(src))
@@ -58,14 +59,14 @@ class Applier:
                     self.fs.unlink(tmp)  # left by the apply that crashed
                 self.fs.link(src, tmp)
                 self.fs.rename(tmp, self.full(op.path))
-                self._changed(op.path)
+                self._changed(op.path, replay)
             elif isinstance(op, Delete):
-                try:
+                # Gone already may mean unlinked by a process that then crashed, without the
+                # unlink being durable: the directory is synced at the checkpoint either way.
+                with contextlib.suppress(FileNotFoundError):
                     self.fs.unlink(self.full(op.path))
-                except FileNotFoundError:
-                    continue
                 self.dirty_files.discard(op.path)
-                self.dirty_dirs.add(parent(op.path))
+                self._changed_dir(op.path, replay)
             applied += 1
         return applied
 
@@ -73,9 +74,17 @@ class Applier:
         """Directories may have changed behind our back (a new group, recovery)."""
         self._known_dirs.clear()
 
-    def _changed(self, path: str) -> None:
+    def _changed(self, path: str, replay: bool) -> None:
         self.dirty_files.add(path)
+        self._changed_dir(path, replay)
+
+    def _changed_dir(self, path: str, replay: bool) -> None:
         self.dirty_dirs.add(parent(path))
+        if replay:
+            # The crashed process may have made the directories on the way without syncing
+            # them; this process cannot tell, so the checkpoint syncs the whole chain.
+            self.dirty_dirs.add("")
+            self.dirty_dirs.update(parents(path))
 
     def _make_parents(self, path: str) -> None:
         for d in parents(path):
