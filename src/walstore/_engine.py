@@ -170,7 +170,7 @@ class Engine:
     # -- open and close ------------------------------------------------------------------
 
     def open(self, *, create: bool, readonly: bool) -> RecoveryReport:
-        """Lock the store and recover it (or, read-only, just check it is a store)."""
+        """Step 1, recover_lock, then recovery (or, read-only, just check it is a store)."""
         fs = self.fs
         self.readonly = readonly
         if readonly or not create:
@@ -453,19 +453,19 @@ class Engine:
     def _checkpoint_locked(self) -> None:
         assert self._journal is not None
         old = self._journal
-        # checkpoint_sync: the applied files and directories, so the journal can be dropped.
+        # Step 1: checkpoint_sync: applied files and directories, so the journal can go.
         if self.sync:
             self._applier.sync()
         else:
             self._applier.dirty_files.clear()
             self._applier.dirty_dirs.clear()
-        # checkpoint_new_segment: HEADER + CHECKPOINT, synced with its directory entry.
+        # Step 2: checkpoint_new_segment: HEADER + CHECKPOINT, synced with its dir entry.
         cp = fmt.Checkpoint(old.next_lsn, self.next_txid)
         self._journal = JournalWriter.create(self.fs, self.journal_dir, cp, sync=self.sync)
         self._journal.bytes_written = old.bytes_written
         self.last_lsn = cp.lsn
         old.close()
-        # checkpoint_drop_segments, then checkpoint_drop_staged
+        # Step 3: checkpoint_drop_segments, step 4: checkpoint_drop_staged
         self.fs.unlink(old.path)
         self._applier.drop_staged()
         self.counters.checkpoints += 1

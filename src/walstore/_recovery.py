@@ -1,12 +1,12 @@
 """Recovery on open: roll committed work forward, roll the rest back.
 
-Steps (docs/commit-protocol.md, "Recovery"):
+Steps (docs/commit-protocol.md, section 6; step 1, ``recover_lock``, is ``Engine.open``):
 
-R1 ``recover_scan``: find the live segment, the newest one whose HEADER and CHECKPOINT parse.
+2. ``recover_scan``: find the live segment, the newest one whose HEADER and CHECKPOINT parse.
    A newer segment whose creation was cut short is dropped; damage elsewhere is CorruptionError.
-R2 ``recover_replay``: apply every transaction of every COMMIT after the checkpoint, in journal
-   order, skipping an op superseded by a later op on the same path.
-R3 ``recover_checkpoint``: fsync what was replayed, start a new segment with a CHECKPOINT, drop
+3. ``recover_replay``: apply every transaction of every COMMIT after the checkpoint, in
+   journal order, skipping an op superseded by a later op on the same path.
+4. ``recover_checkpoint``: fsync what was replayed, start a new segment with a CHECKPOINT, drop
    the older segments (this discards a torn tail), then clear ``staging/`` (the roll back).
 
 Every step only redoes idempotent work, so a crash during recovery is recovered by the next open.
@@ -65,7 +65,8 @@ def _segments(fs: FileSystem, journal_dir: str) -> list[tuple[int, str]]:
 
 
 def _find_live(fs: FileSystem, journal_dir: str, segs: list[tuple[int, str]]) -> SegmentScan | None:
-    """R1: the newest segment that parses; newer half-created ones are left for R3 to drop."""
+    """Step 2, recover_scan: the newest segment that parses (half-created newer ones are
+    dropped by recover_checkpoint)."""
     for _lsn, name in reversed(segs):
         try:
             return scan_segment(name, fs.read_file(os.path.join(journal_dir, name)))
@@ -108,7 +109,7 @@ def _superseded(commits: list[fmt.Commit]) -> set[tuple[int, int, int]]:
 def recover(
     fs: FileSystem, root: str, journal_dir: str, staging_dir: str, *, sync: bool
 ) -> Recovered:
-    """Run R1-R3. Requires: caller holds the store LOCK. Raises CorruptionError."""
+    """Run recovery steps 2-4. Requires: caller holds the store LOCK. Raises CorruptionError."""
     segs = _segments(fs, journal_dir)
     live = _find_live(fs, journal_dir, segs)
     staged = _staging_entries(fs, staging_dir)
@@ -138,7 +139,7 @@ def recover(
         )
         return Recovered(RecoveryReport(), journal, next_txid, live_next_lsn - 1, applier)
 
-    # R2 recover_replay
+    # Step 3: recover_replay
     skip = _superseded(commits)
     rolled_forward: list[int] = []
     replayed = 0
@@ -166,7 +167,7 @@ def recover(
     rolled_back = [t for t in staged_txids if t >= began_after and t not in committed]
     next_txid = max([next_txid, *(t + 1 for t in staged_txids)])
 
-    # R3 recover_checkpoint
+    # Step 4: recover_checkpoint
     if sync:
         applier.sync()
     journal = JournalWriter.create(
