@@ -43,7 +43,8 @@ class ShortWrite(Exception):
 
 
 Fault = Callable[[int, str, str], BaseException | None]
-"""A fault hook: (call index, call name, path) -> an exception to raise, a ShortWrite, or None."""
+"""A fault hook: (call index, call name, path) -> an exception to raise, a ShortWrite, or None.
+For calls on a handle the path is the one the handle was opened by."""
 
 
 @dataclass
@@ -82,6 +83,7 @@ class MemoryFileSystem:
         self._pending: list[_Pending] = []
         self._next_ino = 2
         self._fds: dict[int, int] = {}
+        self._fd_names: dict[int, str] = {}  # handle -> path it was opened by
         self._next_fd = 3
         self._locks: dict[int, int] = {}  # inode -> fd holding its flock
 
@@ -188,7 +190,11 @@ class MemoryFileSystem:
             fd = self._next_fd
             self._next_fd += 1
             self._fds[fd] = ino
+            self._fd_names[fd] = path
             return fd
+
+    def _fd_path(self, fd: int) -> str:
+        return self._fd_names.get(fd, f"<fd {fd}>")
 
     def _file(self, fd: int) -> _Inode:
         if fd not in self._fds:
@@ -197,7 +203,7 @@ class MemoryFileSystem:
 
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         with self._lock:
-            out = self._call("pwrite", str(fd))
+            out = self._call("pwrite", self._fd_path(fd))
             node = self._file(fd)
             data = bytes(data)
             if isinstance(out, ShortWrite) and len(data) > 1:
@@ -209,37 +215,38 @@ class MemoryFileSystem:
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         with self._lock:
-            self._call("pread", str(fd))
+            self._call("pread", self._fd_path(fd))
             return bytes(self._file(fd).data[offset : offset + size])
 
     def size(self, fd: int) -> int:
         with self._lock:
-            self._call("size", str(fd))
+            self._call("size", self._fd_path(fd))
             return len(self._file(fd).data)
 
     def truncate(self, fd: int, size: int) -> None:
         with self._lock:
-            self._call("truncate", str(fd))
+            self._call("truncate", self._fd_path(fd))
             node = self._file(fd)
             del node.data[size:]
             node.data.extend(bytes(size - len(node.data)))
 
     def fsync(self, fd: int) -> None:
         with self._lock:
-            self._call("fsync", str(fd))
+            self._call("fsync", self._fd_path(fd))
             node = self._file(fd)
             node.synced = bytes(node.data)
 
     def fdatasync(self, fd: int) -> None:
         with self._lock:
-            self._call("fdatasync", str(fd))
+            self._call("fdatasync", self._fd_path(fd))
             node = self._file(fd)
             node.synced = bytes(node.data)
 
     def close(self, fd: int) -> None:
         with self._lock:
-            self._call("close", str(fd))
+            self._call("close", self._fd_path(fd))
             self._fds.pop(fd, None)
+            self._fd_names.pop(fd, None)
 
     def read_file(self, path: str) -> bytes:
         with self._lock:
@@ -409,13 +416,15 @@ class MemoryFileSystem:
             fd = self._next_fd
             self._next_fd += 1
             self._fds[fd] = ino
+            self._fd_names[fd] = path
             self._locks[ino] = fd
             return fd
 
     def unlock(self, fd: int) -> None:
         with self._lock:
-            self._call("unlock", str(fd))
+            self._call("unlock", self._fd_path(fd))
             ino = self._fds.pop(fd, None)
+            self._fd_names.pop(fd, None)
             if ino is not None and self._locks.get(ino) == fd:
                 del self._locks[ino]
 
@@ -443,6 +452,7 @@ class MemoryFileSystem:
             self.crash_at = None
             self.fault = None
             self._fds.clear()
+            self._fd_names.clear()
             self._locks.clear()
 
     @staticmethod

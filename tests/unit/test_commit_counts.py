@@ -1,0 +1,102 @@
+"""Stable counts behind the speed: syscalls and thread hops on the commit path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+import walstore
+from walstore import OsFileSystem
+
+
+class RecordingFs(OsFileSystem):
+    """The real file system, remembering the path of every fsync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fds: dict[int, str] = {}
+        self.synced: list[str] = []
+
+    def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
+        fd = super().open(path, create=create, truncate=truncate)
+        self.fds[fd] = path
+        return fd
+
+    def fsync(self, fd: int) -> None:
+        self.synced.append(self.fds[fd])
+        super().fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self.synced.append(self.fds[fd])
+        super().fdatasync(fd)
+
+    def fsync_dir(self, path: str) -> None:
+        self.synced.append(path + "/")
+        super().fsync_dir(path)
+
+
+@pytest.mark.asyncio
+async def test_one_small_transaction_costs_one_journal_fdatasync(tmp_path: Path) -> None:
+    fs = RecordingFs()
+    async with walstore.open(tmp_path / "s", fs=fs) as store:
+        await store.write("warm.json", b"{}")  # the first commit after open, out of the way
+        before = fs.calls.copy()
+        fs.synced.clear()
+        hops = store.stats()["thread_hops"]
+        async with store.transaction() as tx:
+            await tx.write("users/1.json", b'{"n": 1}')
+            await tx.write("users/2.json", b'{"n": 2}')
+            await tx.write_text("notes/a.md", "hi")
+        delta = fs.calls - before
+        assert delta["fdatasync"] == 1
+        assert delta["fsync"] == 0 and delta["fsync_dir"] == 0
+        assert len(fs.synced) == 1 and fs.synced[0].endswith(".wal")
+        assert store.stats()["thread_hops"] - hops == 1  # the whole commit: one worker call
+        assert (tmp_path / "s" / "users" / "2.json").read_bytes() == b'{"n": 2}'
+
+
+@pytest.mark.asyncio
+async def test_staged_value_is_synced_when_staged_not_at_commit(tmp_path: Path) -> None:
+    fs = RecordingFs()
+    async with walstore.open(tmp_path / "s", fs=fs, inline_threshold=16) as store:
+        fs.synced.clear()  # opening a new store synced its layout
+        async with store.transaction() as tx:
+            await tx.write("big.bin", b"x" * 100)
+            staged = list(fs.synced)
+            fs.synced.clear()
+        assert len(staged) == 1 and "/staging/" in staged[0]
+        # Commit: the staging directories (names of staged files), then the journal.
+        assert [p.endswith("/") for p in fs.synced] == [True, True, False]
+        assert fs.synced[-1].endswith(".wal")
+
+
+def test_concurrent_commits_share_journal_syncs(tmp_path: Path) -> None:
+    """64 tasks committing at once: far fewer journal fdatasyncs than commits."""
+
+    async def main() -> dict[str, float]:
+        async with walstore.open(tmp_path / "s") as store:
+            async with anyio.create_task_group() as tg:
+                for i in range(64):
+                    tg.start_soon(store.write, f"f/{i}.json", b"{}")
+            return store.stats()
+
+    stats = anyio.run(main)
+    assert stats["commits"] == 64
+    assert stats["journal_syncs"] == stats["groups"]
+    assert stats["groups"] <= 8, stats
+    assert sorted(p.name for p in (tmp_path / "s" / "f").iterdir()) == sorted(
+        f"{i}.json" for i in range(64)
+    )
+
+
+@pytest.mark.asyncio
+async def test_open_of_a_clean_store_does_not_scan_the_tree(tmp_path: Path) -> None:
+    async with walstore.open(tmp_path / "s") as store, store.transaction() as tx:
+        for i in range(50):
+            await tx.write(f"d{i % 5}/f{i}", b"x")
+    fs = OsFileSystem()
+    async with walstore.open(tmp_path / "s", fs=fs) as store:
+        assert store.recovery.clean
+        assert fs.calls["listdir"] == 2  # journal/ and staging/, never the user's tree

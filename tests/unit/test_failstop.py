@@ -1,0 +1,197 @@
+"""Fail-stop: an I/O error before the commit point aborts cleanly; one after it fails the
+store (never retrying an fsync), and reopening recovers."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import anyio
+import pytest
+
+import walstore
+from tests.support import ROOT, open_store, user_files
+from walstore.testing import MemoryFileSystem, ShortWrite
+
+FULL = walstore.Durability.FULL
+
+
+def _eio() -> OSError:
+    return OSError(errno.EIO, "injected EIO")
+
+
+def _store_with(fs: MemoryFileSystem, files: dict[str, bytes]) -> walstore.Store:
+    store = open_store(fs, FULL)
+
+    async def fill() -> None:
+        async with store.transaction() as tx:
+            for p, v in files.items():
+                await tx.write(p, v)
+
+    anyio.run(fill)
+    return store
+
+
+async def _commit(store: walstore.Store, files: dict[str, bytes]) -> walstore.Transaction:
+    tx = store.transaction()
+    async with tx:
+        for p, v in files.items():
+            await tx.write(p, v)
+    return tx
+
+
+def _fail_once(name: str, path_part: str, exc: BaseException | ShortWrite):
+    fired: list[int] = []
+
+    def hook(index: int, call: str, path: str) -> BaseException | None:
+        if not fired and call == name and path_part in path:
+            fired.append(index)
+            return exc  # type: ignore[return-value]
+        return None
+
+    return hook, fired
+
+
+@pytest.mark.parametrize("kind", [errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS])
+def test_append_error_before_commit_point_rolls_back_and_store_stays_usable(kind: int) -> None:
+    fs = MemoryFileSystem()
+    store = _store_with(fs, {"a": b"old"})
+    fs.fault, fired = _fail_once("pwrite", ".wal", OSError(kind, "injected"))
+    tx = store.transaction()
+    with pytest.raises(OSError) as info:
+        anyio.run(_commit_tx, tx, {"a": b"new", "b": b"b"})
+    assert fired and info.value.errno == kind
+    assert tx.state is walstore.TxState.ROLLED_BACK
+    assert user_files(fs) == {"a": b"old"}
+    anyio.run(_commit, store, {"c": b"c"})  # usable, no reopen
+    assert user_files(fs) == {"a": b"old", "c": b"c"}
+    anyio.run(store.aclose)
+    store = open_store(fs, FULL)
+    assert user_files(fs) == {"a": b"old", "c": b"c"}
+    anyio.run(store.aclose)
+
+
+async def _commit_tx(tx: walstore.Transaction, files: dict[str, bytes]) -> None:
+    async with tx:
+        for p, v in files.items():
+            await tx.write(p, v)
+
+
+def test_short_writes_to_the_journal_are_completed() -> None:
+    fs = MemoryFileSystem()
+    store = _store_with(fs, {})
+    shorts = []
+
+    def hook(index: int, call: str, path: str) -> ShortWrite | None:
+        if call == "pwrite" and ".wal" in path and len(shorts) < 3:
+            shorts.append(index)
+            return ShortWrite()
+        return None
+
+    fs.fault = hook  # type: ignore[assignment]
+    anyio.run(_commit, store, {"a": b"x" * 40})
+    assert len(shorts) == 3
+    anyio.run(store.aclose)
+    fs.reboot(power_loss=random.Random(1))
+    store = open_store(fs, FULL)
+    assert user_files(fs) == {"a": b"x" * 40}
+    anyio.run(store.aclose)
+
+
+def test_failed_journal_sync_fails_the_store_with_outcome_unknown() -> None:
+    fs = MemoryFileSystem()
+    store = _store_with(fs, {"a": b"old"})
+    fs.fault, fired = _fail_once("fdatasync", ".wal", _eio())
+    tx = store.transaction()
+    with pytest.raises(walstore.StoreFailedError, match="outcome unknown"):
+        anyio.run(_commit_tx, tx, {"a": b"new"})
+    assert tx.state is walstore.TxState.FAILED
+    fs.fault = None
+    syncs = fs.calls["fdatasync"]
+    with pytest.raises(walstore.StoreFailedError):
+        anyio.run(_commit, store, {"b": b"b"})
+    assert fs.calls["fdatasync"] == syncs  # never retried
+    assert anyio.run(store.read, "a") == b"old"  # reads still work
+    anyio.run(store.aclose)
+    # A process restart: the record reached the page cache, so it rolls forward.
+    fs.reboot()
+    store = open_store(fs, FULL)
+    assert tx.txid in store.recovery.rolled_forward
+    assert user_files(fs) == {"a": b"new"}
+    anyio.run(store.aclose)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_failed_journal_sync_then_power_loss_is_all_or_nothing(seed: int) -> None:
+    fs = MemoryFileSystem()
+    store = _store_with(fs, {"a": b"old"})
+    fs.fault, _ = _fail_once("fdatasync", ".wal", _eio())
+    with pytest.raises(walstore.StoreFailedError):
+        anyio.run(_commit, store, {"a": b"new", "d/b": b"b"})
+    anyio.run(store.aclose)
+    fs.reboot(power_loss=random.Random(seed))
+    store = open_store(fs, FULL)
+    assert user_files(fs) in ({"a": b"old"}, {"a": b"new", "d/b": b"b"})
+    anyio.run(store.aclose)
+
+
+@pytest.mark.parametrize("call", ["rename", "link", "mkdir", "pwrite"])
+def test_apply_error_after_commit_point_fails_store_and_reopen_finishes(call: str) -> None:
+    fs = MemoryFileSystem()
+    store = open_store(fs, FULL)
+    anyio.run(_commit, store, {"a": b"old"})
+    part = {"pwrite": ".tmp", "mkdir": "/store/n"}.get(call, "/store/")
+    fs.fault, fired = _fail_once(call, part, _eio())
+    store._inline_threshold = 8  # "big" is staged, so a link happens during apply
+    tx = store.transaction()
+    with pytest.raises(walstore.StoreFailedError, match="committed"):
+        anyio.run(_commit_tx, tx, {"a": b"new", "n/m": b"m", "big": b"B" * 32})
+    assert fired
+    assert tx.state is walstore.TxState.COMMITTED
+    with pytest.raises(walstore.StoreFailedError):
+        anyio.run(_commit, store, {"x": b"x"})
+    anyio.run(store.aclose)
+    fs.fault = None
+    fs.reboot()
+    store = open_store(fs, FULL)
+    assert tx.txid in store.recovery.rolled_forward
+    assert user_files(fs) == {"a": b"new", "n/m": b"m", "big": b"B" * 32}
+    anyio.run(store.aclose)
+
+
+def test_checkpoint_fsync_failure_fails_store_and_keeps_the_journal() -> None:
+    fs = MemoryFileSystem()
+    store = open_store(fs, FULL)
+    anyio.run(_commit, store, {"a": b"1", "d/b": b"2"})
+    fs.fault, fired = _fail_once("fsync", "/store/a", _eio())
+    with pytest.raises(walstore.StoreFailedError, match="checkpoint"):
+        anyio.run(store.checkpoint)
+    with pytest.raises(walstore.StoreFailedError):
+        anyio.run(_commit, store, {"x": b"x"})
+    anyio.run(store.aclose)  # no checkpoint on close of a failed store
+    fs.fault = None
+    fs.reboot(power_loss=random.Random(7))
+    store = open_store(fs, FULL)
+    assert user_files(fs) == {"a": b"1", "d/b": b"2"}
+    anyio.run(store.aclose)
+
+
+def test_staging_error_leaves_transaction_usable() -> None:
+    fs = MemoryFileSystem()
+    store = open_store(fs, FULL)
+    store._inline_threshold = 8
+    fs.fault, fired = _fail_once("pwrite", "/staging/", OSError(errno.ENOSPC, "full"))
+
+    async def body() -> walstore.Transaction:
+        async with store.transaction() as tx:
+            with pytest.raises(OSError):
+                await tx.write("big", b"B" * 64)
+            await tx.write("small", b"s")
+        return tx
+
+    tx = anyio.run(body)
+    assert tx.state is walstore.TxState.COMMITTED
+    assert user_files(fs) == {"small": b"s"}
+    anyio.run(store.checkpoint)
+    assert fs.files(ROOT + "/.walstore/staging", skip=()) == {}
+    anyio.run(store.aclose)
