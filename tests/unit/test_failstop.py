@@ -105,6 +105,7 @@ def test_failed_journal_sync_fails_the_store_with_outcome_unknown() -> None:
     tx = store.transaction()
     with pytest.raises(walstore.StoreFailedError, match="outcome unknown"):
         anyio.run(_commit_tx, tx, {"a": b"new"})
+    assert fired
     assert tx.state is walstore.TxState.FAILED
     fs.fault = None
     syncs = fs.calls["fdatasync"]
@@ -166,6 +167,7 @@ def test_checkpoint_fsync_failure_fails_store_and_keeps_the_journal() -> None:
     fs.fault, fired = _fail_once("fsync", "/store/a", _eio())
     with pytest.raises(walstore.StoreFailedError, match="checkpoint"):
         anyio.run(store.checkpoint)
+    assert fired
     with pytest.raises(walstore.StoreFailedError):
         anyio.run(_commit, store, {"x": b"x"})
     anyio.run(store.aclose)  # no checkpoint on close of a failed store
@@ -190,6 +192,7 @@ def test_staging_error_leaves_transaction_usable() -> None:
         return tx
 
     tx = anyio.run(body)
+    assert fired
     assert tx.state is walstore.TxState.COMMITTED
     assert user_files(fs) == {"small": b"s"}
     anyio.run(store.checkpoint)
