@@ -13,8 +13,9 @@ import json
 import logging
 import math
 import os
+import random
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -24,7 +25,13 @@ import anyio.lowlevel
 
 from . import _journal_format as fmt
 from ._engine import Durability, Engine, Outcome, PreparedTx, Result
-from ._errors import StoreClosedError, StoreError, StoreFailedError, StoreLockedError
+from ._errors import (
+    ConflictError,
+    StoreClosedError,
+    StoreError,
+    StoreFailedError,
+    StoreLockedError,
+)
 from ._fs import FileStat, FileSystem, OsFileSystem
 from ._paths import check_path
 from ._recovery import RecoveryReport
@@ -309,6 +316,31 @@ class Store:
         """Delete one file as its own transaction. Cancellation: as ``write``."""
         async with self.transaction() as tx:
             await tx.delete(path, missing_ok=missing_ok)
+
+    async def atomic(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        attempts: int = 10,
+        **kwargs: Any,
+    ) -> T:
+        """Run ``await fn(tx, *args, **kwargs)`` in a transaction and commit it, retrying on
+        ConflictError with jittered exponential backoff; after ``attempts`` tries the last
+        ConflictError propagates. ``fn`` may run several times: keep its side effects in
+        ``tx``. Returns what ``fn`` returned. Cancellation: as ``Transaction.commit``."""
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, not {attempts}")
+        for attempt in range(attempts):
+            try:
+                async with self.transaction() as tx:
+                    result = await fn(tx, *args, **kwargs)
+                return result
+            except ConflictError:
+                if attempt == attempts - 1:
+                    raise
+                log.debug("txid=%d conflicted; retry %d", tx.txid, attempt + 1)
+                await anyio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+        raise AssertionError("unreachable")
 
     # -- maintenance -------------------------------------------------------------------------
 
