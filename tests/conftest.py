@@ -1,23 +1,18 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from tests.support import Tally
-
-_TOTALS: dict[str, Tally] = {}
+from tests.support import Tally, tally
 
 
 @pytest.fixture(scope="session")
-def crash_tally() -> Iterator[Tally]:
-    """Counts crash/power-loss cases across the session; printed at the end."""
-    tally = _TOTALS.setdefault("crash points", Tally())
-    yield tally
+def crash_tally() -> Tally:
+    """Counts crash/power-loss cases of the crash-point sweep; printed at the end."""
+    return tally("crash points (sweep)")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for name, tally in _TOTALS.items():
-        terminalreporter.write_line(
-            f"{name}: {tally.cases} cases, violations: {len(tally.violations)}"
-        )
+    from tests.support import TALLIES
+
+    for name, t in TALLIES.items():
+        terminalreporter.write_line(f"{name}: {t.cases} cases, violations: {len(t.violations)}")

@@ -79,6 +79,13 @@ class Tally:
     violations: list[str] = field(default_factory=list)
 
 
+TALLIES: dict[str, Tally] = {}  # family -> counts, printed at the end of the session
+
+
+def tally(family: str) -> Tally:
+    return TALLIES.setdefault(family, Tally())
+
+
 def check_reopened(
     fs: MemoryFileSystem,
     store: walstore.Store,

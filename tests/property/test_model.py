@@ -35,12 +35,13 @@ from tests.support import (
     open_store,
     random_ops,
     run_tx,
+    tally,
     user_files,
 )
 from walstore.testing import MemoryFileSystem
 
 SOAK = 10 if os.environ.get("WALSTORE_SOAK") else 1
-TALLY = Tally()
+TALLY = tally("model-based crash/power-loss")
 
 
 class StoreMachine(RuleBasedStateMachine):
