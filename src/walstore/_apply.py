@@ -1,21 +1,39 @@
-"""Apply committed operations to the user's files (commit step 4 and recovery step R4).
+"""Apply committed operations to the user's files (commit step 4 and recovery step 3).
 
 Small values are written to a temporary file under ``.walstore/staging/`` and renamed over the
 target, without an fsync: the journal holds the data until a checkpoint makes the files durable.
-Staged values are renamed into place. Deletes unlink. Everything applied is remembered, so that
-the checkpoint can fsync exactly what changed.
+Staged values are hard-linked into place and keep their staging name until the checkpoint.
+Deletes unlink. A directory is deleted by renaming it into staging, and replaced by building
+the new one in staging and swapping it in with ``exchange`` (renameat2 RENAME_EXCHANGE), so
+the path never goes missing; where the system cannot exchange, by two renames. Everything
+applied is remembered, so that the checkpoint can fsync exactly what changed and then drop
+what was moved out of the way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Iterable
 
 from ._fs import FileSystem, write_all
-from ._journal_format import Delete, Op, Put, PutStaged
+from ._journal_format import Delete, DeleteDir, Op, Put, PutStaged, ReplaceDir
 from ._paths import parent, parents
+
+_NO_EXCHANGE = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def remove_tree(fs: FileSystem, path: str) -> int:
+    """Remove ``path`` and everything under it; returns how many entries went."""
+    st = fs.lstat(path)
+    if st is None:
+        return 0
+    if st.kind != "dir":
+        fs.unlink(path)
+        return 1
+    n = sum(remove_tree(fs, os.path.join(path, c)) for c in fs.listdir(path))
+    fs.rmdir(path)
+    return n + 1
 
 
 class Applier:
@@ -27,48 +45,108 @@ class Applier:
         self.staging_dir = staging_dir
         self.dirty_files: set[str] = set()  # store paths written since the last checkpoint
         self.dirty_dirs: set[str] = set()  # store paths of directories whose entries changed
-        self.staged_dirs: set[str] = set()  # staging/<txid>/ of applied transactions
+        self.garbage: set[str] = set()  # staging paths to remove after the next checkpoint
         self._known_dirs: set[str] = set()
 
     def full(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
 
     def apply(self, txid: int, ops: Iterable[Op], *, replay: bool = False) -> int:
-        """Apply one transaction's ops in order; returns how many were applied.
-
-        A staged value is hard-linked into place (through a temporary name, so that it can
-        replace an existing file), not renamed: its staging name stays until the checkpoint
-        has made the target durable, so a replay always finds it."""
+        """Apply one transaction's ops in order; returns how many were applied. With
+        ``replay``, leftovers of an apply that crashed are cleared first."""
         applied = 0
         for i, op in enumerate(ops):
             tmp = os.path.join(self.staging_dir, f"{txid}-{i}.tmp")
-            if isinstance(op, Put):
-                self._make_parents(op.path)
-                fd = self.fs.open(tmp, create=True, truncate=True)
-                try:
-                    write_all(self.fs, fd, op.data, 0)
-                finally:
-                    self.fs.close(fd)
-                self.fs.rename(tmp, self.full(op.path))
-                self._changed(op.path, replay)
-            elif isinstance(op, PutStaged):
-                src = os.path.join(self.staging_dir, op.staged)
-                self.staged_dirs.add(os.path.dirname(src))
+            if isinstance(op, Put | PutStaged):
                 self._make_parents(op.path)
                 if replay and self.fs.lstat(tmp) is not None:
-                    self.fs.unlink(tmp)  # left by the apply that crashed
-                self.fs.link(src, tmp)
+                    self.fs.unlink(tmp)
+                self._write(op, tmp)
                 self.fs.rename(tmp, self.full(op.path))
                 self._changed(op.path, replay)
             elif isinstance(op, Delete):
                 # Gone already may mean unlinked by a process that then crashed, without the
                 # unlink being durable: the directory is synced at the checkpoint either way.
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     self.fs.unlink(self.full(op.path))
+                except FileNotFoundError:
+                    pass
+                except IsADirectoryError:
+                    if not replay:
+                        raise
+                    # A later op (skipped as superseded, or not) made the name a directory.
                 self.dirty_files.discard(op.path)
                 self._changed_dir(op.path, replay)
+            elif isinstance(op, DeleteDir):
+                self._delete_dir(op.path, os.path.join(self.staging_dir, f"{txid}-{i}.del"))
+                self._changed_dir(op.path, replay)
+            else:
+                self._replace_dir(op, os.path.join(self.staging_dir, f"{txid}-{i}.dir"), replay)
             applied += 1
         return applied
+
+    def _write(self, op: Put | PutStaged, tmp: str) -> None:
+        """Put the op's content at ``tmp`` (a new name in staging)."""
+        if isinstance(op, PutStaged):
+            # Linked, not renamed: the staged name stays until the checkpoint, so a replay
+            # always finds it.
+            self.fs.link(os.path.join(self.staging_dir, op.staged), tmp)
+            return
+        fd = self.fs.open(tmp, create=True, truncate=True)
+        try:
+            write_all(self.fs, fd, op.data, 0)
+        finally:
+            self.fs.close(fd)
+
+    def _delete_dir(self, path: str, trash: str) -> None:
+        target = self.full(path)
+        if self.fs.lstat(target) is None:
+            return  # replay: already gone
+        # Whatever is there goes: in a replay that skips superseded ops the path may hold a
+        # file that a skipped op would have removed.
+        remove_tree(self.fs, trash)  # replay: left by an apply that crashed
+        self.fs.rename(target, trash)  # one atomic step; the tree goes at the checkpoint
+        self.garbage.add(trash)
+        self._forget_under(path)
+
+    def _replace_dir(self, op: ReplaceDir, build: str, replay: bool) -> None:
+        remove_tree(self.fs, build)  # replay: left by an apply that crashed
+        self.fs.mkdir(build)
+        made = {""}
+        for e in op.entries:
+            for d in parents(e.path):
+                if d not in made:
+                    self.fs.mkdir(os.path.join(build, d))
+                    made.add(d)
+            self._write(e, os.path.join(build, e.path))
+        self._make_parents(op.path)
+        target = self.full(op.path)
+        st = self.fs.lstat(target)
+        self._forget_under(op.path)
+        if st is None:
+            self.fs.rename(build, target)
+        else:
+            try:
+                self.fs.exchange(build, target)  # the path never goes missing
+                self.garbage.add(build)
+            except OSError as exc:
+                if exc.errno not in _NO_EXCHANGE:
+                    raise
+                old = build[: -len(".dir")] + ".old"
+                remove_tree(self.fs, old)
+                self.fs.rename(target, old)  # a crash here: replay builds and renames in
+                self.fs.rename(build, target)
+                self.garbage.add(old)
+        base = op.path + "/"
+        self.dirty_dirs.update(base + d if d else op.path for d in made)
+        self.dirty_files.update(base + e.path for e in op.entries)
+        self._changed_dir(op.path, replay)
+
+    def _forget_under(self, path: str) -> None:
+        prefix = path + "/"
+        self.dirty_files = {p for p in self.dirty_files if not p.startswith(prefix)}
+        self.dirty_dirs = {p for p in self.dirty_dirs if not p.startswith(prefix)}
+        self._known_dirs = {p for p in self._known_dirs if p != path and not p.startswith(prefix)}
 
     def forget_dir_cache(self) -> None:
         """Directories may have changed behind our back (a new group, recovery)."""
@@ -99,22 +177,16 @@ class Applier:
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.full(d))
             self._known_dirs.add(d)
 
-    def drop_staged(self) -> None:
-        """Checkpoint step, once the new CHECKPOINT is durable: remove the staging
-        directories of applied transactions (their values are durable in place)."""
-        for d in sorted(self.staged_dirs):
-            try:
-                names = self.fs.listdir(d)
-            except FileNotFoundError:
-                continue
-            for name in names:
-                self.fs.unlink(os.path.join(d, name))
-            self.fs.rmdir(d)
-        self.staged_dirs.clear()
+    def drop_garbage(self) -> None:
+        """Checkpoint step 4, once the new CHECKPOINT is durable: remove the staging
+        directories of applied transactions and the directories moved out of the way."""
+        for path in sorted(self.garbage):
+            remove_tree(self.fs, path)
+        self.garbage.clear()
 
     def sync(self) -> None:
-        """Checkpoint step: fsync every file written and every directory changed since the last
-        checkpoint, so the journal records that hold them can be dropped."""
+        """Checkpoint step 1: fsync every file written and every directory changed since the
+        last checkpoint, so the journal records that hold them can be dropped."""
         for path in sorted(self.dirty_files):
             try:
                 fd = self.fs.open(self.full(path))

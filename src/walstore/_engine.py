@@ -22,12 +22,12 @@ import logging
 import os
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from . import _journal_format as fmt
-from ._apply import Applier
+from ._apply import Applier, remove_tree
 from ._errors import (
     ConflictError,
     InvalidPathError,
@@ -57,16 +57,40 @@ class Outcome(enum.Enum):
     UNKNOWN = "unknown"  # the commit record was written but its sync failed
 
 
+@dataclass(frozen=True, slots=True)
+class Move:
+    """``tx.move``: resolved at step 2 into a PutStaged of a hard link of ``src``."""
+
+    path: str  # the destination
+    src: str
+
+
+Keep = frozenset[str] | Callable[[str], bool] | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingReplace:
+    """``tx.replace_dir``: resolved at step 2 into a ReplaceDir, kept files linked in."""
+
+    path: str
+    entries: tuple[fmt.Put | fmt.PutStaged, ...]
+    keep: Keep
+
+
+TxOp = fmt.Put | fmt.PutStaged | fmt.Delete | fmt.DeleteDir | Move | PendingReplace
+
+
 @dataclass(frozen=True)
 class PreparedTx:
     """A transaction handed to the committer: its ops and what it read."""
 
     txid: int
     begin_lsn: int
-    ops: tuple[fmt.Op, ...]
+    ops: tuple[TxOp, ...]
     staged: bool = False  # has files under staging/<txid>/
     reads: frozenset[str] = frozenset()  # files read, or found missing
     listed: frozenset[str] = frozenset()  # directories listed
+    subtrees: frozenset[str] = frozenset()  # directories read as a whole (replace_dir keep)
 
 
 @dataclass(frozen=True)
@@ -123,12 +147,21 @@ class _Gate:
 
 
 @dataclass
+class _Overlay:
+    """Paths as a group's validated transactions leave them, before they are applied."""
+
+    kinds: dict[str, str | None] = field(default_factory=dict)  # path -> "file"/"dir"/None
+    cleared: set[str] = field(default_factory=set)  # directories deleted or replaced
+
+
+@dataclass
 class _Validation:
     """Effects of the transactions validated so far in a group."""
 
-    kinds: dict[str, str | None] = field(default_factory=dict)  # path -> "file"/"dir"/None
-    modified: set[str] = field(default_factory=set)
-    listing_changed: set[str] = field(default_factory=set)
+    overlay: _Overlay = field(default_factory=_Overlay)
+    modified: set[str] = field(default_factory=set)  # files written or deleted
+    listing_changed: set[str] = field(default_factory=set)  # directories gaining/losing names
+    trees: set[str] = field(default_factory=set)  # directories deleted or replaced
 
 
 class Engine:
@@ -154,6 +187,7 @@ class Engine:
         self.checkpoint_files = checkpoint_files
         self.counters = Counters()
         self.failed: StoreFailedError | None = None
+        self.partial = False  # a group is half applied: reads would show half of it
         self.readonly = False
         self.next_txid = 1
         self.last_lsn = 0  # LSN of the last applied COMMIT (or checkpoint)
@@ -166,6 +200,7 @@ class Engine:
         # Conflict detection: LSN of the last commit that changed a file / a directory listing.
         self._modified: dict[str, int] = {}
         self._listing_modified: dict[str, int] = {}
+        self._tree_modified: dict[str, int] = {}  # directories deleted or replaced
 
     # -- open and close ------------------------------------------------------------------
 
@@ -217,17 +252,18 @@ class Engine:
 
     def _make_layout(self) -> None:
         fs = self.fs
-        made = False
         for d in (self.root, self.meta, self.journal_dir, self.staging_dir):
             st = fs.lstat(d)
             if st is None:
                 with suppress(FileExistsError):
                     fs.mkdir(d)
-                made = True
             elif st.kind != "dir":
                 raise StoreError(f"{d} exists and is not a directory")
-        if made and self.sync:
-            for d in (os.path.dirname(self.root), self.root, self.meta):
+        if self.sync:
+            # Every time, not only when made: a first open that crashed after its mkdirs
+            # left them unsynced, and a store last used with Durability.OFF left its live
+            # segment's name unsynced; this open cannot tell.
+            for d in (os.path.dirname(self.root), self.root, self.meta, self.journal_dir):
                 fs.fsync_dir(d)
 
     def close(self) -> None:
@@ -247,13 +283,11 @@ class Engine:
 
     # -- staging -------------------------------------------------------------------------
 
-    def stage(self, txid: int, index: int, data: bytes) -> fmt.PutStaged:
+    def stage(self, txid: int, index: int, data: bytes, make_dir: bool) -> fmt.PutStaged:
         """Write a large value to ``staging/<txid>/<index>`` and fsync it (outside the commit
         lock, so many transactions stage in parallel). Returns the op without its path."""
-        if index == 0:
-            # Suppressed: a first attempt may have been cancelled after making it.
-            with contextlib.suppress(FileExistsError):
-                self.fs.mkdir(os.path.join(self.staging_dir, str(txid)))
+        if make_dir:
+            self.make_staging_dir(txid)
         name = f"{txid}/{index}"
         fd = self.fs.open(os.path.join(self.staging_dir, name), create=True, truncate=True)
         try:
@@ -264,14 +298,16 @@ class Engine:
             self.fs.close(fd)
         return fmt.PutStaged("", name, len(data), zlib.crc32(data))
 
+    def make_staging_dir(self, txid: int) -> str:
+        """``staging/<txid>/`` (made if missing); returns its path."""
+        d = os.path.join(self.staging_dir, str(txid))
+        with contextlib.suppress(FileExistsError):
+            self.fs.mkdir(d)
+        return d
+
     def discard(self, txid: int) -> None:
         """Remove what a rolled-back transaction staged."""
-        d = os.path.join(self.staging_dir, str(txid))
-        if self.fs.lstat(d) is None:
-            return
-        for name in self.fs.listdir(d):
-            self.fs.unlink(os.path.join(d, name))
-        self.fs.rmdir(d)
+        remove_tree(self.fs, os.path.join(self.staging_dir, str(txid)))
 
     # -- the commit protocol -------------------------------------------------------------
 
@@ -296,20 +332,36 @@ class Engine:
                     if isinstance(exc, ConflictError):
                         self.counters.conflicts += 1
                     results[i] = Result(Outcome.REJECTED, error=exc)
-            live = [tx for i, tx in enumerate(group) if results[i] is None]
-            writers = [tx for tx in live if tx.ops]  # read-only ones only needed validating
+
+            # Step 2: sync_staged (moved and kept files are linked into staging first)
+            resolved: dict[int, tuple[fmt.Op, ...]] = {}
+            staged: list[int] = []
+            for i, tx in enumerate(group):
+                if results[i] is not None or not tx.ops:
+                    continue
+                try:
+                    resolved[i] = self._link_sources(tx)
+                except (InvalidPathError, OSError) as exc:
+                    results[i] = Result(Outcome.REJECTED, error=exc)
+                    continue
+                if tx.staged or resolved[i] is not tx.ops:
+                    staged.append(tx.txid)
+            writers = [(group[i].txid, ops) for i, ops in resolved.items() if results[i] is None]
             if not writers:
                 return self._fill(results, Result(Outcome.COMMITTED, self.last_lsn))
-
-            # Step 2: sync_staged
             try:
-                if self.sync and any(tx.staged for tx in writers):
-                    for tx in writers:
-                        if tx.staged:
-                            self.fs.fsync_dir(os.path.join(self.staging_dir, str(tx.txid)))
+                if self.sync and staged:
+                    for txid in staged:
+                        self.fs.fsync_dir(os.path.join(self.staging_dir, str(txid)))
                     self.fs.fsync_dir(self.staging_dir)
+            except OSError as exc:
+                # Nothing is committed, but a failed fsync is never retried: what it covered
+                # may be lost while a retry reports success (fsyncgate).
+                self._fail(f"staging fsync failed: {exc}", exc)
+                return self._fill(results, Result(Outcome.REJECTED, error=exc))
+            try:
                 # Step 3: append_commit
-                record = fmt.Commit(lsn, tuple(fmt.TxRecord(t.txid, t.ops) for t in writers))
+                record = fmt.Commit(lsn, tuple(fmt.TxRecord(t, ops) for t, ops in writers))
                 payload = fmt.encode_commit(record)
                 if len(payload) > fmt.MAX_PAYLOAD:
                     big = StoreError(f"commit group of {len(payload)} bytes is too large")
@@ -340,14 +392,13 @@ class Engine:
             try:
                 with self._gate.write():
                     self._applier.forget_dir_cache()
-                    for tx in writers:
-                        self._applier.apply(tx.txid, tx.ops)
-                        if tx.staged:  # dropped at the next checkpoint
-                            self._applier.staged_dirs.add(
-                                os.path.join(self.staging_dir, str(tx.txid))
-                            )
+                    for txid, ops in writers:
+                        self._applier.apply(txid, ops)
+                    for txid in staged:  # dropped at the next checkpoint
+                        self._applier.garbage.add(os.path.join(self.staging_dir, str(txid)))
                     self.last_lsn = lsn
             except OSError as exc:
+                self.partial = True
                 self._fail(f"apply failed after the commit point: {exc}", exc)
                 err = StoreFailedError(
                     f"committed (journal LSN {lsn}) but not applied: {exc}; "
@@ -359,13 +410,78 @@ class Engine:
                 self._modified[p] = lsn
             for d in state.listing_changed:
                 self._listing_modified[d] = lsn
+            for d in state.trees:
+                self._tree_modified[d] = lsn
             self._prune(oldest_begin)
             self.counters.groups += 1
             self.counters.commits += len(writers)
             self.counters.journal_bytes = journal.bytes_written
-            for tx in writers:
-                log.debug("txid=%d committed lsn=%d ops=%d", tx.txid, lsn, len(tx.ops))
+            for txid, ops in writers:
+                log.debug("txid=%d committed lsn=%d ops=%d", txid, lsn, len(ops))
             return self._fill(results, Result(Outcome.COMMITTED, lsn))
+
+    def _link_sources(self, tx: PreparedTx) -> tuple[fmt.Op, ...]:
+        """Step 2 for one transaction: hard-link the source of each move and each file a
+        directory replacement keeps into ``staging/<txid>/``, fsynced, so that the commit
+        record can name them as staged values. Returns ``tx.ops`` itself if none."""
+        if not any(isinstance(op, Move | PendingReplace) for op in tx.ops):
+            return tx.ops  # type: ignore[return-value]
+        d = os.path.join(self.staging_dir, str(tx.txid))
+        if self.fs.lstat(d) is None:
+            self.fs.mkdir(d)
+        out: list[fmt.Op] = []
+        for i, op in enumerate(tx.ops):
+            if isinstance(op, Move):
+                out.append(self._link(op.src, f"{tx.txid}/m{i}", op.path))
+            elif isinstance(op, PendingReplace):
+                entries = list(op.entries)
+                named = {e.path for e in entries}
+                for j, rel in enumerate(self._kept(op)):
+                    if rel not in named:
+                        entries.append(self._link(f"{op.path}/{rel}", f"{tx.txid}/k{i}-{j}", rel))
+                out.append(fmt.ReplaceDir(op.path, tuple(entries)))
+            else:
+                out.append(op)
+        return tuple(out)
+
+    def _link(self, src: str, name: str, as_path: str) -> fmt.PutStaged:
+        full = self._applier.full(src)
+        st = self.fs.lstat(full)
+        if st is None:
+            raise FileNotFoundError(2, "No such file or directory", src)
+        if st.kind != "file":
+            raise InvalidPathError(f"cannot move or keep {src!r}: not a regular file")
+        staged = os.path.join(self.staging_dir, name)
+        self.fs.link(full, staged)
+        if self.sync:  # it may hold data applied since the last checkpoint, not yet synced
+            fd = self.fs.open(staged)
+            try:
+                self.fs.fsync(fd)
+            finally:
+                self.fs.close(fd)
+        return fmt.PutStaged(as_path, name, st.size, 0)
+
+    def _kept(self, op: PendingReplace) -> list[str]:
+        """Files of the existing directory that ``op.keep`` carries over, relative paths."""
+        if op.keep is None:
+            return []
+        base = self._applier.full(op.path)
+        st = self.fs.lstat(base)
+        if st is None or st.kind != "dir":
+            return []
+        out: list[str] = []
+        for name in sorted(self.fs.listdir(base)):
+            if not (op.keep(name) if callable(op.keep) else name in op.keep):
+                continue
+            stack = [name]
+            while stack:
+                rel = stack.pop()
+                kind = self.fs.lstat(os.path.join(base, rel))
+                if kind is not None and kind.kind == "dir":
+                    stack += [f"{rel}/{c}" for c in self.fs.listdir(os.path.join(base, rel))]
+                elif kind is not None and kind.kind == "file":
+                    out.append(rel)
+        return out
 
     @staticmethod
     def _fill(results: list[Result | None], value: Result) -> list[Result]:
@@ -377,56 +493,113 @@ class Engine:
         self.failed.__cause__ = exc
 
     def _prune(self, oldest_begin: int) -> None:
-        if len(self._modified) + len(self._listing_modified) < 4096:
+        tables = (self._modified, self._listing_modified, self._tree_modified)
+        if sum(len(t) for t in tables) < 4096:
             return
-        for table in (self._modified, self._listing_modified):
+        for table in tables:
             for key in [k for k, v in table.items() if v <= oldest_begin]:
                 del table[key]
 
-    def _kind(self, path: str, state: _Validation, local: dict[str, str | None]) -> str | None:
-        for layer in (local, state.kinds):
-            if path in layer:
-                return layer[path]
+    def _kind(self, path: str, state: _Validation, local: _Overlay) -> str | None:
+        """What ``path`` is once the group so far (and this transaction so far) applied."""
+        for layer in (local, state.overlay):
+            if path in layer.kinds:
+                return layer.kinds[path]
+        for layer in (local, state.overlay):
+            if any(a in layer.cleared for a in parents(path)):
+                return None
         st = self.fs.lstat(self._applier.full(path))
         return st.kind if st is not None else None
 
-    def _validate(self, tx: PreparedTx, state: _Validation) -> None:
-        """Step 1 for one transaction: raise ConflictError or InvalidPathError, else record
-        its effects in ``state``. Nothing on disk is touched."""
+    def _tree_changed(self, path: str, begin: int, state: _Validation) -> bool:
+        for a in [path, *parents(path)]:
+            if self._tree_modified.get(a, 0) > begin or a in state.trees:
+                return True
+        return False
+
+    def _check_reads(self, tx: PreparedTx, state: _Validation) -> None:
+        begin = tx.begin_lsn
         for p in tx.reads:
-            if self._modified.get(p, 0) > tx.begin_lsn or p in state.modified:
+            if (
+                self._modified.get(p, 0) > begin
+                or p in state.modified
+                or self._tree_changed(p, begin, state)
+            ):
                 raise ConflictError(f"txid={tx.txid}: {p!r} was changed by another commit")
         for d in tx.listed:
-            if self._listing_modified.get(d, 0) > tx.begin_lsn or d in state.listing_changed:
+            if (
+                self._listing_modified.get(d, 0) > begin
+                or d in state.listing_changed
+                or self._tree_changed(d, begin, state)
+            ):
                 raise ConflictError(f"txid={tx.txid}: directory {d!r} changed")
-        local: dict[str, str | None] = {}
+        for d in tx.subtrees:
+            prefix = d + "/"
+            changed = [k for k, v in self._modified.items() if v > begin and k.startswith(prefix)]
+            changed += [k for k in state.modified if k.startswith(prefix)]
+            changed += [
+                k for k, v in self._tree_modified.items() if v > begin and k.startswith(prefix)
+            ]
+            if changed or self._tree_changed(d, begin, state):
+                raise ConflictError(f"txid={tx.txid}: files under {d!r} changed")
+
+    def _validate(self, tx: PreparedTx, state: _Validation) -> None:
+        """Step 1 for one transaction: raise ConflictError, InvalidPathError or
+        FileNotFoundError, else record its effects in ``state``. Nothing on disk is touched."""
+        self._check_reads(tx, state)
+        local = _Overlay()
         modified: set[str] = set()
         listing: set[str] = set()
+        trees: set[str] = set()
         for op in tx.ops:
-            for anc in parents(op.path):
-                kind = self._kind(anc, state, local)
-                if kind is None:
-                    local[anc] = "dir"
-                    listing.add(parent(anc))
-                elif kind != "dir":
-                    what = "a symlink" if kind == "symlink" else "not a directory"
-                    raise InvalidPathError(f"cannot write {op.path!r}: {anc!r} is {what}")
+            self._check_parents(op.path, state, local, listing)
             kind = self._kind(op.path, state, local)
-            if kind not in (None, "file"):
-                what = {"dir": "a directory", "symlink": "a symlink"}.get(kind, "not a file")
-                raise InvalidPathError(f"cannot change {op.path!r}: it is {what}")
-            if isinstance(op, fmt.Delete):
-                if kind is not None:
+            if isinstance(op, fmt.Put | fmt.PutStaged | fmt.Delete | Move):
+                if kind not in (None, "file"):
+                    what = {"dir": "a directory", "symlink": "a symlink"}.get(kind, "not a file")
+                    raise InvalidPathError(f"cannot change {op.path!r}: it is {what}")
+                if isinstance(op, Move) and self._kind(op.src, state, local) != "file":
+                    raise FileNotFoundError(2, "No such file to move", op.src)
+                if (kind is None) != isinstance(op, fmt.Delete):
                     listing.add(parent(op.path))
-                local[op.path] = None
-            else:
+                local.kinds[op.path] = None if isinstance(op, fmt.Delete) else "file"
+                modified.add(op.path)
+                continue
+            if isinstance(op, fmt.DeleteDir) and kind != "dir":
                 if kind is None:
-                    listing.add(parent(op.path))
-                local[op.path] = "file"
-            modified.add(op.path)
-        state.kinds.update(local)
+                    raise FileNotFoundError(2, "No such directory", op.path)
+                raise InvalidPathError(f"cannot delete_dir {op.path!r}: it is not a directory")
+            if isinstance(op, PendingReplace | fmt.ReplaceDir) and kind not in (None, "dir"):
+                raise InvalidPathError(f"cannot replace {op.path!r}: it is not a directory")
+            if (kind is None) != isinstance(op, fmt.DeleteDir):
+                listing.add(parent(op.path))
+            local.cleared.add(op.path)
+            local.kinds = {k: v for k, v in local.kinds.items() if not k.startswith(op.path + "/")}
+            if isinstance(op, fmt.DeleteDir):
+                local.kinds[op.path] = None
+            else:
+                local.kinds[op.path] = "dir"
+                for e in op.entries:
+                    local.kinds.update((f"{op.path}/{a}", "dir") for a in parents(e.path))
+                    local.kinds[f"{op.path}/{e.path}"] = "file"
+            trees.add(op.path)
+        state.overlay.kinds.update(local.kinds)
+        state.overlay.cleared |= local.cleared
         state.modified |= modified
         state.listing_changed |= listing
+        state.trees |= trees
+
+    def _check_parents(
+        self, path: str, state: _Validation, local: _Overlay, listing: set[str]
+    ) -> None:
+        for anc in parents(path):
+            kind = self._kind(anc, state, local)
+            if kind is None:
+                local.kinds[anc] = "dir"
+                listing.add(parent(anc))
+            elif kind != "dir":
+                what = "a symlink" if kind == "symlink" else "not a directory"
+                raise InvalidPathError(f"cannot write {path!r}: {anc!r} is {what}")
 
     def checkpoint_due(self) -> bool:
         j = self._journal
@@ -465,9 +638,9 @@ class Engine:
         self._journal.bytes_written = old.bytes_written
         self.last_lsn = cp.lsn
         old.close()
-        # Step 3: checkpoint_drop_segments, step 4: checkpoint_drop_staged
+        # Step 3: checkpoint_drop_segments, step 4: checkpoint_drop_garbage
         self.fs.unlink(old.path)
-        self._applier.drop_staged()
+        self._applier.drop_garbage()
         self.counters.checkpoints += 1
         log.debug("checkpoint lsn=%d", cp.lsn)
 
@@ -484,8 +657,16 @@ class Engine:
             raise InvalidPathError(f"{path!r} leads into {RESERVED}/ through a symlink")
         return real
 
+    def _check_whole(self) -> None:
+        if self.partial:
+            raise StoreFailedError(
+                f"store {self.root} failed while applying a commit and would show half of it; "
+                "reopen it to recover"
+            )
+
     def read(self, path: str) -> bytes:
         with self._gate.read():
+            self._check_whole()
             try:
                 return self.fs.read_file(self._resolve(path))
             except NotADirectoryError:
@@ -512,10 +693,12 @@ class Engine:
 
     def lstat(self, path: str) -> FileStat | None:
         with self._gate.read():
+            self._check_whole()
             return self.fs.lstat(self._resolve(path))
 
     def listdir(self, path: str) -> list[str]:
         with self._gate.read():
+            self._check_whole()
             full = self._resolve(path)
             st = self.fs.lstat(full)
             if st is None:

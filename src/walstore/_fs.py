@@ -9,13 +9,17 @@ All methods are blocking; the store calls them from worker threads. Paths are ab
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
 import stat as stat_mod
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+import aiofiles
+import anyio
 
 Kind = Literal["file", "dir", "symlink", "other"]
 
@@ -57,6 +61,10 @@ class FileSystem(Protocol):
 
     def rename(self, src: str, dst: str) -> None: ...
 
+    def exchange(self, a: str, b: str) -> None:
+        """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). Raises OSError with
+        errno ENOSYS, EINVAL or ENOTSUP where the system or file system cannot."""
+
     def link(self, src: str, dst: str) -> None: ...
 
     def unlink(self, path: str) -> None: ...
@@ -81,6 +89,19 @@ class FileSystem(Protocol):
         Returns a handle that holds the lock, or None when another process holds it."""
 
     def unlock(self, fd: int) -> None: ...
+
+    async def open_writer(self, path: str) -> AsyncWriter:
+        """Create (truncate) ``path`` for a streamed write from async code."""
+
+
+class AsyncWriter(Protocol):
+    """A file being streamed from async code; each call is one worker-thread hop."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def sync(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 def write_all(fs: FileSystem, fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -166,6 +187,14 @@ class OsFileSystem:
         self.calls["rename"] += 1
         os.rename(src, dst)
 
+    def exchange(self, a: str, b: str) -> None:
+        self.calls["exchange"] += 1
+        if _renameat2 is None:
+            raise OSError(errno.ENOSYS, "renameat2 is not available", a)
+        if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE):
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), a, None, b)
+
     def link(self, src: str, dst: str) -> None:
         self.calls["link"] += 1
         os.link(src, dst, follow_symlinks=False)
@@ -223,3 +252,47 @@ class OsFileSystem:
     def unlock(self, fd: int) -> None:
         self.calls["unlock"] += 1
         os.close(fd)  # closing the descriptor releases the flock
+
+    async def open_writer(self, path: str) -> AsyncWriter:
+        self.calls["open_writer"] += 1
+        return _AiofilesWriter(await aiofiles.open(path, "wb", buffering=0), self)
+
+
+class _AiofilesWriter:
+    """Streams through aiofiles, one worker-thread hop per call."""
+
+    def __init__(self, f: Any, fs: OsFileSystem) -> None:
+        self._f = f
+        self._fs = fs
+
+    async def write(self, data: bytes) -> None:
+        self._fs.calls["stream_write"] += 1
+        view = memoryview(data)
+        while view:  # a raw (unbuffered) file may write short
+            n = await self._f.write(view)
+            view = view[n:]
+
+    async def sync(self) -> None:
+        self._fs.calls["fsync"] += 1
+        await anyio.to_thread.run_sync(os.fsync, self._f.fileno())
+
+    async def aclose(self) -> None:
+        self._fs.calls["close"] += 1
+        await self._f.close()
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _renameat2: Any = _libc.renameat2
+    _renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    _renameat2.restype = ctypes.c_int
+except (OSError, AttributeError):  # not glibc >= 2.28 / not Linux
+    _renameat2 = None

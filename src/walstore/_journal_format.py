@@ -46,6 +46,8 @@ class OpKind(enum.IntEnum):
     PUT = 1  # small value inline
     PUT_STAGED = 2  # large value staged under .walstore/staging/, by name, size and crc
     DELETE = 3
+    DELETE_DIR = 4  # remove a directory tree
+    REPLACE_DIR = 5  # replace a directory by one built from entries (PUT / PUT_STAGED ops)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,23 @@ class Delete:
     path: str
 
 
-Op = Put | PutStaged | Delete
+@dataclass(frozen=True, slots=True)
+class DeleteDir:
+    """Remove the directory tree ``path`` (nothing to do if it is already gone)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceDir:
+    """Replace the directory ``path`` as a whole by one holding ``entries`` (paths relative
+    to ``path``); created if missing."""
+
+    path: str
+    entries: tuple[Put | PutStaged, ...]
+
+
+Op = Put | PutStaged | Delete | DeleteDir | ReplaceDir
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +188,7 @@ def encode_commit(commit: Commit) -> bytes:
     return b"".join(parts)
 
 
-def _encode_ops(ops: tuple[Op, ...], parts: list[bytes]) -> None:
+def _encode_ops(ops: tuple[Op, ...] | tuple[Put | PutStaged, ...], parts: list[bytes]) -> None:
     for op in ops:
         path = _encode_str(op.path)
         if isinstance(op, Put):
@@ -184,8 +202,13 @@ def _encode_ops(ops: tuple[Op, ...], parts: list[bytes]) -> None:
                 name,
                 _STAGED.pack(op.size, op.crc),
             ]
-        else:
+        elif isinstance(op, Delete):
             parts += [_OP.pack(OpKind.DELETE, len(path)), path]
+        elif isinstance(op, DeleteDir):
+            parts += [_OP.pack(OpKind.DELETE_DIR, len(path)), path]
+        else:
+            parts += [_OP.pack(OpKind.REPLACE_DIR, len(path)), path, _U32.pack(len(op.entries))]
+            _encode_ops(op.entries, parts)
 
 
 class _Cursor:
@@ -219,7 +242,7 @@ def decode_commit(payload: bytes | memoryview) -> Commit:
     return Commit(lsn, tuple(txs))
 
 
-def _decode_ops(cur: _Cursor, count: int) -> tuple[Op, ...]:
+def _decode_ops(cur: _Cursor, count: int, *, nested: bool = False) -> tuple[Op, ...]:
     ops: list[Op] = []
     for _ in range(count):
         kind, path_len = cur.unpack(_OP)
@@ -232,8 +255,16 @@ def _decode_ops(cur: _Cursor, count: int) -> tuple[Op, ...]:
             name = cur.text(name_len)
             size, crc = cur.unpack(_STAGED)
             ops.append(PutStaged(path, name, size, crc))
+        elif nested:
+            raise FormatError(f"operation kind {kind} inside a directory replacement")
         elif kind == OpKind.DELETE:
             ops.append(Delete(path))
+        elif kind == OpKind.DELETE_DIR:
+            ops.append(DeleteDir(path))
+        elif kind == OpKind.REPLACE_DIR:
+            (count,) = cur.unpack(_U32)
+            entries = _decode_ops(cur, count, nested=True)
+            ops.append(ReplaceDir(path, entries))  # type: ignore[arg-type]
         else:
             raise FormatError(f"unknown operation kind {kind}")
     return tuple(ops)

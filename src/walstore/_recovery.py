@@ -18,11 +18,12 @@ import os
 from dataclasses import dataclass, field
 
 from . import _journal_format as fmt
-from ._apply import Applier
+from ._apply import Applier, remove_tree
 from ._errors import CorruptionError
 from ._fs import FileSystem
 from ._journal_reader import SegmentScan, TornSegment, scan_segment
 from ._journal_writer import JournalWriter, segment_lsn
+from ._paths import parents
 
 
 @dataclass(frozen=True)
@@ -79,30 +80,24 @@ def _staging_entries(fs: FileSystem, staging_dir: str) -> list[str]:
     return sorted(fs.listdir(staging_dir))
 
 
-def _remove_tree(fs: FileSystem, path: str) -> int:
-    st = fs.lstat(path)
-    if st is None:
-        return 0
-    if st.kind != "dir":
-        fs.unlink(path)
-        return 1
-    n = sum(_remove_tree(fs, os.path.join(path, c)) for c in fs.listdir(path))
-    fs.rmdir(path)
-    return n + 1
-
-
 def _superseded(commits: list[fmt.Commit]) -> set[tuple[int, int, int]]:
-    """(record index, tx index, op index) of ops a later op on the same path overwrites."""
-    seen: set[str] = set()
+    """(record, tx, op) indexes of ops a later op makes pointless: a file op followed by a
+    file op on the same path, anything followed by a DELETE_DIR or REPLACE_DIR of itself or
+    of a directory above it."""
+    files: set[str] = set()  # paths a later file op decides
+    trees: set[str] = set()  # directories a later directory op decides
     out: set[tuple[int, int, int]] = set()
     for ri in range(len(commits) - 1, -1, -1):
         txs = commits[ri].txs
         for ti in range(len(txs) - 1, -1, -1):
             ops = txs[ti].ops
             for oi in range(len(ops) - 1, -1, -1):
-                if ops[oi].path in seen:
+                op = ops[oi]
+                is_dir_op = isinstance(op, fmt.DeleteDir | fmt.ReplaceDir)
+                under = op.path in trees or any(a in trees for a in parents(op.path))
+                if under or (not is_dir_op and op.path in files):
                     out.add((ri, ti, oi))
-                seen.add(ops[oi].path)
+                (trees if is_dir_op else files).add(op.path)
     return out
 
 
@@ -128,6 +123,12 @@ def recover(
         # Closed cleanly: append to the live segment as it is.
         path = os.path.join(journal_dir, live.name)
         fd = fs.open(path)
+        if sync:  # it may have been written by a store opened with Durability.OFF
+            try:
+                fs.fsync(fd)
+            except BaseException:
+                fs.close(fd)
+                raise
         journal = JournalWriter(
             fs,
             path,
@@ -173,14 +174,17 @@ def recover(
     journal = JournalWriter.create(
         fs, journal_dir, fmt.Checkpoint(live_next_lsn, next_txid), sync=sync
     )
-    removed_segments = 0
-    for _lsn, name in segs:
-        if name != os.path.basename(journal.path):
-            fs.unlink(os.path.join(journal_dir, name))
-            removed_segments += 1
-    orphans = 0
-    for name in _staging_entries(fs, staging_dir):
-        orphans += _remove_tree(fs, os.path.join(staging_dir, name))
+    removed_segments = orphans = 0
+    try:
+        for _lsn, name in segs:
+            if name != os.path.basename(journal.path):
+                fs.unlink(os.path.join(journal_dir, name))
+                removed_segments += 1
+        for name in _staging_entries(fs, staging_dir):
+            orphans += remove_tree(fs, os.path.join(staging_dir, name))
+    except BaseException:
+        journal.close()
+        raise
     report = RecoveryReport(
         rolled_forward=tuple(rolled_forward),
         rolled_back=tuple(rolled_back),

@@ -32,7 +32,7 @@ from ._errors import (
     StoreFailedError,
     StoreLockedError,
 )
-from ._fs import FileStat, FileSystem, OsFileSystem
+from ._fs import AsyncWriter, FileStat, FileSystem, OsFileSystem
 from ._paths import check_path
 from ._recovery import RecoveryReport
 from ._transaction import Path, Transaction, TxState, encode_json, to_bytes
@@ -132,7 +132,9 @@ class Store:
 
     async def _stage(self, tx: Transaction, index: int, data: bytes) -> fmt.PutStaged:
         self._check_writable()
-        return await self._run(self._engine.stage, tx.txid, index, data)
+        op = await self._run(self._engine.stage, tx.txid, index, data, not tx._staging_made)
+        tx._staging_made = True
+        return op
 
     async def _read_staged(self, name: str) -> bytes:
         return await self._run(
@@ -146,6 +148,16 @@ class Store:
     async def _lstat_raw(self, path: str) -> FileStat | None:
         self._check_open()
         return await self._run(self._engine.lstat, path)
+
+    async def _open_stream(self, tx: Transaction, index: int) -> tuple[str, AsyncWriter]:
+        self._check_writable()
+        engine = self._engine
+        if not tx._staging_made:
+            await self._run(engine.make_staging_dir, tx.txid)
+            tx._staging_made = True
+        name = f"{tx.txid}/{index}"
+        self._hops += 1
+        return name, await engine.fs.open_writer(os.path.join(engine.staging_dir, name))
 
     async def _check_parents(self, path: str) -> None:
         self._check_open()
@@ -170,7 +182,10 @@ class Store:
     async def _commit(self, tx: Transaction) -> None:
         try:
             self._check_writable()
-        except StoreError:
+            # A cancellation already pending (say, delivered in the block's last await) is
+            # before the commit point: roll back.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
             await self._end(tx, TxState.ROLLED_BACK)
             raise
         tx.state = TxState.COMMITTING

@@ -17,6 +17,10 @@ Invariants:
 * A transaction reads its own writes; every other read goes to the store and is remembered
   (files read, files found missing, directories listed) so that the committer can refuse the
   transaction with ConflictError if any of it changed since the transaction began.
+* Ops are kept in order of last touch, one per path; an op on a directory (``delete_dir``,
+  ``replace_dir``) drops the ops below it. A move, a delete_dir and a replace_dir's ``keep``
+  read what is on disk at commit time: the move's source and the kept files are hard-linked
+  into staging by the committer (step 2) and recorded as staged values.
 * Only the committer (``Store._commit``) moves a transaction out of COMMITTING.
 * Once the committer has taken a transaction into a group it is no longer cancellable: the
   group runs shielded and the cancellation is delivered after ``state`` is final.
@@ -24,17 +28,23 @@ Invariants:
 
 from __future__ import annotations
 
+import builtins
 import enum
 import json
 import os
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _journal_format as fmt
+from ._engine import Keep, Move, PendingReplace, TxOp
 from ._errors import InvalidPathError, StoreClosedError, TransactionClosedError
-from ._paths import check_path
+from ._paths import check_path, parents
 
 if TYPE_CHECKING:
+    from ._fs import AsyncWriter
     from ._store import Store
 
 Path = str | os.PathLike[str]
@@ -64,6 +74,17 @@ def encode_json(obj: Any, indent: int | None) -> bytes:
     return (text + "\n").encode()
 
 
+STREAM_CHUNK = 1 << 20  # open_write buffers this much per worker-thread hop
+
+
+class _Missing:
+    """A path the transaction's own ops say does not exist."""
+
+
+MISSING = _Missing()
+_FileOp = fmt.Put | fmt.PutStaged | Move
+
+
 class Transaction:
     """A set of changes to the store applied all or nothing.
 
@@ -77,20 +98,92 @@ class Transaction:
         self.begin_lsn = begin_lsn
         self.state = TxState.ACTIVE
         self.lsn: int | None = None  # LSN of the COMMIT record, once committed
-        self._ops: dict[str, fmt.Op] = {}  # path -> last op on it, in first-touch order
+        self._ops: dict[str, TxOp] = {}  # path -> last op on it, in order of last touch
         self._reads: set[str] = set()
         self._listed: set[str] = set()
-        self._staged = 0
+        self._subtrees: set[str] = set()
+        self._staged = 0  # values staged (or being staged): names staging/<txid>/<n>
+        self._staging_made = False  # staging/<txid>/ exists
         self._closed_with_store = False  # rolled back by Store.aclose()
 
     def __repr__(self) -> str:
         return f"<Transaction txid={self.txid} {self.state.value} ops={len(self._ops)}>"
 
-    # -- writes --------------------------------------------------------------------------
-
     def _check_active(self) -> None:
         if self.state is not TxState.ACTIVE:
             raise TransactionClosedError(f"transaction {self.txid} is {self.state.value}")
+
+    def _set(self, op: TxOp) -> None:
+        self._ops.pop(op.path, None)
+        self._ops[op.path] = op
+
+    def _drop_below(self, path: str) -> None:
+        prefix = path + "/"
+        for k in [k for k in self._ops if k.startswith(prefix)]:
+            del self._ops[k]
+
+    # -- the transaction's own view ------------------------------------------------------
+
+    def _lookup(self, p: str) -> TxOp | _Missing | tuple[PendingReplace, str] | None:
+        """What the transaction's ops say about file ``p``: an op on it, MISSING, (a
+        replace_dir above it, the path relative to it), or None (ask the disk)."""
+        ancestors = set(parents(p))
+        for k in reversed(self._ops):
+            op = self._ops[k]
+            if k == p:
+                if isinstance(op, fmt.Delete | fmt.DeleteDir):
+                    return MISSING
+                return op
+            if k in ancestors:
+                if isinstance(op, fmt.DeleteDir):
+                    return MISSING
+                if isinstance(op, PendingReplace):
+                    return op, p[len(k) + 1 :]
+                return MISSING  # an ancestor is a file this transaction writes
+        return None
+
+    def _keeps(self, op: PendingReplace, rel: str) -> bool:
+        top = rel.split("/")[0]
+        if op.keep is None:
+            return False
+        return op.keep(top) if callable(op.keep) else top in op.keep
+
+    async def _content(self, p: str) -> bytes:
+        found = self._lookup(p)
+        if isinstance(found, fmt.Put):
+            return found.data
+        if isinstance(found, fmt.PutStaged):
+            return await self._store._read_staged(found.staged)
+        if isinstance(found, Move):
+            self._reads.add(found.src)
+            return await self._store._read_raw(found.src)
+        if isinstance(found, tuple):
+            replace, rel = found
+            for e in replace.entries:
+                if e.path == rel:
+                    return (
+                        e.data
+                        if isinstance(e, fmt.Put)
+                        else await self._store._read_staged(e.staged)
+                    )
+            if not self._keeps(replace, rel):
+                raise FileNotFoundError(2, "No such file or directory", p)
+            self._subtrees.add(replace.path)
+            return await self._store._read_raw(p)
+        if found is not None:
+            raise FileNotFoundError(2, "No such file or directory", p)
+        self._reads.add(p)
+        return await self._store._read_raw(p)
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def _value_op(self, p: str, value: bytes) -> fmt.Put | fmt.PutStaged:
+        if len(value) <= self._store._inline_threshold:
+            return fmt.Put(p, value)
+        index = self._staged
+        self._staged += 1  # counted first: a cancelled stage still gets cleaned up
+        staged = await self._store._stage(self, index, value)
+        return fmt.PutStaged(p, staged.staged, staged.size, staged.crc)
 
     async def write(self, path: Path, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` to ``path`` when the transaction commits (created or replaced).
@@ -99,14 +192,7 @@ class Transaction:
         value is not recorded and the transaction stays usable."""
         self._check_active()
         p = check_path(path)
-        value = to_bytes(data)
-        if len(value) > self._store._inline_threshold:
-            index = self._staged
-            self._staged += 1  # counted first: a cancelled stage still gets cleaned up
-            staged = await self._store._stage(self, index, value)
-            self._ops[p] = fmt.PutStaged(p, staged.staged, staged.size, staged.crc)
-        else:
-            self._ops[p] = fmt.Put(p, value)
+        self._set(await self._value_op(p, to_bytes(data)))
 
     async def write_text(self, path: Path, text: str, encoding: str = "utf-8") -> None:
         """Write ``text`` encoded with ``encoding``. Cancellation: as ``write``."""
@@ -120,23 +206,109 @@ class Transaction:
         self._check_active()
         await self.write(path, encode_json(obj, indent))
 
+    @asynccontextmanager
+    async def open_write(self, path: Path) -> AsyncIterator[StreamWriter]:
+        """Stream a large value: ``async with tx.open_write("blob") as f: await f.write(b)``.
+
+        The bytes go to ``.walstore/staging/<txid>/`` through aiofiles, buffered so that each
+        worker-thread hop carries at least 1 MiB, with the CRC computed on the way; memory
+        stays flat in the value's size. The value is recorded when the block exits cleanly.
+        Cancellation or an error in the block: nothing is recorded (the staged file goes at
+        rollback) and it propagates."""
+        self._check_active()
+        p = check_path(path)
+        writer = await self._open_stream(p)
+        yield writer
+        self._set(await writer._finish())
+
+    async def _open_stream(self, p: str) -> StreamWriter:
+        index = self._staged
+        self._staged += 1
+        name, handle = await self._store._open_stream(self, index)
+        return StreamWriter(p, name, handle, self._store._engine.sync)
+
     async def delete(self, path: Path, missing_ok: bool = False) -> None:
         """Delete the file ``path`` at commit. Raises FileNotFoundError if it does not exist
         (unless ``missing_ok``). Cancellation: nothing recorded, the transaction stays usable."""
         self._check_active()
         p = check_path(path)
-        if any(
-            k.startswith(p + "/") and not isinstance(o, fmt.Delete) for k, o in self._ops.items()
-        ):
-            raise InvalidPathError(f"cannot delete {p!r}: it is a directory")
+        if await self._is_dir(p):
+            raise InvalidPathError(f"cannot delete {p!r}: it is a directory (use delete_dir)")
         if not await self.exists(p):
             await self._store._check_parents(p)
             if missing_ok:
                 return
             raise FileNotFoundError(2, "No such file or directory", p)
-        if await self._is_dir(p):
-            raise InvalidPathError(f"cannot delete {p!r}: it is a directory")
-        self._ops[p] = fmt.Delete(p)
+        self._set(fmt.Delete(p))
+
+    async def move(self, src: Path, dst: Path) -> None:
+        """Move the file ``src`` to ``dst`` at commit, replacing a file there. Raises
+        FileNotFoundError if ``src`` does not exist. The source is hard-linked into staging at
+        commit, so the move replays as a put plus a delete. Cancellation: nothing recorded."""
+        self._check_active()
+        s, d = check_path(src), check_path(dst)
+        if s == d:
+            if not await self.exists(s):
+                raise FileNotFoundError(2, "No such file or directory", s)
+            return
+        if await self._is_dir(s):
+            raise InvalidPathError(f"cannot move {s!r}: it is a directory")
+        found = self._lookup(s)
+        if isinstance(found, _FileOp):
+            moved: TxOp = _retarget(found, d)
+        elif found is None:
+            if not await self.exists(s):
+                raise FileNotFoundError(2, "No such file or directory", s)
+            moved = Move(d, s)
+        else:
+            await self._content(s)  # raises FileNotFoundError unless it exists
+            moved = Move(d, s)
+        self._set(moved)
+        self._set(fmt.Delete(s))
+
+    async def delete_dir(self, path: Path) -> None:
+        """Remove the directory ``path`` and everything in it at commit, atomically with the
+        rest of the transaction. Raises FileNotFoundError / NotADirectoryError. Cancellation:
+        nothing recorded."""
+        self._check_active()
+        p = check_path(path)
+        if not await self._is_dir(p):
+            if await self.exists(p):
+                raise NotADirectoryError(20, "Not a directory", p)
+            raise FileNotFoundError(2, "No such directory", p)
+        self._drop_below(p)
+        self._set(fmt.DeleteDir(p))
+        self._subtrees.add(p)
+
+    @asynccontextmanager
+    async def replace_dir(
+        self, path: Path, keep: Iterable[str] | Callable[[str], bool] | None = None
+    ) -> AsyncIterator[DirWriter]:
+        """Replace the directory ``path`` as a whole: ``async with tx.replace_dir(p) as d:``
+        and write the new contents through ``d`` (``write``, ``write_text``, ``write_json``,
+        ``open_write``, nested paths). At commit the new directory takes the old one's place in
+        one step (renameat2 RENAME_EXCHANGE on Linux), so readers never see it missing or half
+        written. ``keep`` (names, or a predicate on names) carries top-level entries of the
+        existing directory over, as they are at commit time. Cancellation or an error in the
+        block: nothing recorded, and it propagates."""
+        self._check_active()
+        p = check_path(path)
+        if isinstance(self._lookup(p), _FileOp):
+            raise InvalidPathError(f"cannot replace {p!r}: it is a file")
+        kept: Keep
+        if keep is None or callable(keep):
+            kept = keep
+        elif isinstance(keep, str):
+            raise TypeError("keep must be a collection of names or a predicate, not a str")
+        else:
+            kept = frozenset(keep)
+        writer = DirWriter(self, p)
+        yield writer
+        self._check_active()
+        self._drop_below(p)
+        self._set(PendingReplace(p, tuple(writer._entries.values()), kept))
+        if kept is not None:
+            self._subtrees.add(p)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -144,16 +316,7 @@ class Transaction:
         """The content of ``path`` as this transaction sees it (its own writes included).
         Raises FileNotFoundError. Cancellation: propagates; nothing changes."""
         self._check_active()
-        p = check_path(path)
-        op = self._ops.get(p)
-        if isinstance(op, fmt.Put):
-            return op.data
-        if isinstance(op, fmt.PutStaged):
-            return await self._store._read_staged(op.staged)
-        if isinstance(op, fmt.Delete):
-            raise FileNotFoundError(2, "No such file or directory", p)
-        self._reads.add(p)
-        return await self._store._read_raw(p)
+        return await self._content(check_path(path))
 
     async def read_text(self, path: Path, encoding: str = "utf-8") -> str:
         """``read`` decoded. Cancellation: as ``read``."""
@@ -168,48 +331,102 @@ class Transaction:
         Cancellation: propagates; nothing changes."""
         self._check_active()
         p = check_path(path, allow_root=True)
-        op = self._ops.get(p)
-        if op is not None:
-            return not isinstance(op, fmt.Delete)
-        if any(
-            k.startswith(p + "/") and not isinstance(o, fmt.Delete) for k, o in self._ops.items()
-        ):
+        if not p:
             return True
-        self._reads.add(p)
-        return await self._store._lstat_raw(p) is not None
+        return await self._kind(p) is not None
+
+    async def _kind(self, p: str) -> str | None:
+        """ "file", "dir" or None as this transaction sees ``p``."""
+        prefix = p + "/"
+        for k in reversed(self._ops):  # something this transaction puts below p: a dir
+            op = self._ops[k]
+            if k.startswith(prefix) and not isinstance(op, fmt.Delete | fmt.DeleteDir):
+                return "dir"
+            if k == p and isinstance(op, PendingReplace):
+                return "dir"
+        found = self._lookup(p)
+        if isinstance(found, _FileOp):
+            return "file"
+        if found is MISSING:
+            return None
+        if isinstance(found, tuple):
+            replace, rel = found
+            if any(e.path == rel for e in replace.entries):
+                return "file"
+            if any(e.path.startswith(rel + "/") for e in replace.entries):
+                return "dir"
+            if not self._keeps(replace, rel):
+                return None
+            self._subtrees.add(replace.path)
+        else:
+            self._reads.add(p)
+        st = await self._store._lstat_raw(p)
+        if st is None:
+            return None
+        return "dir" if st.kind == "dir" else "file"
 
     async def _is_dir(self, p: str) -> bool:
-        st = await self._store._lstat_raw(p)
-        return st is not None and st.kind == "dir"
+        return await self._kind(p) == "dir"
 
     async def list(self, path: Path = "") -> list[str]:
         """Sorted names in directory ``path`` as this transaction sees it. Raises
         FileNotFoundError / NotADirectoryError. Cancellation: propagates; nothing changes."""
         self._check_active()
         p = check_path(path, allow_root=True)
-        if isinstance(self._ops.get(p), fmt.Put | fmt.PutStaged):
+        kind = await self._kind(p) if p else "dir"
+        if kind == "file":
             raise NotADirectoryError(20, "Not a directory", p)
+        if kind is None:
+            raise FileNotFoundError(2, "No such file or directory", p)
         prefix = p + "/" if p else ""
-        mine = [k for k in self._ops if k.startswith(prefix)]
-        self._listed.add(p)
-        try:
-            names = set(await self._store._list_raw(p))
-        except FileNotFoundError:
-            if not any(not isinstance(self._ops[k], fmt.Delete) for k in mine):
-                raise
-            names = set()
-        for k in mine:
-            rest = k[len(prefix) :]
-            name, sep, _ = rest.partition("/")
-            if sep or not isinstance(self._ops[k], fmt.Delete):
+        # The newest directory op at or above p decides the starting point.
+        names: set[str] = set()
+        start = 0
+        keys = list(self._ops)
+        base: PendingReplace | None = None
+        for idx in range(len(keys) - 1, -1, -1):
+            k, op = keys[idx], self._ops[keys[idx]]
+            if isinstance(op, fmt.DeleteDir | PendingReplace) and (
+                k == p or prefix.startswith(k + "/")
+            ):
+                start = idx + 1
+                base = op if isinstance(op, PendingReplace) else None
+                if base is not None:
+                    rel = p[len(k) + 1 :] if k != p else ""
+                    sub = rel + "/" if rel else ""
+                    names |= {
+                        e.path[len(sub) :].split("/")[0]
+                        for e in base.entries
+                        if e.path.startswith(sub)
+                    }
+                    if base.keep is not None:
+                        self._subtrees.add(base.path)
+                        on_disk = await self._disk_names(p)
+                        names |= {n for n in on_disk if rel or self._keeps(base, n)}
+                break
+        else:
+            self._listed.add(p)
+            names = set(await self._disk_names(p))
+        for k in keys[start:]:
+            if not k.startswith(prefix):
+                continue
+            op = self._ops[k]
+            name, sep, _ = k[len(prefix) :].partition("/")
+            if sep or not isinstance(op, fmt.Delete | fmt.DeleteDir):
                 names.add(name)
             else:
                 names.discard(name)
         return sorted(names)
 
+    async def _disk_names(self, p: str) -> builtins.list[str]:
+        try:
+            return await self._store._list_raw(p)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     # -- ending ----------------------------------------------------------------------------
 
-    def _prepared(self) -> tuple[fmt.Op, ...]:
+    def _prepared(self) -> tuple[TxOp, ...]:
         return tuple(self._ops.values())
 
     async def commit(self) -> None:
@@ -252,3 +469,95 @@ class Transaction:
             await self.commit()
         else:
             await self._store._end(self, TxState.ROLLED_BACK)
+
+
+def _retarget(op: fmt.Put | fmt.PutStaged | Move, path: str) -> TxOp:
+    if isinstance(op, fmt.Put):
+        return fmt.Put(path, op.data)
+    if isinstance(op, fmt.PutStaged):
+        return fmt.PutStaged(path, op.staged, op.size, op.crc)
+    return Move(path, op.src)
+
+
+class StreamWriter:
+    """A large value being streamed into staging (see ``Transaction.open_write``)."""
+
+    def __init__(self, path: str, name: str, handle: AsyncWriter, sync: bool) -> None:
+        self._path = path
+        self._name = name
+        self._handle = handle
+        self._sync = sync
+        self._buf = bytearray()
+        self._size = 0
+        self._crc = 0
+        self._closed = False
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``; a worker-thread hop happens once at least 1 MiB is buffered.
+        Cancellation: propagates; the value will not be recorded."""
+        if self._closed:
+            raise TransactionClosedError("the streamed value is already closed")
+        view = memoryview(
+            to_bytes(data) if not isinstance(data, bytes | bytearray | memoryview) else data
+        )
+        self._crc = zlib.crc32(view, self._crc)
+        self._size += len(view)
+        self._buf += view
+        if len(self._buf) >= STREAM_CHUNK:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._buf:
+            chunk = bytes(self._buf)
+            self._buf.clear()
+            await self._handle.write(chunk)
+
+    async def _finish(self) -> fmt.PutStaged:
+        self._closed = True
+        await self._flush()
+        if self._sync:
+            await self._handle.sync()
+        await self._handle.aclose()
+        return fmt.PutStaged(self._path, self._name, self._size, self._crc)
+
+
+class DirWriter:
+    """The new contents of a directory being replaced (see ``Transaction.replace_dir``).
+    Paths are relative to that directory."""
+
+    def __init__(self, tx: Transaction, path: str) -> None:
+        self._tx = tx
+        self.path = path
+        self._entries: dict[str, fmt.Put | fmt.PutStaged] = {}
+
+    def _rel(self, path: Path) -> str:
+        rel = check_path(path)
+        for other in self._entries:
+            if other.startswith(rel + "/") or rel.startswith(other + "/"):
+                raise InvalidPathError(f"{rel!r} and {other!r}: one is inside the other")
+        return rel
+
+    async def write(self, path: Path, data: bytes | bytearray | memoryview) -> None:
+        """Put ``data`` at ``path`` inside the new directory. Cancellation: not recorded."""
+        self._tx._check_active()
+        rel = self._rel(path)
+        self._entries[rel] = await self._tx._value_op(rel, to_bytes(data))
+
+    async def write_text(self, path: Path, text: str, encoding: str = "utf-8") -> None:
+        """``write`` of encoded text. Cancellation: not recorded."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, not {type(text).__name__}")
+        await self.write(path, text.encode(encoding))
+
+    async def write_json(self, path: Path, obj: Any, *, indent: int | None = 2) -> None:
+        """``write`` of JSON. Cancellation: not recorded."""
+        await self.write(path, encode_json(obj, indent))
+
+    @asynccontextmanager
+    async def open_write(self, path: Path) -> AsyncIterator[StreamWriter]:
+        """Stream a large file into the new directory (as ``Transaction.open_write``)."""
+        self._tx._check_active()
+        rel = self._rel(path)
+        writer = await self._tx._open_stream(rel)
+        yield writer
+        self._entries[rel] = await writer._finish()

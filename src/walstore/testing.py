@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from ._fs import FileStat, Kind
 
 __all__ = ["MemoryFileSystem", "ShortWrite", "SimulatedCrash"]
@@ -54,11 +56,17 @@ class _Inode:
     synced: bytes = b""  # file: content as of the last fsync
     entries: dict[str, int] = field(default_factory=dict)  # dir: current entries
     target: str = ""  # symlink
+    broken: bool = False  # an fsync failed: later ones make nothing durable (fsyncgate)
+    # until the file is truncated to nothing and written anew
 
 
 # Metadata changes not yet durable: ("link", dir, name, ino) | ("unlink", dir, name, ino)
 # | ("rename", src_dir, src_name, dst_dir, dst_name, ino)
 _Pending = tuple[Any, ...]
+
+
+def _touches(op: _Pending, d: int) -> bool:
+    return bool(op[1] == d or (op[0] in ("rename", "exchange") and op[3] == d))
 
 
 def _err(code: int, path: str) -> OSError:
@@ -77,6 +85,7 @@ class MemoryFileSystem:
         self.crashed = False
         self.fault: Fault | None = None
         self.trace: list[tuple[int, str, str]] | None = None  # set to [] to record calls
+        self.exchange_supported = True  # False: exchange() fails with EINVAL, as on old kernels
         self._lock = threading.RLock()
         self._inodes: dict[int, _Inode] = {self.ROOT: _Inode("dir")}
         self._durable: dict[int, dict[str, int]] = {self.ROOT: {}}
@@ -187,6 +196,7 @@ class MemoryFileSystem:
                 raise _err(errno.EISDIR, path)
             if truncate:
                 node.data = bytearray()
+                node.broken = False  # all of it will be written anew
             fd = self._next_fd
             self._next_fd += 1
             self._fds[fd] = ino
@@ -227,20 +237,29 @@ class MemoryFileSystem:
         with self._lock:
             self._call("truncate", self._fd_path(fd))
             node = self._file(fd)
+            if size == 0:
+                node.broken = False
             del node.data[size:]
             node.data.extend(bytes(size - len(node.data)))
 
     def fsync(self, fd: int) -> None:
-        with self._lock:
-            self._call("fsync", self._fd_path(fd))
-            node = self._file(fd)
-            node.synced = bytes(node.data)
+        self._sync_file("fsync", fd)
 
     def fdatasync(self, fd: int) -> None:
+        self._sync_file("fdatasync", fd)
+
+    def _sync_file(self, name: str, fd: int) -> None:
         with self._lock:
-            self._call("fdatasync", self._fd_path(fd))
             node = self._file(fd)
-            node.synced = bytes(node.data)
+            try:
+                self._call(name, self._fd_path(fd))
+            except OSError:
+                # fsyncgate: the kernel dropped the dirty pages and marked them clean; what
+                # was not durable never will be, even if a later fsync reports success.
+                node.broken = True
+                raise
+            if not node.broken:
+                node.synced = bytes(node.data)
 
     def close(self, fd: int) -> None:
         with self._lock:
@@ -277,6 +296,25 @@ class MemoryFileSystem:
             del self._inodes[sd].entries[sname]
             self._inodes[dd].entries[dname] = sino
             self._pending.append(("rename", sd, sname, dd, dname, sino))
+
+    def exchange(self, a: str, b: str) -> None:
+        with self._lock:
+            self._call("exchange", f"{a} <-> {b}")
+            if not self.exchange_supported:
+                raise _err(errno.EINVAL, a)
+            da, na, ia = self._walk(a, follow=False)
+            db, nb, ib = self._walk(b, follow=False)
+            if ia is None:
+                raise _err(errno.ENOENT, a)
+            if ib is None:
+                raise _err(errno.ENOENT, b)
+            self._inodes[da].entries[na] = ib
+            self._inodes[db].entries[nb] = ia
+            self._pending.append(("exchange", da, na, db, nb, ia, ib))
+
+    async def open_writer(self, path: str) -> _MemoryWriter:
+        fd = await anyio.to_thread.run_sync(lambda: self.open(path, create=True, truncate=True))
+        return _MemoryWriter(self, fd)
 
     def link(self, src: str, dst: str) -> None:
         with self._lock:
@@ -376,13 +414,15 @@ class MemoryFileSystem:
 
     def fsync_dir(self, path: str) -> None:
         with self._lock:
+            # A failed directory fsync loses nothing here: directory changes live in the file
+            # system's journal, whose failure stops the file system (ext4 errors=remount-ro).
             self._call("fsync_dir", path)
             d = self._get(path)
             if self._inodes[d].kind != "dir":
                 raise _err(errno.ENOTDIR, path)
             remaining: list[_Pending] = []
             for op in self._pending:
-                if op[1] == d or (op[0] == "rename" and op[3] == d):
+                if _touches(op, d):
                     self._make_durable(op)
                     if op[0] == "rename":  # the source's pending creation is superseded
                         remaining = [o for o in remaining if o != ("link", op[1], op[2], op[5])]
@@ -398,11 +438,15 @@ class MemoryFileSystem:
             _, d, name, ino = op
             if self._durable[d].get(name) == ino:
                 del self._durable[d][name]
-        else:
+        elif op[0] == "rename":
             _, sd, sname, dd, dname, ino = op
             if self._durable[sd].get(sname) == ino:
                 del self._durable[sd][sname]
             self._durable[dd][dname] = ino
+        else:  # exchange: both names swap at once
+            _, da, na, db, nb, ia, ib = op
+            self._durable[da][na] = ib
+            self._durable[db][nb] = ia
 
     def lock(self, path: str) -> int | None:
         with self._lock:
@@ -514,8 +558,11 @@ class MemoryFileSystem:
         locks: the same machine, another process. Counters start at zero."""
         with self._lock:
             new = MemoryFileSystem()
+            new.exchange_supported = self.exchange_supported
             new._inodes = {
-                ino: _Inode(n.kind, bytearray(n.data), n.synced, dict(n.entries), n.target)
+                ino: _Inode(
+                    n.kind, bytearray(n.data), n.synced, dict(n.entries), n.target, n.broken
+                )
                 for ino, n in self._inodes.items()
             }
             new._durable = {ino: dict(e) for ino, e in self._durable.items()}
@@ -526,3 +573,28 @@ class MemoryFileSystem:
     def open_fds(self) -> int:
         """How many handles are open (a leak check)."""
         return len(self._fds)
+
+
+class _MemoryWriter:
+    """MemoryFileSystem's streamed writer: pwrite/fsync/close from a worker thread."""
+
+    def __init__(self, fs: MemoryFileSystem, fd: int) -> None:
+        self._fs = fs
+        self._fd = fd
+        self._offset = 0
+
+    async def write(self, data: bytes) -> None:
+        def run() -> None:
+            view = memoryview(data)
+            while view:
+                n = self._fs.pwrite(self._fd, view, self._offset)
+                self._offset += n
+                view = view[n:]
+
+        await anyio.to_thread.run_sync(run)
+
+    async def sync(self) -> None:
+        await anyio.to_thread.run_sync(self._fs.fsync, self._fd)
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(self._fs.close, self._fd)

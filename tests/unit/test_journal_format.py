@@ -185,7 +185,7 @@ def bad_op_kind_payload(kind: int) -> bytes:
         struct.pack("<QI", 1, 1) + struct.pack("<QI", 1, 1),  # claims an op it lacks
         struct.pack("<QI", 1, 1) + struct.pack("<QI", 1, 1) + struct.pack("<BH", 1, 9) + b"ab",
         bad_op_kind_payload(0),
-        bad_op_kind_payload(4),
+        bad_op_kind_payload(6),
         bad_op_kind_payload(255),
     ],
     ids=[
