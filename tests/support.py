@@ -18,47 +18,123 @@ ROOT = "/store"
 INLINE = 64  # small inline threshold: values of a few hundred bytes exercise staging
 
 Model = dict[str, bytes]
-Ops = list[tuple[str, bytes | None]]  # (path, value) or (path, None) for a delete
+
+
+@dataclass(frozen=True)
+class MoveOp:
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class DeleteDirOp:
+    path: str
+
+
+@dataclass(frozen=True)
+class ReplaceOp:
+    path: str
+    entries: tuple[tuple[str, bytes], ...]  # relative path, value
+    keep: tuple[str, ...]  # top-level names carried over
+
+
+Op = tuple[str, bytes | None] | MoveOp | DeleteDirOp | ReplaceOp
+Ops = list[Op]  # (path, value), (path, None) for a delete, or a directory op
 
 DIRS = ["", "d1/", "d1/d2/", "d3/e/"]
 NAMES = ["a", "b.json", "c.txt"]
 PATHS = [d + n for d in DIRS for n in NAMES]
+TREES = ["d1", "d1/d2", "d3", "d3/e"]
+REPLACEABLE = {"d1": ["a", "b.json", "c.txt", "d2/a", "d2/c.txt"], "d1/d2": NAMES, "d3/e": NAMES}
 
 
-def random_ops(rng: random.Random, model: Model, n: int | None = None) -> Ops:
-    """1-20 ops: creates, overwrites and deletes, values 0 bytes to 4x the inline threshold."""
+def _value(rng: random.Random) -> bytes:
+    return rng.randbytes(rng.choice([0, 1, 7, INLINE, INLINE + 1, 3 * INLINE, 4 * INLINE]))
+
+
+def random_ops(rng: random.Random, model: Model, n: int | None = None, dirs: bool = False) -> Ops:
+    """1-20 ops: creates, overwrites and deletes, values 0 bytes to 4x the inline threshold;
+    with ``dirs``, also moves, delete_dir and replace_dir."""
     ops: Ops = []
     view = dict(model)
     for _ in range(n or rng.randint(1, 20)):
-        path = rng.choice(PATHS)
-        if path in view and rng.random() < 0.3:
-            ops.append((path, None))
-            del view[path]
+        roll = rng.random()
+        files = sorted(view)
+        if dirs and roll < 0.12 and files:
+            src = rng.choice(files)
+            dst = rng.choice([p for p in PATHS if p != src])
+            op: Op = MoveOp(src, dst)
+        elif dirs and roll < 0.18:
+            live = [t for t in TREES if any(k.startswith(t + "/") for k in view)]
+            if not live:
+                continue
+            op = DeleteDirOp(rng.choice(live))
+        elif dirs and roll < 0.3:
+            path = rng.choice(sorted(REPLACEABLE))
+            rels = rng.sample(REPLACEABLE[path], rng.randint(0, 3))
+            tops = sorted({r.split("/")[0] for r in REPLACEABLE[path]})
+            keep = tuple(rng.sample(tops, rng.randint(0, len(tops))))
+            op = ReplaceOp(path, tuple((r, _value(rng)) for r in rels), keep)
         else:
-            size = rng.choice([0, 1, 7, INLINE, INLINE + 1, 3 * INLINE, 4 * INLINE])
-            value = rng.randbytes(size)
-            ops.append((path, value))
-            view[path] = value
+            path = rng.choice(PATHS)
+            if path in view and rng.random() < 0.3:
+                op = (path, None)
+            else:
+                op = (path, _value(rng))
+        ops.append(op)
+        view = applied(view, [op], base=model)
     return ops
 
 
-def applied(model: Model, ops: Ops) -> Model:
+def _collides(rel: str, names: set[str]) -> bool:
+    return rel in names or any(n.startswith(rel + "/") or rel.startswith(n + "/") for n in names)
+
+
+def applied(model: Model, ops: Ops, base: Model | None = None) -> Model:
+    """``model`` after ``ops``. A replace_dir keeps files as the store holds them when the
+    transaction commits: from ``base``, the state before the transaction (``model``)."""
+    base = model if base is None else base
     out = dict(model)
-    for path, value in ops:
-        if value is None:
-            out.pop(path, None)
+    for op in ops:
+        if isinstance(op, MoveOp):
+            out[op.dst] = out.pop(op.src)
+        elif isinstance(op, DeleteDirOp):
+            out = {k: v for k, v in out.items() if not k.startswith(op.path + "/")}
+        elif isinstance(op, ReplaceOp):
+            prefix = op.path + "/"
+            names = {r for r, _ in op.entries}
+            kept = {
+                k: v
+                for k, v in base.items()
+                if k.startswith(prefix)
+                and k[len(prefix) :].split("/")[0] in op.keep
+                and not _collides(k[len(prefix) :], names)
+            }
+            out = {k: v for k, v in out.items() if not k.startswith(prefix)}
+            out.update(kept)
+            out.update((prefix + r, v) for r, v in op.entries)
+        elif op[1] is None:
+            out.pop(op[0], None)
         else:
-            out[path] = value
+            out[op[0]] = op[1]
     return out
 
 
 async def run_tx(store: walstore.Store, ops: Ops) -> walstore.Transaction:
     async with store.transaction() as tx:
-        for path, value in ops:
-            if value is None:
-                await tx.delete(path)
+        for op in ops:
+            if isinstance(op, MoveOp):
+                await tx.move(op.src, op.dst)
+            elif isinstance(op, DeleteDirOp):
+                await tx.delete_dir(op.path)
+            elif isinstance(op, ReplaceOp):
+                async with tx.replace_dir(op.path, keep=op.keep) as d:
+                    for rel, value in op.entries:
+                        await d.write(rel, value)
+            elif op[1] is None:
+                await tx.delete(op[0])
             else:
-                await tx.write(path, value)
+                await tx.write(op[0], op[1])
     return tx
 
 

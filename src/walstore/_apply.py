@@ -63,6 +63,10 @@ class Applier:
                     self.fs.unlink(tmp)
                 self._write(op, tmp)
                 self.fs.rename(tmp, self.full(op.path))
+                if isinstance(op, PutStaged) and self.fs.lstat(tmp) is not None:
+                    # The target already was this very file (a replay, or a move onto a link
+                    # of itself): rename() then does nothing and leaves both names.
+                    self.fs.unlink(tmp)
                 self._changed(op.path, replay)
             elif isinstance(op, Delete):
                 # Gone already may mean unlinked by a process that then crashed, without the

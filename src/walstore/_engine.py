@@ -164,6 +164,11 @@ class _Validation:
     trees: set[str] = field(default_factory=set)  # directories deleted or replaced
 
 
+def _collides(rel: str, names: set[str]) -> bool:
+    """Whether ``rel`` is one of ``names``, or a directory above or below one of them."""
+    return rel in names or any(n.startswith(rel + "/") or rel.startswith(n + "/") for n in names)
+
+
 class Engine:
     """The blocking core. Every method runs in a worker thread, never on the event loop."""
 
@@ -437,7 +442,7 @@ class Engine:
                 entries = list(op.entries)
                 named = {e.path for e in entries}
                 for j, rel in enumerate(self._kept(op)):
-                    if rel not in named:
+                    if not _collides(rel, named):  # what the new directory holds wins
                         entries.append(self._link(f"{op.path}/{rel}", f"{tx.txid}/k{i}-{j}", rel))
                 out.append(fmt.ReplaceDir(op.path, tuple(entries)))
             else:
@@ -558,7 +563,9 @@ class Engine:
                 if kind not in (None, "file"):
                     what = {"dir": "a directory", "symlink": "a symlink"}.get(kind, "not a file")
                     raise InvalidPathError(f"cannot change {op.path!r}: it is {what}")
-                if isinstance(op, Move) and self._kind(op.src, state, local) != "file":
+                # The source is linked at step 2, before anything of this transaction is
+                # applied: check it as the group before this transaction leaves it.
+                if isinstance(op, Move) and self._kind(op.src, state, _Overlay()) != "file":
                     raise FileNotFoundError(2, "No such file to move", op.src)
                 if (kind is None) != isinstance(op, fmt.Delete):
                     listing.add(parent(op.path))
@@ -566,6 +573,10 @@ class Engine:
                 modified.add(op.path)
                 continue
             if isinstance(op, fmt.DeleteDir) and kind != "dir":
+                if kind is None and any(
+                    a in layer.cleared for layer in (local, state.overlay) for a in parents(op.path)
+                ):
+                    continue  # inside a directory replaced or deleted first: nothing left
                 if kind is None:
                     raise FileNotFoundError(2, "No such directory", op.path)
                 raise InvalidPathError(f"cannot delete_dir {op.path!r}: it is not a directory")
@@ -579,9 +590,13 @@ class Engine:
                 local.kinds[op.path] = None
             else:
                 local.kinds[op.path] = "dir"
-                for e in op.entries:
-                    local.kinds.update((f"{op.path}/{a}", "dir") for a in parents(e.path))
-                    local.kinds[f"{op.path}/{e.path}"] = "file"
+                rels = [e.path for e in op.entries]
+                if isinstance(op, PendingReplace):
+                    named = set(rels)
+                    rels += [r for r in self._kept(op) if not _collides(r, named)]
+                for rel in rels:
+                    local.kinds.update((f"{op.path}/{a}", "dir") for a in parents(rel))
+                    local.kinds[f"{op.path}/{rel}"] = "file"
             trees.add(op.path)
         state.overlay.kinds.update(local.kinds)
         state.overlay.cleared |= local.cleared

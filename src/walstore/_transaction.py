@@ -143,10 +143,7 @@ class Transaction:
         return None
 
     def _keeps(self, op: PendingReplace, rel: str) -> bool:
-        top = rel.split("/")[0]
-        if op.keep is None:
-            return False
-        return op.keep(top) if callable(op.keep) else top in op.keep
+        return op.keep is not None and _keeps(op.keep, rel)
 
     async def _content(self, p: str) -> bytes:
         found = self._lookup(p)
@@ -254,6 +251,11 @@ class Transaction:
         if await self._is_dir(s):
             raise InvalidPathError(f"cannot move {s!r}: it is a directory")
         found = self._lookup(s)
+        if isinstance(found, tuple):  # inside a directory this transaction replaces
+            replace, rel = found
+            entry = next((e for e in replace.entries if e.path == rel), None)
+            if entry is not None:
+                found = entry
         if isinstance(found, _FileOp):
             moved: TxOp = _retarget(found, d)
         elif found is None:
@@ -277,7 +279,9 @@ class Transaction:
                 raise NotADirectoryError(20, "Not a directory", p)
             raise FileNotFoundError(2, "No such directory", p)
         self._drop_below(p)
-        self._set(fmt.DeleteDir(p))
+        self._ops.pop(p, None)
+        if await self._kind(p) is not None:  # not only this transaction's own making
+            self._set(fmt.DeleteDir(p))
         self._subtrees.add(p)
 
     @asynccontextmanager
@@ -289,8 +293,10 @@ class Transaction:
         ``open_write``, nested paths). At commit the new directory takes the old one's place in
         one step (renameat2 RENAME_EXCHANGE on Linux), so readers never see it missing or half
         written. ``keep`` (names, or a predicate on names) carries top-level entries of the
-        existing directory over, as they are at commit time. Cancellation or an error in the
-        block: nothing recorded, and it propagates."""
+        directory over as they are in the store when the transaction commits; this
+        transaction's own earlier changes below ``path`` go with the old directory, and names
+        the new contents hold win. Cancellation or an error in the block: nothing recorded,
+        and it propagates."""
         self._check_active()
         p = check_path(path)
         if isinstance(self._lookup(p), _FileOp):
@@ -469,6 +475,11 @@ class Transaction:
             await self.commit()
         else:
             await self._store._end(self, TxState.ROLLED_BACK)
+
+
+def _keeps(keep: frozenset[str] | Callable[[str], bool], rel: str) -> bool:
+    top = rel.split("/")[0]
+    return keep(top) if callable(keep) else top in keep
 
 
 def _retarget(op: fmt.Put | fmt.PutStaged | Move, path: str) -> TxOp:

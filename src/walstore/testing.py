@@ -65,6 +65,13 @@ class _Inode:
 _Pending = tuple[Any, ...]
 
 
+def _entries(op: _Pending) -> set[tuple[int, str]]:
+    """The directory entries (directory inode, name) an op changes."""
+    if op[0] in ("rename", "exchange"):
+        return {(op[1], op[2]), (op[3], op[4])}
+    return {(op[1], op[2])}
+
+
 def _touches(op: _Pending, d: int) -> bool:
     return bool(op[1] == d or (op[0] in ("rename", "exchange") and op[3] == d))
 
@@ -420,15 +427,20 @@ class MemoryFileSystem:
             d = self._get(path)
             if self._inodes[d].kind != "dir":
                 raise _err(errno.ENOTDIR, path)
-            remaining: list[_Pending] = []
-            for op in self._pending:
-                if _touches(op, d):
+            # The ops on this directory, and, so that no older op lands on top of a newer
+            # one, every earlier op on an entry they touch (a directory entry holds its
+            # latest state).
+            chosen = [False] * len(self._pending)
+            needed: set[tuple[int, str]] = set()
+            for i in range(len(self._pending) - 1, -1, -1):
+                op = self._pending[i]
+                if _touches(op, d) or _entries(op) & needed:
+                    chosen[i] = True
+                    needed |= _entries(op)
+            for op, c in zip(self._pending, chosen, strict=True):
+                if c:
                     self._make_durable(op)
-                    if op[0] == "rename":  # the source's pending creation is superseded
-                        remaining = [o for o in remaining if o != ("link", op[1], op[2], op[5])]
-                else:
-                    remaining.append(op)
-            self._pending = remaining
+            self._pending = [op for op, c in zip(self._pending, chosen, strict=True) if not c]
 
     def _make_durable(self, op: _Pending) -> None:
         if op[0] == "link":

@@ -151,7 +151,7 @@ def _crashed_mid_apply() -> tuple[MemoryFileSystem, Model]:
     base, model = fresh(SETUP)
     t = base.clone()
     store = open_store(t, FULL)
-    t.trace, start = [], t.count
+    t.trace = []
     anyio.run(run_tx, store, TX)
     cp = commit_point(t.trace)
     fs = base.clone()

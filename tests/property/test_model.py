@@ -52,8 +52,9 @@ class StoreMachine(RuleBasedStateMachine):
         self.durability = walstore.Durability.FULL
         self.store: walstore.Store | None = None
 
-    @initialize(full=st.booleans())
-    def open(self, full: bool) -> None:
+    @initialize(full=st.booleans(), exchange=st.booleans())
+    def open(self, full: bool, exchange: bool) -> None:
+        self.fs.exchange_supported = exchange
         # OFF never syncs: it survives process crashes, not power cuts.
         self.durability = walstore.Durability.FULL if full else walstore.Durability.OFF
         self.store = open_store(self.fs, self.durability)
@@ -61,7 +62,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(seed=st.integers(0, 2**32 - 1))
     def commit(self, seed: int) -> None:
         assert self.store is not None
-        ops = random_ops(random.Random(seed), self.model)
+        ops = random_ops(random.Random(seed), self.model, dirs=True)
         tx = anyio.run(run_tx, self.store, ops)
         assert tx.state is walstore.TxState.COMMITTED
         self.model = applied(self.model, ops)
@@ -84,7 +85,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert self.store is not None
             mine = Tally()
             rng = random.Random(seed)
-            ops = random_ops(rng, self.model)
+            ops = random_ops(rng, self.model, dirs=True)
             power_rng = rng if power and self.durability is walstore.Durability.FULL else None
             self.store, self.model = crash_once(
                 self.fs,
@@ -127,7 +128,7 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 StoreMachine.TestCase.settings = settings(
-    max_examples=60 * SOAK,
+    max_examples=150 * SOAK,
     stateful_step_count=30,
     deadline=None,
     derandomize=True,
