@@ -31,6 +31,7 @@ from ._apply import Applier, remove_tree
 from ._errors import (
     ConflictError,
     InvalidPathError,
+    StoreClosedError,
     StoreError,
     StoreFailedError,
     StoreLockedError,
@@ -323,7 +324,9 @@ class Engine:
             if self.failed is not None:
                 err = StoreFailedError(f"store failed earlier: {self.failed}")
                 return [Result(Outcome.REJECTED, error=err) for _ in group]
-            assert self._journal is not None
+            if self._journal is None:
+                closed = StoreClosedError(f"store {self.root} is closed")
+                return [Result(Outcome.REJECTED, error=closed) for _ in group]
             journal = self._journal
             lsn = journal.next_lsn
             results: list[Result | None] = [None] * len(group)

@@ -9,6 +9,7 @@ All methods are blocking; the store calls them from worker threads. Paths are ab
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import fcntl
@@ -255,7 +256,13 @@ class OsFileSystem:
 
     async def open_writer(self, path: str) -> AsyncWriter:
         self.calls["open_writer"] += 1
-        return _AiofilesWriter(await aiofiles.open(path, "wb", buffering=0), self)
+        if _on_asyncio():
+            return _AiofilesWriter(await aiofiles.open(path, "wb", buffering=0), self)
+        # aiofiles needs an asyncio loop; on trio the same calls go through anyio's threads.
+        fd = await anyio.to_thread.run_sync(
+            lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        )
+        return _ThreadWriter(fd, self)
 
 
 class _AiofilesWriter:
@@ -279,6 +286,40 @@ class _AiofilesWriter:
     async def aclose(self) -> None:
         self._fs.calls["close"] += 1
         await self._f.close()
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _ThreadWriter:
+    """The same as _AiofilesWriter, through anyio worker threads (for trio)."""
+
+    def __init__(self, fd: int, fs: OsFileSystem) -> None:
+        self._fd = fd
+        self._fs = fs
+
+    async def write(self, data: bytes) -> None:
+        self._fs.calls["stream_write"] += 1
+
+        def run() -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+        await anyio.to_thread.run_sync(run)
+
+    async def sync(self) -> None:
+        self._fs.calls["fsync"] += 1
+        await anyio.to_thread.run_sync(os.fsync, self._fd)
+
+    async def aclose(self) -> None:
+        self._fs.calls["close"] += 1
+        await anyio.to_thread.run_sync(os.close, self._fd)
 
 
 _AT_FDCWD = -100

@@ -72,6 +72,8 @@ class Store:
         self._closed = False
         self._queue: list[_Waiter] = []
         self._leading = False
+        self._idle = anyio.Event()  # set whenever no commit is running or queued
+        self._idle.set()
         self._active: Counter[int] = Counter()  # begin LSNs of open transactions
         self._open_txs: set[Transaction] = set()
         self._hops = 0
@@ -215,10 +217,16 @@ class Store:
                 cancelled = exc  # taken or handed the lead: finish first, deliver after
         else:
             self._leading = True
+            self._idle = anyio.Event()
             w.state = _WaiterState.LEADING
         with anyio.CancelScope(shield=True):
             if w.state is _WaiterState.LEADING:
-                await self._lead()
+                try:
+                    await self._lead()
+                except BaseException:  # e.g. a simulated crash: the outcome is unknown
+                    tx.state = TxState.FAILED
+                    self._forget(tx)
+                    raise
             elif w.state is _WaiterState.TAKEN:
                 await w.event.wait()
         assert w.result is not None
@@ -262,6 +270,7 @@ class Store:
                 head.event.set()
             else:
                 self._leading = False
+                self._idle.set()
 
     async def _settle(self, tx: Transaction, result: Result) -> None:
         self._forget(tx)
@@ -279,7 +288,8 @@ class Store:
 
     async def read(self, path: Path) -> bytes:
         """The content of ``path``; FileNotFoundError if missing. Never shows part of a
-        transaction. Cancellation: propagates once the read in flight returns."""
+        transaction. Cancellation: the read in flight finishes in its worker thread; the
+        cancellation is delivered then or at the caller's next await."""
         return await self._read_raw(check_path(path))
 
     async def read_text(self, path: Path, encoding: str = "utf-8") -> str:
@@ -392,6 +402,8 @@ class Store:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
+            while self._leading:  # let queued and running commits finish first
+                await self._idle.wait()
             for tx in list(self._open_txs):
                 if tx.state is TxState.ACTIVE:
                     tx._closed_with_store = True

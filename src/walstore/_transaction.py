@@ -38,6 +38,9 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import anyio
+import anyio.lowlevel
+
 from . import _journal_format as fmt
 from ._engine import Keep, Move, PendingReplace, TxOp
 from ._errors import InvalidPathError, StoreClosedError, TransactionClosedError
@@ -180,13 +183,17 @@ class Transaction:
         index = self._staged
         self._staged += 1  # counted first: a cancelled stage still gets cleaned up
         staged = await self._store._stage(self, index, value)
+        # The worker thread is never abandoned, so a cancellation that came meanwhile is
+        # delivered here, before the value is recorded.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         return fmt.PutStaged(p, staged.staged, staged.size, staged.crc)
 
     async def write(self, path: Path, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` to ``path`` when the transaction commits (created or replaced).
 
         A value over the store's inline threshold is staged to disk now. Cancellation: the
-        value is not recorded and the transaction stays usable."""
+        staging write in flight finishes, the value is not recorded, the cancellation
+        propagates and the transaction stays usable."""
         self._check_active()
         p = check_path(path)
         self._set(await self._value_op(p, to_bytes(data)))
@@ -215,8 +222,9 @@ class Transaction:
         self._check_active()
         p = check_path(path)
         writer = await self._open_stream(p)
-        yield writer
-        self._set(await writer._finish())
+        async with writer._closing():
+            yield writer
+        self._set(writer._op())
 
     async def _open_stream(self, p: str) -> StreamWriter:
         index = self._staged
@@ -523,12 +531,22 @@ class StreamWriter:
             self._buf.clear()
             await self._handle.write(chunk)
 
-    async def _finish(self) -> fmt.PutStaged:
-        self._closed = True
-        await self._flush()
-        if self._sync:
-            await self._handle.sync()
-        await self._handle.aclose()
+    @asynccontextmanager
+    async def _closing(self) -> AsyncIterator[None]:
+        """Around the user's block: on a clean exit flush and (FULL) fsync; the handle is
+        closed whatever happens, shielded from cancellation."""
+        try:
+            yield
+            self._closed = True
+            await self._flush()
+            if self._sync:
+                await self._handle.sync()
+        finally:
+            self._closed = True
+            with anyio.CancelScope(shield=True):
+                await self._handle.aclose()
+
+    def _op(self) -> fmt.PutStaged:
         return fmt.PutStaged(self._path, self._name, self._size, self._crc)
 
 
@@ -570,5 +588,8 @@ class DirWriter:
         self._tx._check_active()
         rel = self._rel(path)
         writer = await self._tx._open_stream(rel)
-        yield writer
-        self._entries[rel] = await writer._finish()
+        async with writer._closing():
+            yield writer
+        op = writer._op()
+        assert isinstance(op, fmt.PutStaged)
+        self._entries[rel] = op
