@@ -36,10 +36,13 @@ async def increment(tx: walstore.Transaction, path: str) -> int:
     ids=["OFF-64-tasks", "FULL-16-tasks"],
 )
 async def test_no_lost_update(
-    tmp_path: Path, durability: Durability, tasks: int, rounds: int
+    tmp_path: Path, durability: Durability, tasks: int, rounds: int, anyio_backend: str
 ) -> None:
     """Every task increments one shared counter through ``atomic``: the final value is
-    exactly the number of increments, and each value was handed out once."""
+    exactly the number of increments, and each value was handed out once. The issue's full
+    size (64 tasks x 50 = 3,200) runs on asyncio always, on trio with WALSTORE_STRESS=1."""
+    if tasks == 64 and anyio_backend == "asyncio":
+        rounds = 50
     root = tmp_path / "store"
     seen: list[int] = []
     async with walstore.open(root, durability=durability) as store:
