@@ -145,6 +145,16 @@ def open_store(fs: MemoryFileSystem, durability: walstore.Durability) -> walstor
     return anyio.run(go)
 
 
+def fresh(setup: Ops) -> tuple[MemoryFileSystem, Model]:
+    """A closed store on a new simulated disk holding ``setup``, and its model."""
+    fs = MemoryFileSystem()
+    store = open_store(fs, walstore.Durability.FULL)
+    if setup:
+        anyio.run(run_tx, store, setup)
+    anyio.run(store.aclose)
+    return fs, applied({}, setup)
+
+
 def user_files(fs: MemoryFileSystem) -> Model:
     return {p: v for p, v in fs.files(ROOT).items() if not p.endswith("/")}
 

@@ -18,11 +18,10 @@ import walstore
 from tests.support import (
     INLINE,
     ROOT,
-    Model,
     Ops,
     Tally,
-    applied,
     crash_once,
+    fresh,
     open_store,
     run_tx,
     user_files,
@@ -50,15 +49,6 @@ SHAPES: dict[str, tuple[Ops, Ops]] = {
 }
 
 
-def _prepared(setup: Ops) -> tuple[MemoryFileSystem, Model]:
-    fs = MemoryFileSystem()
-    store = open_store(fs, FULL)
-    if setup:
-        anyio.run(run_tx, store, setup)
-    anyio.run(store.aclose)
-    return fs, applied({}, setup)
-
-
 def _calls_of(fs: MemoryFileSystem, ops: Ops) -> int:
     fs = fs.clone()
     store = open_store(fs, FULL)
@@ -71,7 +61,7 @@ def _calls_of(fs: MemoryFileSystem, ops: Ops) -> int:
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_crash_at_every_call(shape: str, crash_tally: Tally) -> None:
     setup, ops = SHAPES[shape]
-    base, model = _prepared(setup)
+    base, model = fresh(setup)
     total = _calls_of(base, ops)
     assert total > 5
     rng = random.Random(shape)
@@ -100,7 +90,7 @@ def test_crash_at_every_call(shape: str, crash_tally: Tally) -> None:
 
 def test_every_call_site_was_a_crash_point() -> None:
     """The sweep crashed at every kind of file-system call the commit and checkpoint make."""
-    fs, _ = _prepared([("a", b"old"), ("d1/b", BIG)])
+    fs, _ = fresh([("a", b"old"), ("d1/b", BIG)])
     fs.trace = []
     store = open_store(fs, FULL)
     anyio.run(run_tx, store, [("a", BIG), ("d1/b", None), ("n/m", b"x")])
@@ -112,7 +102,7 @@ def test_every_call_site_was_a_crash_point() -> None:
 def test_open_fds_balanced_and_files_plain() -> None:
     """A staged value and an inline one end up as plain files; no handle stays open."""
     assert len(BIG) > INLINE
-    fs, model = _prepared([("a", b"1"), ("d1/d2/b", BIG)])
+    fs, model = fresh([("a", b"1"), ("d1/d2/b", BIG)])
     store = open_store(fs, FULL)
     assert user_files(fs) == model
     assert fs.read_file(ROOT + "/d1/d2/b") == BIG

@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 import walstore
-from tests.support import ROOT, Model, Ops, applied, open_store, run_tx, user_files
+from tests.support import ROOT, Model, Ops, applied, fresh, open_store, run_tx, user_files
 from walstore.testing import MemoryFileSystem
 
 FULL, OFF = walstore.Durability.FULL, walstore.Durability.OFF
@@ -30,15 +30,6 @@ class LoseAll(random.Random):
 
     def random(self) -> float:
         return 0.99
-
-
-def fresh(setup: Ops) -> tuple[MemoryFileSystem, Model]:
-    fs = MemoryFileSystem()
-    store = open_store(fs, FULL)
-    if setup:
-        anyio.run(run_tx, store, setup)
-    anyio.run(store.aclose)
-    return fs, applied({}, setup)
 
 
 async def _tx_body(store: walstore.Store, ops: Ops, box: list[walstore.Transaction]) -> None:
