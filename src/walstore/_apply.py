@@ -12,9 +12,11 @@ what was moved out of the way.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from ._fs import FileSystem, write_all
 from ._journal_format import Delete, DeleteDir, Op, Put, PutStaged, ReplaceDir
@@ -190,21 +192,40 @@ class Applier:
 
     def sync(self) -> None:
         """Checkpoint step 1: fsync every file written and every directory changed since the
-        last checkpoint, so the journal records that hold them can be dropped."""
-        for path in sorted(self.dirty_files):
-            try:
-                fd = self.fs.open(self.full(path))
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                continue  # replaced or removed since; what replaced it is in the sets too
-            try:
-                self.fs.fsync(fd)
-            finally:
-                self.fs.close(fd)
-        # Deepest first, so a new directory's entries are durable before its own entry.
-        for d in sorted(self.dirty_dirs, key=lambda p: -p.count("/") if p else 1):
-            try:
-                self.fs.fsync_dir(self.full(d))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
+        last checkpoint, so the journal records that hold them can be dropped. Many fsyncs
+        run at once (ext4 commits concurrent fsyncs together: ~5x one stream, MEASURED.md);
+        their order does not matter, as nothing relies on them before the CHECKPOINT."""
+        _run_all(self._sync_file, sorted(self.dirty_files))
+        _run_all(self._sync_dir, sorted(self.dirty_dirs))
         self.dirty_files.clear()
         self.dirty_dirs.clear()
+
+    def _sync_file(self, path: str) -> None:
+        try:
+            fd = self.fs.open(self.full(path))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return  # replaced or removed since; what replaced it is in the sets too
+        try:
+            self.fs.fsync(fd)
+        finally:
+            self.fs.close(fd)
+
+    def _sync_dir(self, d: str) -> None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            self.fs.fsync_dir(self.full(d))
+
+
+SYNC_THREADS = 16
+
+
+def _run_all(fn: Callable[[str], None], items: list[str]) -> None:
+    """``fn`` over ``items``, up to SYNC_THREADS at a time; the first error is raised after
+    every call has finished (none is abandoned)."""
+    if len(items) < 4:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(min(SYNC_THREADS, len(items)), "walstore-sync") as pool:
+        futures = [pool.submit(fn, item) for item in items]
+    for f in futures:
+        f.result()
