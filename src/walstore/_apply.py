@@ -75,8 +75,8 @@ class Applier:
                 # unlink being durable: the directory is synced at the checkpoint either way.
                 try:
                     self.fs.unlink(self.full(op.path))
-                except FileNotFoundError:
-                    pass
+                except (FileNotFoundError, NotADirectoryError):
+                    pass  # nothing there (a parent is gone, or is a file now)
                 except IsADirectoryError:
                     if not replay:
                         raise

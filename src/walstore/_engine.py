@@ -560,7 +560,8 @@ class Engine:
         listing: set[str] = set()
         trees: set[str] = set()
         for op in tx.ops:
-            self._check_parents(op.path, state, local, listing)
+            if not isinstance(op, fmt.Delete):  # a delete makes no directories
+                self._check_parents(op.path, state, local, listing)
             kind = self._kind(op.path, state, local)
             if isinstance(op, fmt.Put | fmt.PutStaged | fmt.Delete | Move):
                 if kind not in (None, "file"):

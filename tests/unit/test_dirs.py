@@ -153,3 +153,24 @@ async def test_staging_is_empty_after_checkpoint(store: walstore.Store) -> None:
             await d.write("events.json", b"E" * 100)
     await store.checkpoint()
     assert list((Path(store.root) / ".walstore/staging").iterdir()) == []
+
+
+async def test_group_write_of_a_file_where_another_tx_deleted_below_it(
+    store: walstore.Store,
+) -> None:
+    """A transaction whose ops delete n/m (n never existed) makes no directory n, so a file n
+    written by the next transaction of the same commit group is not refused. (The group is
+    handed to the engine directly: two tasks would usually commit in two groups.)"""
+    import anyio
+
+    from walstore._engine import Outcome, PreparedTx
+    from walstore._journal_format import Delete, Put
+
+    engine = store._engine
+    group = [
+        PreparedTx(1001, engine.last_lsn, (Delete("n/m"),)),
+        PreparedTx(1002, engine.last_lsn, (Put("n", b"file n"),)),
+    ]
+    results = await anyio.to_thread.run_sync(engine.commit_group, group, engine.last_lsn)
+    assert [r.outcome for r in results] == [Outcome.COMMITTED, Outcome.COMMITTED], results
+    assert await store.read("n") == b"file n"
