@@ -154,9 +154,10 @@ class Applier:
         self.dirty_dirs = {p for p in self.dirty_dirs if not p.startswith(prefix)}
         self._known_dirs = {p for p in self._known_dirs if p != path and not p.startswith(prefix)}
 
-    def forget_dir_cache(self) -> None:
-        """Directories may have changed behind our back (a new group, recovery)."""
-        self._known_dirs.clear()
+    def forget_dir_cache(self, known: set[str] | None = None) -> None:
+        """Start a group: directories may have changed since the last one; ``known`` were
+        just seen to be directories (under the commit lock, so they still are)."""
+        self._known_dirs = set(known or ())
 
     def _changed(self, path: str, replay: bool) -> None:
         self.dirty_files.add(path)

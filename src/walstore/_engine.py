@@ -163,6 +163,7 @@ class _Validation:
     modified: set[str] = field(default_factory=set)  # files written or deleted
     listing_changed: set[str] = field(default_factory=set)  # directories gaining/losing names
     trees: set[str] = field(default_factory=set)  # directories deleted or replaced
+    disk_dirs: set[str] = field(default_factory=set)  # seen on disk as directories
 
 
 def _collides(rel: str, names: set[str]) -> bool:
@@ -194,7 +195,6 @@ class Engine:
         self.counters = Counters()
         self.failed: StoreFailedError | None = None
         self.partial = False  # a group is half applied: reads would show half of it
-        self.readonly = False
         self.next_txid = 1
         self.last_lsn = 0  # LSN of the last applied COMMIT (or checkpoint)
         self._lock = threading.Lock()  # the commit lock: groups, checkpoints, close
@@ -213,7 +213,6 @@ class Engine:
     def open(self, *, create: bool, readonly: bool) -> RecoveryReport:
         """Step 1, recover_lock, then recovery (or, read-only, just check it is a store)."""
         fs = self.fs
-        self.readonly = readonly
         if readonly or not create:
             if fs.lstat(self.journal_dir) is None:
                 raise StoreError(f"{self.root} is not a walstore store (no {RESERVED}/journal)")
@@ -240,14 +239,6 @@ class Engine:
         if not rec.report.clean:
             log.info("recovered %s: %s", self.root, rec.report)
         return rec.report
-
-    def try_lock(self) -> bool:
-        """One attempt at the LOCK (for open's retry loop); True if it is free now."""
-        fd = self.fs.lock(os.path.join(self.meta, "LOCK"))
-        if fd is None:
-            return False
-        self.fs.unlock(fd)
-        return True
 
     def _holder_message(self) -> str:
         try:
@@ -399,7 +390,8 @@ class Engine:
             # Step 4: apply
             try:
                 with self._gate.write():
-                    self._applier.forget_dir_cache()
+                    # Step 1 looked these up already: apply need not lstat them again.
+                    self._applier.forget_dir_cache(known=state.disk_dirs)
                     for txid, ops in writers:
                         self._applier.apply(txid, ops)
                     for txid in staged:  # dropped at the next checkpoint
@@ -517,6 +509,8 @@ class Engine:
             if any(a in layer.cleared for a in parents(path)):
                 return None
         st = self.fs.lstat(self._applier.full(path))
+        if st is not None and st.kind == "dir":
+            state.disk_dirs.add(path)
         return st.kind if st is not None else None
 
     def _tree_changed(self, path: str, begin: int, state: _Validation) -> bool:

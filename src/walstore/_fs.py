@@ -45,10 +45,6 @@ class FileSystem(Protocol):
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         """Write at ``offset``; may write fewer bytes than given (a short write)."""
 
-    def pread(self, fd: int, size: int, offset: int) -> bytes: ...
-
-    def size(self, fd: int) -> int: ...
-
     def truncate(self, fd: int, size: int) -> None: ...
 
     def fsync(self, fd: int) -> None: ...
@@ -144,14 +140,6 @@ class OsFileSystem:
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         self.calls["pwrite"] += 1
         return os.pwrite(fd, data, offset)
-
-    def pread(self, fd: int, size: int, offset: int) -> bytes:
-        self.calls["pread"] += 1
-        return os.pread(fd, size, offset)
-
-    def size(self, fd: int) -> int:
-        self.calls["size"] += 1
-        return os.fstat(fd).st_size
 
     def truncate(self, fd: int, size: int) -> None:
         self.calls["truncate"] += 1

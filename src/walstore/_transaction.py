@@ -237,9 +237,10 @@ class Transaction:
         (unless ``missing_ok``). Cancellation: nothing recorded, the transaction stays usable."""
         self._check_active()
         p = check_path(path)
-        if await self._is_dir(p):
+        kind = await self._kind(p)
+        if kind == "dir":
             raise InvalidPathError(f"cannot delete {p!r}: it is a directory (use delete_dir)")
-        if not await self.exists(p):
+        if kind is None:
             await self._store._check_parents(p)
             if missing_ok:
                 return
@@ -252,27 +253,19 @@ class Transaction:
         commit, so the move replays as a put plus a delete. Cancellation: nothing recorded."""
         self._check_active()
         s, d = check_path(src), check_path(dst)
-        if s == d:
-            if not await self.exists(s):
-                raise FileNotFoundError(2, "No such file or directory", s)
-            return
-        if await self._is_dir(s):
+        kind = await self._kind(s)  # one look, recorded as a read
+        if kind is None:
+            raise FileNotFoundError(2, "No such file or directory", s)
+        if kind == "dir":
             raise InvalidPathError(f"cannot move {s!r}: it is a directory")
+        if s == d:
+            return
         found = self._lookup(s)
         if isinstance(found, tuple):  # inside a directory this transaction replaces
             replace, rel = found
-            entry = next((e for e in replace.entries if e.path == rel), None)
-            if entry is not None:
-                found = entry
-        if isinstance(found, _FileOp):
-            moved: TxOp = _retarget(found, d)
-        elif found is None:
-            if not await self.exists(s):
-                raise FileNotFoundError(2, "No such file or directory", s)
-            moved = Move(d, s)
-        else:
-            await self._content(s)  # raises FileNotFoundError unless it exists
-            moved = Move(d, s)
+            found = next((e for e in replace.entries if e.path == rel), None)
+        # This transaction's own value moves as it is; a file on disk is linked at commit.
+        moved: TxOp = _retarget(found, d) if isinstance(found, _FileOp) else Move(d, s)
         self._set(moved)
         self._set(fmt.Delete(s))
 
@@ -282,9 +275,10 @@ class Transaction:
         nothing recorded."""
         self._check_active()
         p = check_path(path)
-        if not await self._is_dir(p):
-            if await self.exists(p):
-                raise NotADirectoryError(20, "Not a directory", p)
+        kind = await self._kind(p)
+        if kind == "file":
+            raise NotADirectoryError(20, "Not a directory", p)
+        if kind is None:
             raise FileNotFoundError(2, "No such directory", p)
         self._drop_below(p)
         self._ops.pop(p, None)
@@ -378,9 +372,6 @@ class Transaction:
         if st is None:
             return None
         return "dir" if st.kind == "dir" else "file"
-
-    async def _is_dir(self, p: str) -> bool:
-        return await self._kind(p) == "dir"
 
     async def list(self, path: Path = "") -> list[str]:
         """Sorted names in directory ``path`` as this transaction sees it. Raises

@@ -230,16 +230,6 @@ class MemoryFileSystem:
             node.data[offset : offset + len(data)] = data
             return len(data)
 
-    def pread(self, fd: int, size: int, offset: int) -> bytes:
-        with self._lock:
-            self._call("pread", self._fd_path(fd))
-            return bytes(self._file(fd).data[offset : offset + size])
-
-    def size(self, fd: int) -> int:
-        with self._lock:
-            self._call("size", self._fd_path(fd))
-            return len(self._file(fd).data)
-
     def truncate(self, fd: int, size: int) -> None:
         with self._lock:
             self._call("truncate", self._fd_path(fd))
