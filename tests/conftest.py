@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
-from tests.support import Tally, tally
+from tests.support import TALLIES, Tally, tally
 
 
 @pytest.fixture(scope="session")
@@ -11,8 +14,33 @@ def crash_tally() -> Tally:
     return tally("crash points (sweep)")
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    from tests.support import TALLIES
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On a pytest-xdist worker: hand this worker's counts to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["walstore_tallies"] = json.dumps(
+            {name: [t.cases, t.violations, t.parts] for name, t in TALLIES.items()}
+        )
 
-    for name, t in TALLIES.items():
-        terminalreporter.write_line(f"{name}: {t.cases} cases, violations: {len(t.violations)}")
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """On the pytest-xdist controller: add up the counts of a worker that finished."""
+    raw = getattr(node, "workeroutput", {}).get("walstore_tallies")
+    for name, (cases, violations, parts) in json.loads(raw or "{}").items():
+        t = tally(name)
+        t.cases += cases
+        t.violations += violations
+        for part, n in parts.items():
+            t.parts[part] = t.parts.get(part, 0) + n
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for name, t in sorted(TALLIES.items()):
+        parts = " + ".join(f"{n} {part}" for part, n in sorted(t.parts.items()))
+        detail = f" ({parts})" if parts else ""
+        terminalreporter.write_line(
+            f"{name}: {t.cases} cases{detail}, violations: {len(t.violations)}"
+        )
+        for v in t.violations[:5]:
+            terminalreporter.write_line(f"  {v}")

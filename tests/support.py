@@ -163,6 +163,7 @@ def user_files(fs: MemoryFileSystem) -> Model:
 class Tally:
     cases: int = 0
     violations: list[str] = field(default_factory=list)
+    parts: dict[str, int] = field(default_factory=dict)  # named shares of the cases
 
 
 TALLIES: dict[str, Tally] = {}  # family -> counts, printed at the end of the session
