@@ -1,6 +1,8 @@
 """walstore: a transactional store of plain files for async apps, made crash-safe by a
 write-ahead journal."""
 
+from importlib import metadata as _metadata
+
 from ._engine import Durability as Durability
 from ._errors import ConflictError as ConflictError
 from ._errors import CorruptionError as CorruptionError
@@ -20,7 +22,11 @@ from ._store import open as open
 from ._transaction import Transaction as Transaction
 from ._transaction import TxState as TxState
 
-__version__ = "0.1.0"
+try:
+    __version__: str = _metadata.version("walstore")
+    """The installed distribution's version (``importlib.metadata``)."""
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "ConflictError",
