@@ -1,0 +1,372 @@
+"""Online backup: a consistent snapshot of a store that another process may be writing.
+
+The snapshot is a store directory of its own: restoring is opening it, and its recovery replays
+the journal over the files. Why hard links of the live files make a consistent snapshot
+(checked against ``_apply.py``, ``_engine.py`` and ``_recovery.py``):
+
+1. **walstore never writes a user file in place.** A small value is written to a new file
+   ``staging/<txid>-<i>.tmp`` and renamed over its target; a staged value is hard-linked to a
+   new name and renamed over it; ``delete`` unlinks; ``delete_dir`` renames the directory into
+   staging; ``replace_dir`` builds a new directory in staging and exchanges (or renames) it with
+   the old one. Every change gives the path a *new inode* and leaves the old inode's bytes
+   alone, so a hard link taken earlier keeps the content it had. Staged values
+   (``staging/<txid>/<n>``, and ``<txid>/m<i>``, ``<txid>/k<i>-<j>`` linked by ``move`` and
+   ``replace_dir(keep=...)``) are complete and fsynced before their COMMIT record is appended
+   and never written afterwards; their names stay until the next checkpoint. The journal *is*
+   written in place (appended), so it is copied, never linked; so is ``LOCK``, which is left out.
+2. **Replay makes any mixture of states whole.** The files are linked one by one while commits
+   go on, so the snapshot holds each path as of some moment. Recovery re-applies every op of
+   every COMMIT after the segment's CHECKPOINT from the journal and the staged values alone
+   (a put writes the journal's bytes, a staged put links the staged file, deletes unlink,
+   directory ops rebuild or remove the whole directory), so every path a commit touched ends
+   as the last commit left it, whatever state the link found. A path no commit after the
+   checkpoint touched did not change during the copy. What replay needs is: (a) the journal
+   segment copied *after* the files were linked, so that it holds every commit that could have
+   changed a linked file; (b) that segment still being the live one that was live before the
+   walk began: a checkpoint in between would drop commits the files may reflect only in part,
+   (c) every staged value that segment names, linked after the journal was copied (a
+   transaction may stage and commit during the walk).
+3. **Protocol.** Read the live segment's identity (name and salt; every checkpoint makes a new
+   segment with a larger name); link every user file; read the live segment and keep its valid
+   records (a record being appended is left out: it was not acknowledged before the backup
+   began, since acknowledgement follows the fdatasync); link the staged values it names; read
+   the identity again. If it changed, a checkpoint ran: start over. The result holds every
+   transaction acknowledged before the backup started (its record was synced in the segment
+   that was then live, or in an earlier one, whose effects a checkpoint made durable in place
+   before the walk).
+4. **Across file systems** (``EXDEV``), or when a link is refused (``EPERM``, ``EMLINK``), files
+   are copied instead; a copy reads the inode it opened, which is never rewritten, so it is
+   as consistent as a link.
+
+Hard links share inodes with the live store: a tool that edits a file of either *in place*
+(walstore never does) changes both. ``copy=True`` makes independent copies.
+
+Backups are named ``walstore-backup-<seq>-<UTC time>``, ``seq`` one more than the largest of
+the existing ones; ``keep`` prunes by that sequence number and touches nothing else in DEST.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import CorruptionError, StoreError
+from ._inspect import (
+    CHUNK,
+    JournalView,
+    Layout,
+    NoProgress,
+    Progress,
+    probe_lock,
+    read_journal,
+    read_segment,
+    staged_names,
+)
+from ._paths import RESERVED
+
+PREFIX = "walstore-backup-"
+NAME_RE = re.compile(r"walstore-backup-(\d{6,})-(\d{8}T\d{6}Z)")
+PARTIAL_RE = re.compile(r"\.(walstore-backup-(\d{6,})-\d{8}T\d{6}Z)\.partial")
+ATTEMPTS = 20
+SYNC_THREADS = 16
+
+
+class UsageError(ValueError):
+    """The command line asks for something that cannot be done (exit code 2)."""
+
+
+class BackupError(StoreError):
+    """No consistent snapshot could be taken."""
+
+
+@dataclass
+class BackupResult:
+    root: str
+    path: str
+    name: str
+    attempts: int = 0
+    linked: int = 0
+    copied: int = 0
+    copied_bytes: int = 0
+    skipped: list[str] = field(default_factory=list)  # sockets, fifos, devices
+    journal_bytes: int = 0
+    transactions: int = 0
+    checkpoint_lsn: int | None = None
+    in_use_by: int | None = None
+    pruned: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "path": self.path,
+            "name": self.name,
+            "attempts": self.attempts,
+            "linked": self.linked,
+            "copied": self.copied,
+            "copied_bytes": self.copied_bytes,
+            "skipped": self.skipped,
+            "journal_bytes": self.journal_bytes,
+            "transactions": self.transactions,
+            "checkpoint_lsn": self.checkpoint_lsn,
+            "in_use_by": self.in_use_by,
+            "pruned": self.pruned,
+        }
+
+
+def backup(
+    root: str,
+    dest: str,
+    *,
+    keep: int | None = None,
+    copy: bool = False,
+    progress: Progress | None = None,
+    attempts: int = ATTEMPTS,
+) -> BackupResult:
+    """Snapshot the store at ``root`` into a new ``DEST/walstore-backup-...`` directory, then
+    with ``keep`` remove all but the ``keep`` newest backups in ``dest``."""
+    progress = progress or NoProgress()
+    layout = Layout.of(root)
+    if keep is not None and keep < 1:
+        raise UsageError(f"--keep must be at least 1, not {keep}")
+    dest = os.path.abspath(dest)
+    real_root = os.path.realpath(layout.root)
+    real_dest = os.path.realpath(dest)
+    if real_dest == real_root or real_dest.startswith(real_root + os.sep):
+        raise UsageError(f"the backup destination {dest} must be outside the store {layout.root}")
+    os.makedirs(dest, exist_ok=True)
+    name, partial = _reserve(dest)
+    result = BackupResult(layout.root, os.path.join(dest, name), name)
+    try:
+        for attempt in range(1, attempts + 1):
+            result.attempts = attempt
+            if attempt > 1:
+                shutil.rmtree(partial)
+                os.mkdir(partial)
+            copier = _Copier(copy)
+            journal = _attempt(layout, partial, copier, result, progress)
+            if journal is not None:
+                break
+        else:
+            raise BackupError(
+                f"the store checkpointed during each of {attempts} attempts; try again"
+            )
+        result.linked, result.copied, result.copied_bytes = (
+            copier.linked,
+            copier.copied,
+            copier.bytes,
+        )
+        _sync_dirs(partial)
+        os.rename(partial, result.path)
+        _fsync_dir(dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    result.in_use_by = probe_lock(layout).holder
+    if keep is not None:
+        result.pruned = prune(dest, keep)
+    return result
+
+
+def _attempt(
+    layout: Layout, partial: str, copier: _Copier, result: BackupResult, progress: Progress
+) -> JournalView | None:
+    """One try at a snapshot into ``partial``; None if a checkpoint ran meanwhile."""
+    in_use = probe_lock(layout).held
+    first = read_journal(layout, retry_corruption=in_use)
+    journal_b = os.path.join(partial, RESERVED, "journal")
+    staging_b = os.path.join(partial, RESERVED, "staging")
+    os.makedirs(journal_b)
+    os.mkdir(staging_b)
+    result.skipped = []
+    advance = progress.task("linking files" if not copier.copy_all else "copying files", None)
+    _copy_tree(layout.root, partial, "", copier, result, advance)
+    if first.live is None:  # never opened: nothing but an empty journal directory
+        again = read_journal(layout, retry_corruption=in_use)
+        return first if again.identity is None else None
+    try:
+        data, scan = read_segment(layout, first.live.name)
+    except FileNotFoundError:
+        return None  # a checkpoint dropped it
+    if (scan.name, scan.header.salt) != first.identity:
+        return None
+    _write_file(os.path.join(journal_b, scan.name), data[: scan.valid_end])
+    view = JournalView([(scan.name, scan.valid_end)], scan)
+    missing: list[str] = []
+    for staged in sorted(staged_names(view)):
+        dst = os.path.join(staging_b, staged)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            copier.put(os.path.join(layout.staging_dir, staged), dst)
+        except FileNotFoundError:
+            missing.append(staged)
+        advance(1)
+    again = read_journal(layout, retry_corruption=in_use)
+    if again.identity != first.identity:
+        return None
+    if missing:
+        raise CorruptionError(
+            f"staged value {RESERVED}/staging/{missing[0]} named by the journal is missing "
+            "(run `walstore verify`)"
+        )
+    result.journal_bytes = scan.valid_end
+    result.transactions = sum(1 for _ in view.transactions())
+    result.checkpoint_lsn = scan.checkpoint.lsn
+    return view
+
+
+def _copy_tree(
+    src: str,
+    dst: str,
+    rel: str,
+    copier: _Copier,
+    result: BackupResult,
+    advance: Callable[[int], None],
+) -> None:
+    """Link (or copy) the tree ``src`` (store path ``rel``) into ``dst``, skipping
+    ``.walstore/`` at the top."""
+    try:
+        entries = sorted(os.scandir(src), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # removed or replaced meanwhile: a commit in the journal did it
+    for e in entries:
+        if not rel and e.name == RESERVED:
+            continue
+        target = os.path.join(dst, e.name)
+        path = f"{rel}/{e.name}" if rel else e.name
+        try:
+            if e.is_dir(follow_symlinks=False):
+                os.mkdir(target)
+                _copy_tree(e.path, target, path, copier, result, advance)
+            elif e.is_symlink():
+                os.symlink(os.readlink(e.path), target)
+            elif e.is_file(follow_symlinks=False):
+                copier.put(e.path, target)
+                advance(1)
+            else:
+                result.skipped.append(path)  # a socket, fifo or device: not a store file
+        except FileNotFoundError:
+            continue  # gone meanwhile: a commit in the journal did it
+
+
+class _Copier:
+    """Hard-links files, or copies them where linking cannot work."""
+
+    def __init__(self, copy_all: bool) -> None:
+        self.copy_all = copy_all
+        self.linked = self.copied = self.bytes = 0
+
+    def put(self, src: str, dst: str) -> None:
+        if not self.copy_all:
+            try:
+                os.link(src, dst, follow_symlinks=False)
+                self.linked += 1
+                return
+            except OSError as exc:
+                if exc.errno == errno.EXDEV:
+                    self.copy_all = True  # another file system: copy from here on
+                elif exc.errno not in (errno.EPERM, errno.EMLINK, errno.EACCES):
+                    raise
+        self._copy(src, dst)
+
+    def _copy(self, src: str, dst: str) -> None:
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode & 0o7777
+            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            try:
+                while chunk := os.read(fd, CHUNK):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out, view) :]
+                    self.bytes += len(chunk)
+                os.fsync(out)
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+        self.copied += 1
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_dirs(top: str) -> None:
+    """fsync every directory of the snapshot, 16 at a time: the names are what make it
+    durable (linked files' data was synced by the live store's checkpoint, or is in the
+    journal, which is copied and fsynced)."""
+    dirs = [d for d, _, _ in os.walk(top)]
+    with ThreadPoolExecutor(min(SYNC_THREADS, len(dirs)), "walstore-backup") as pool:
+        for f in [pool.submit(_fsync_dir, d) for d in dirs]:
+            f.result()
+
+
+def _reserve(dest: str) -> tuple[str, str]:
+    """A new backup name, larger in sequence than every backup of ours in ``dest``, and its
+    ``.partial`` directory, made (so two backups at once get different names)."""
+    seq = 1 + max((s for s, _ in _ours(dest)), default=0)
+    while True:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        name = f"{PREFIX}{seq:06d}-{stamp}"
+        partial = os.path.join(dest, f".{name}.partial")
+        if not os.path.lexists(os.path.join(dest, name)):
+            try:
+                os.mkdir(partial)
+                return name, partial
+            except FileExistsError:
+                pass
+        seq += 1
+
+
+def _ours(dest: str) -> list[tuple[int, str]]:
+    """(seq, name) of every entry in ``dest`` whose name we made, finished or not."""
+    out: list[tuple[int, str]] = []
+    for n in os.listdir(dest):
+        if m := NAME_RE.fullmatch(n):
+            out.append((int(m.group(1)), n))
+        elif m := PARTIAL_RE.fullmatch(n):
+            out.append((int(m.group(2)), n))
+    return out
+
+
+def backups(dest: str) -> list[str]:
+    """Finished backups in ``dest``, oldest first (by the sequence number we wrote)."""
+    found = [
+        (s, n)
+        for s, n in _ours(dest)
+        if NAME_RE.fullmatch(n) and os.path.isdir(os.path.join(dest, n))
+    ]
+    return [n for _, n in sorted(found)]
+
+
+def prune(dest: str, keep: int) -> list[str]:
+    """Remove all but the ``keep`` newest finished backups; returns the names removed.
+    Entries we did not name (and unfinished ``.partial`` ones) are left alone."""
+    if keep < 1:
+        raise UsageError(f"--keep must be at least 1, not {keep}")
+    old = backups(dest)[:-keep]
+    for n in old:
+        shutil.rmtree(os.path.join(dest, n))
+    return old
