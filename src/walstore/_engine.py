@@ -397,6 +397,14 @@ class Engine:
                     for txid in staged:  # dropped at the next checkpoint
                         self._applier.garbage.add(os.path.join(self.staging_dir, str(txid)))
                     self.last_lsn = lsn
+                    # Still under the gate: whoever saw this group's files sees it here too
+                    # (``validate_reads`` relies on it).
+                    for p in state.modified:
+                        self._modified[p] = lsn
+                    for d in state.listing_changed:
+                        self._listing_modified[d] = lsn
+                    for d in state.trees:
+                        self._tree_modified[d] = lsn
             except OSError as exc:
                 self.partial = True
                 self._fail(f"apply failed after the commit point: {exc}", exc)
@@ -406,12 +414,6 @@ class Engine:
                 )
                 err.__cause__ = exc
                 return self._fill(results, Result(Outcome.COMMITTED, lsn, err))
-            for p in state.modified:
-                self._modified[p] = lsn
-            for d in state.listing_changed:
-                self._listing_modified[d] = lsn
-            for d in state.trees:
-                self._tree_modified[d] = lsn
             self._prune(oldest_begin)
             self.counters.groups += 1
             self.counters.commits += len(writers)
@@ -518,6 +520,18 @@ class Engine:
             if self._tree_modified.get(a, 0) > begin or a in state.trees:
                 return True
         return False
+
+    def validate_reads(self, tx: PreparedTx) -> None:
+        """Validate a transaction that changes nothing (its reads and listings only), on the
+        event-loop thread: raise ConflictError if a commit changed what it read. The conflict
+        tables are updated under the apply gate, so any change the transaction could have
+        seen is in them; lookups of single keys are safe beside the committer thread."""
+        assert not tx.ops and not tx.subtrees
+        try:
+            self._check_reads(tx, _Validation())
+        except ConflictError:
+            self.counters.conflicts += 1
+            raise
 
     def _check_reads(self, tx: PreparedTx, state: _Validation) -> None:
         begin = tx.begin_lsn
@@ -682,6 +696,19 @@ class Engine:
             self._check_whole()
             try:
                 return self.fs.read_file(self._resolve(path))
+            except NotADirectoryError:
+                raise self._blocked(path) from None
+            except FileNotFoundError:
+                raise FileNotFoundError(2, "No such file or directory", path) from None
+
+    def read_cacheable(self, path: str) -> tuple[bytes, bool]:
+        """``read``, and whether its content may be cached under ``path``: no symlink on the
+        way, so that a later change of the file is a change of ``path`` itself."""
+        with self._gate.read():
+            self._check_whole()
+            try:
+                real = self._resolve(path)
+                return self.fs.read_file(real), real == os.path.join(self._real_root, path)
             except NotADirectoryError:
                 raise self._blocked(path) from None
             except FileNotFoundError:

@@ -24,7 +24,8 @@ import anyio
 import anyio.lowlevel
 
 from . import _journal_format as fmt
-from ._engine import Durability, Engine, Outcome, PreparedTx, Result
+from ._cache import ReadCache
+from ._engine import Durability, Engine, Move, Outcome, PendingReplace, PreparedTx, Result
 from ._errors import (
     ConflictError,
     StoreClosedError,
@@ -63,7 +64,14 @@ class Store:
     """An open store. Get one with ``walstore.open(root)``; close it with ``aclose()``."""
 
     def __init__(
-        self, engine: Engine, report: RecoveryReport, *, inline_threshold: int, readonly: bool
+        self,
+        engine: Engine,
+        report: RecoveryReport,
+        *,
+        inline_threshold: int,
+        readonly: bool,
+        cache_bytes: int = 0,
+        cache_max_file: int = 0,
     ) -> None:
         self._engine = engine
         self._recovery = report
@@ -77,6 +85,13 @@ class Store:
         self._active: Counter[int] = Counter()  # begin LSNs of open transactions
         self._open_txs: set[Transaction] = set()
         self._hops = 0
+        # Another process may write a store opened readonly: nothing is cached then.
+        self._cache = (
+            ReadCache(cache_bytes, cache_max_file) if cache_bytes > 0 and not readonly else None
+        )
+        # The LSN of the last group whose changes readers on the event loop may see (the
+        # cache is updated with it): transactions begin there.
+        self._visible_lsn = engine.last_lsn
 
     @property
     def root(self) -> str:
@@ -119,7 +134,7 @@ class Store:
         """A new transaction; use it as ``async with store.transaction() as tx:``."""
         self._check_writable()
         engine = self._engine
-        tx = Transaction(self, engine.next_txid, engine.last_lsn)
+        tx = Transaction(self, engine.next_txid, self._visible_lsn)
         engine.next_txid += 1
         self._active[tx.begin_lsn] += 1
         self._open_txs.add(tx)
@@ -145,7 +160,18 @@ class Store:
 
     async def _read_raw(self, path: str) -> bytes:
         self._check_open()
-        return await self._run(self._engine.read, path)
+        cache = self._cache
+        if cache is None or self._engine.partial:
+            return await self._run(self._engine.read, path)
+        hit = cache.get(path)
+        if hit is not None:
+            await anyio.lowlevel.checkpoint()  # still a checkpoint, as every await here is
+            return hit
+        generation = cache.generation
+        data, cacheable = await self._run(self._engine.read_cacheable, path)
+        if cacheable:
+            cache.insert(path, data, generation)
+        return data
 
     async def _lstat_raw(self, path: str) -> FileStat | None:
         self._check_open()
@@ -198,9 +224,15 @@ class Store:
             staged=tx._staged > 0,
             reads=frozenset(tx._reads),
             listed=frozenset(tx._listed),
+            subtrees=frozenset(tx._subtrees),
         )
-        if not prepared.ops and not prepared.reads and not prepared.listed:
-            tx.state = TxState.COMMITTED  # nothing to do
+        if not prepared.ops and not prepared.subtrees:  # read only: no journal, no thread
+            try:
+                self._engine.validate_reads(prepared)
+            except ConflictError:
+                await self._end(tx, TxState.ROLLED_BACK)
+                raise
+            tx.state = TxState.COMMITTED
             self._forget(tx)
             return
         w = _Waiter(tx, prepared, anyio.Event())
@@ -247,6 +279,8 @@ class Store:
                     self._engine.commit_group, [w.prepared for w in group], oldest
                 )
             except BaseException as exc:
+                if self._cache is not None:
+                    self._cache.clear()
                 err = StoreFailedError(f"commit outcome unknown: {exc!r}")
                 err.__cause__ = exc
                 for w in group:
@@ -254,6 +288,7 @@ class Store:
                     w.state = _WaiterState.DONE
                     w.event.set()
                 raise
+            self._publish(group, results)
             for w, r in zip(group, results, strict=True):
                 w.result = r
                 w.state = _WaiterState.DONE
@@ -271,6 +306,28 @@ class Store:
             else:
                 self._leading = False
                 self._idle.set()
+
+    def _publish(self, group: list[_Waiter], results: list[Result]) -> None:
+        """Show a group's changes to event-loop readers, in one step: update the read cache,
+        then the LSN new transactions begin at."""
+        cache = self._cache
+        if cache is not None:
+            for w, r in zip(group, results, strict=True):
+                if r.outcome is not Outcome.COMMITTED:
+                    continue
+                if r.error is not None:  # committed but not (wholly) applied
+                    cache.clear()
+                    break
+                for op in w.prepared.ops:
+                    if isinstance(op, fmt.Put):
+                        cache.written(op.path, op.data)
+                    elif isinstance(op, PendingReplace | fmt.DeleteDir | fmt.ReplaceDir):
+                        cache.dropped_tree(op.path)
+                    else:
+                        cache.dropped(op.path)
+                        if isinstance(op, Move):
+                            cache.dropped(op.src)
+        self._visible_lsn = max(self._visible_lsn, self._engine.last_lsn)
 
     async def _settle(self, tx: Transaction, result: Result) -> None:
         self._forget(tx)
@@ -434,6 +491,8 @@ async def _open(
     fs: FileSystem | None,
     inline_threshold: int,
     checkpoint_bytes: int,
+    cache_bytes: int,
+    cache_max_file: int,
 ) -> Store:
     if not isinstance(durability, Durability):
         raise TypeError(f"durability must be a walstore.Durability, not {durability!r}")
@@ -455,7 +514,14 @@ async def _open(
             if remaining <= 0:
                 raise
             await anyio.sleep(min(0.02, remaining))  # flock has no timeout: poll
-    store = Store(engine, report, inline_threshold=inline_threshold, readonly=readonly)
+    store = Store(
+        engine,
+        report,
+        inline_threshold=inline_threshold,
+        readonly=readonly,
+        cache_bytes=cache_bytes,
+        cache_max_file=cache_max_file,
+    )
     try:
         await anyio.lowlevel.checkpoint()
     except BaseException:
@@ -498,6 +564,8 @@ def open(
     fs: FileSystem | None = None,
     inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
     checkpoint_bytes: int = 8 << 20,
+    cache_bytes: int = 32 << 20,
+    cache_max_file: int = 64 << 10,
 ) -> _Opener:
     """Open (creating if ``create``) the store at ``root`` and recover it.
 
@@ -505,7 +573,10 @@ def open(
     Raises StoreLockedError if another process holds the store for longer than
     ``lock_timeout`` seconds, CorruptionError if the journal is damaged beyond a torn tail.
     ``readonly`` opens without the lock and without recovery, for reading only. ``fs``
-    replaces the file system (see ``walstore.testing``). Cancellation: recovery runs to its
+    replaces the file system (see ``walstore.testing``). Files of up to ``cache_max_file``
+    bytes that the store reads or writes are kept in a read cache of ``cache_bytes`` (0: none),
+    so their reads need no worker thread; files changed behind the store's back (not through
+    it) may then read stale until it is reopened. Cancellation: recovery runs to its
     end shielded; the store is then closed again and the cancellation delivered.
     """
     return _Opener(
@@ -517,4 +588,6 @@ def open(
         fs=fs,
         inline_threshold=inline_threshold,
         checkpoint_bytes=checkpoint_bytes,
+        cache_bytes=cache_bytes,
+        cache_max_file=cache_max_file,
     )

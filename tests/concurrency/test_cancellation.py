@@ -60,16 +60,18 @@ def changed(drop: tuple[str, ...] = (), put: dict[str, bytes] | None = None) -> 
 
 
 async def seeded(
-    durability: Durability = Durability.FULL, *, checkpointing: bool = False
+    durability: Durability = Durability.FULL, *, checkpointing: bool = False, cache: bool = False
 ) -> tuple[MemoryFileSystem, walstore.Store]:
     """A store on a fresh MemoryFileSystem holding OLD. ``checkpointing``: every commit is
-    followed by a checkpoint inside the commit (checkpoint_bytes=1)."""
+    followed by a checkpoint inside the commit (checkpoint_bytes=1). Without ``cache`` every
+    read is a file-system call, a point to cancel at; with it, cached reads make none."""
     fs = MemoryFileSystem()
     store = await open_memory(
         fs,
         durability=durability,
         inline_threshold=INLINE,
         checkpoint_bytes=1 if checkpointing else 8 << 20,
+        cache_bytes=(1 << 20) if cache else 0,
     )
     async with store.transaction() as tx:
         for path, value in OLD.items():
@@ -550,9 +552,9 @@ async def test_cancel_checkpoint_and_close_at_every_call(
 
 
 async def test_cancel_a_reader_held_off_by_the_apply_gate() -> None:
-    """A store read waits while a group is applied; cancelled there, it returns the new
-    value or raises the cancellation (the read in flight finishes either way), and the gate
-    is not left held: later commits and reads work."""
+    """A store read (not cached) waits while a group is applied; cancelled there, it returns
+    the new value or raises the cancellation (the read in flight finishes either way), and the
+    gate is not left held: later commits and reads work."""
     fs, store = await seeded()
     blocker = Blocker(nth_call("rename", 1))  # inside the apply step: readers held off
     fs.fault = blocker
@@ -575,6 +577,30 @@ async def test_cancel_a_reader_held_off_by_the_apply_gate() -> None:
     assert scope.cancelled_caught
     assert got in ([], [b"x1"])  # never the old value: it waited for the whole group
     await check_store_still_works(fs, store, {**OLD, "x": b"x1"}, "gate")
+
+
+async def test_a_cached_read_during_apply_sees_the_group_before_and_is_a_checkpoint() -> None:
+    """With the read cache, a read while a group is being applied does not wait: it returns
+    the value from before the group (never part of it), the new one once the commit returned,
+    and it is still a point where a pending cancellation is delivered."""
+    fs, store = await seeded(cache=True)
+    blocker = Blocker(nth_call("rename", 1))  # inside the apply step
+    fs.fault = blocker
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.write, "x", b"x1")
+        await blocker.wait()
+        calls = sum(fs.calls.values())
+        assert await store.read("x") == OLD["x"]
+        assert sum(fs.calls.values()) == calls  # served from the cache: no file-system call
+        blocker.release()
+    fs.fault = None
+    assert await store.read("x") == b"x1"
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await store.read("x")
+        raise AssertionError("the cancellation was not delivered")  # pragma: no cover
+    assert scope.cancelled_caught
+    await check_store_still_works(fs, store, {**OLD, "x": b"x1"}, "cached")
 
 
 @pytest.mark.parametrize("seed", range(3))

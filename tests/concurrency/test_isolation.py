@@ -300,3 +300,25 @@ async def test_stale_read_of_a_file_deleted_meanwhile_is_refused(tmp_path: Path)
         assert a.state is TxState.ROLLED_BACK
         assert not await store.exists("copy")
         assert not os.path.exists(tmp_path / "s" / "copy")
+
+
+async def test_reading_a_kept_file_conflicts_with_a_change_to_it() -> None:
+    """A transaction that replaces a directory keeping a file, and reads that kept file,
+    depends on it: a commit changing it meanwhile makes the first one fail with
+    ConflictError (the kept file is linked at commit, so it would no longer be what was
+    read)."""
+    fs = MemoryFileSystem()
+    store = await open_memory(fs)
+    await store.write("c/Q.md", b"v1")
+    await store.write("c/events.json", b"[]")
+    tx = store.transaction()
+    async with tx.replace_dir("c", keep=["Q.md"]) as d:
+        await d.write("events.json", b"[1]")
+    query = await tx.read("c/Q.md")
+    await tx.write("answer.md", b"answer to " + query)
+    await store.write("c/Q.md", b"v2")
+    with pytest.raises(ConflictError):
+        await tx.commit()
+    assert tx.state is TxState.ROLLED_BACK
+    assert user_files(fs) == {"c/Q.md": b"v2", "c/events.json": b"[]"}
+    await store.aclose()
