@@ -509,7 +509,7 @@ class VerifyResult:
         }
 
 
-VERIFY_ATTEMPTS = 5
+VERIFY_ATTEMPTS = 10
 
 
 def verify(layout: Layout, progress: Progress | None = None) -> VerifyResult:
@@ -548,16 +548,16 @@ def verify(layout: Layout, progress: Progress | None = None) -> VerifyResult:
         file_problems = _check_paths(layout, before, result, progress, lock.held)
         lock = probe_lock(layout)
         result.in_use_by = lock.holder
-        if not lock.held:
-            result.problems = staged_problems + file_problems
-            return result
         try:
-            after = read_journal(layout, retry_corruption=True)
+            after = read_journal(layout, retry_corruption=lock.held)
         except CorruptionError as exc:
             result.problems.append(Problem("journal", "journal", str(exc)))
             return result
         if after.identity != before.identity:
-            continue  # a checkpoint ran meanwhile (it drops staging): look again
+            continue  # a checkpoint (or another process's open) ran meanwhile: look again
+        if not lock.held:
+            result.problems = staged_problems + file_problems
+            return result
         # Only the last group in the journal can be mid-apply, and groups appended while
         # we looked may have changed what we saw.
         appended = after.live.commits[len(before.live.commits) :] if after.live else []

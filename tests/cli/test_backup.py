@@ -193,13 +193,18 @@ def test_online_backup_while_another_process_commits(tmp_path: Path) -> None:
     dest = tmp_path / "b"
     bank = Bank(store)
     results = []
+    verified: list[dict[str, Any]] = []
     try:
-        for i in range(6):
-            bank.wait_for(40 * (i + 1))
+        for i in range(5):
+            bank.wait_for(25 * (i + 1))
             acked = bank.snapshot()  # acknowledged before this backup starts
             r = run_cli("backup", str(store), str(dest), "--keep", "3", "--json")
             assert r.code == 0, r.out + r.err
             results.append((r.json(), acked))
+            # verify reads the busy store too: commits in flight are not problems
+            v = run_cli("verify", str(store), "--json")
+            assert v.code == 0, v.out + v.err
+            verified.append(v.json())
         assert bank.proc.poll() is None  # it committed all along
     finally:
         bank.stop()
@@ -217,4 +222,55 @@ def test_online_backup_while_another_process_commits(tmp_path: Path) -> None:
         checked += 1
     assert checked == 3
     assert versions == sorted(versions)  # later backups are later states
+    assert all(v["in_use_by"] == bank.proc.pid for v in verified)
+    assert sum(v["paths_checked"] for v in verified) > 0  # (zero right after a checkpoint)
     print(f"backup attempts: {[d['attempts'] for d, _ in results]}")
+    print(f"verify: {[(v['paths_checked'], v['notes']) for v in verified]}")
+
+
+# -- the protocol's two races, forced -----------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_backup_retries_after_a_checkpoint_and_links_values_staged_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint during the walk makes the attempt start over; a transaction that stages
+    and commits after the walk is in the backup through its staged value, linked after the
+    journal was copied."""
+    root = tmp_path / "s"
+    real_walk = _backup._copy_tree
+    walks = 0
+
+    async with walstore.open(root, inline_threshold=64) as store:
+        await store.write_json("a.json", {"v": 0})
+
+        async def during_first() -> None:
+            await store.write_json("a.json", {"v": 1})
+            await store.checkpoint()
+
+        async def after_second() -> None:
+            await store.write("late.bin", b"L" * 1000)  # staged: above inline_threshold
+
+        def walk(src: str, dst: str, rel: str, *args: Any) -> None:
+            nonlocal walks
+            if rel == "":
+                walks += 1
+                if walks == 1:
+                    anyio.from_thread.run(during_first)
+            real_walk(src, dst, rel, *args)
+            if rel == "" and walks == 2:
+                anyio.from_thread.run(after_second)
+
+        monkeypatch.setattr(_backup, "_copy_tree", walk)
+        result = await anyio.to_thread.run_sync(
+            lambda: _backup.backup(str(root), str(tmp_path / "b"))
+        )
+        assert result.attempts == 2 and walks == 2
+        assert result.in_use_by == os.getpid()
+        assert result.transactions == 1  # late.bin, committed after the walk
+    backup = Path(result.path)
+    assert not (backup / "late.bin").exists()  # the walk missed it...
+    async with walstore.open(backup, create=False) as restored:
+        assert await restored.read("late.bin") == b"L" * 1000  # ...the replay did not
+        assert await restored.read_json("a.json") == {"v": 1}

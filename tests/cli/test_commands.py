@@ -311,19 +311,20 @@ def test_bad_input_gets_one_line_and_a_documented_exit_code(tmp_path: Path, caps
     assert not (tmp_path / "missing").exists()  # nothing created
 
 
-def test_usage_errors_exit_2_in_one_line(store: Path, tmp_path: Path) -> None:
+def test_usage_errors_exit_2_in_one_line(store: Path, tmp_path: Path, capsys: Cap) -> None:
+    for argv in (["frobnicate"], ["info"], ["log", str(store), "--since", "soon"]):
+        r = run_cli(*argv)  # argparse's own errors
+        assert r.code == 2, (argv, r.out, r.err)
+        one_line_error(r)
     for argv in (
-        ["frobnicate"],
-        ["info"],
-        ["log", str(store), "--since", "soon"],
         ["log", str(store), "--since", "-1"],
         ["backup", str(store), str(tmp_path / "b"), "--keep", "0"],
         ["backup", str(store), str(store / "backups")],  # inside the store
     ):
-        r = run_cli(*argv)
+        r = run_in_process(capsys, *argv)
         assert r.code == 2, (argv, r.out, r.err)
         one_line_error(r)
-    assert not (store / "backups").exists()
+    assert not (store / "backups").exists() and not (tmp_path / "b").exists()
 
 
 def test_help_documents_the_exit_codes() -> None:
