@@ -1,6 +1,6 @@
 """walstore: inspect, verify, recover, checkpoint and back up a walstore store.
 
-Human output by default; --json on every command prints one JSON document instead.
+Human output by default; --json on every command but demo prints one JSON document instead.
 """
 
 from __future__ import annotations
