@@ -182,12 +182,292 @@ def raw_floor(d: str, n: int) -> Result:
     return _summary(lat, time.perf_counter() - start)
 
 
+# -- W5: one 16 MiB value per transaction (MB/s) -----------------------------------------------
+
+BIG = os.urandom(16 << 20)
+CHUNK = 1 << 20
+
+
+async def _drive_big(n: int, one: Callable[[int], Awaitable[None]]) -> Result:
+    lat = []
+    start = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        await one(i)
+        lat.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - start
+    out = _summary(lat, elapsed)
+    out["mb_per_s"] = n * len(BIG) / elapsed / 1e6
+    return out
+
+
+async def w5_walstore(d: str, n: int) -> Result:
+    async with walstore.open(d) as store:
+
+        async def one(i: int) -> None:
+            async with store.transaction() as tx, tx.open_write(f"blobs/{i}.bin") as f:
+                for k in range(0, len(BIG), CHUNK):
+                    await f.write(BIG[k : k + CHUNK])
+
+        return await _drive_big(n, one)
+
+
+async def w5_atomic(d: str, n: int) -> Result:
+    def put(i: int) -> None:
+        _atomic_write(d, f"{i}.bin", BIG)
+        _fsync_dir(d)
+
+    return await _drive_big(n, lambda i: anyio.to_thread.run_sync(put, i))
+
+
+async def w5_aiosqlite(d: str, n: int) -> Result:
+    import aiosqlite
+
+    async with aiosqlite.connect(os.path.join(d, "db.sqlite"), isolation_level=None) as db:
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v BLOB)")
+
+        async def one(i: int) -> None:
+            await db.execute("BEGIN")
+            await db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (str(i), BIG))
+            await db.execute("COMMIT")
+
+        return await _drive_big(n, one)
+
+
+async def w5_lmdb(d: str, n: int) -> Result:
+    import lmdb
+
+    env = lmdb.open(d, map_size=4 << 30, sync=True, metasync=True)
+
+    def put(i: int) -> None:
+        with env.begin(write=True) as t:
+            t.put(str(i).encode(), BIG)
+
+    try:
+        return await _drive_big(n, lambda i: anyio.to_thread.run_sync(put, i))
+    finally:
+        env.close()
+
+
+# -- W6: 16 tasks reading random 1 KiB files of 1,000 (reads/s) --------------------------------
+
+N_FILES = 1000
+READERS = 16
+
+
+async def _drive_reads(n: int, one: Callable[[int], Awaitable[bytes]]) -> Result:
+    import random
+
+    rng = random.Random(6)
+    keys = [rng.randrange(N_FILES) for _ in range(n)]
+    lat: list[float] = []
+    it = iter(keys)
+
+    async def reader() -> None:
+        for k in it:
+            t = time.perf_counter()
+            data = await one(k)
+            lat.append(time.perf_counter() - t)
+            assert len(data) == len(VALUE)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(READERS):
+            tg.start_soon(reader)
+    out = _summary(lat, time.perf_counter() - start)
+    out["reads_per_s"] = out.pop("tx_per_s")
+    return out
+
+
+async def w6_walstore(d: str, n: int) -> Result:
+    async with walstore.open(d) as store, store.transaction() as tx:
+        for k in range(N_FILES):
+            await tx.write(f"r/{k}.bin", VALUE)
+    async with walstore.open(d) as store:  # reopened: nothing cached at the start
+        return await _drive_reads(n, lambda k: store.read(f"r/{k}.bin"))
+
+
+async def w6_atomic(d: str, n: int) -> Result:
+    for k in range(N_FILES):
+        with open(os.path.join(d, f"{k}.bin"), "wb") as f:
+            f.write(VALUE)
+
+    def get(k: int) -> bytes:
+        with open(os.path.join(d, f"{k}.bin"), "rb") as f:
+            return f.read()
+
+    return await _drive_reads(n, lambda k: anyio.to_thread.run_sync(get, k))
+
+
+async def w6_aiosqlite(d: str, n: int, group: bool) -> Result:
+    import aiosqlite
+
+    async with aiosqlite.connect(os.path.join(d, "db.sqlite"), isolation_level=None) as db:
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("CREATE TABLE kv (k INTEGER PRIMARY KEY, v BLOB)")
+        await db.executemany("INSERT INTO kv VALUES (?, ?)", [(k, VALUE) for k in range(N_FILES)])
+        queue: list[tuple[int, asyncio.Future[bytes]]] = []
+        lock = asyncio.Lock()
+
+        async def flush() -> None:  # every read queued meanwhile, in one query
+            while queue:
+                batch = queue[:]
+                del queue[:]
+                keys = sorted({k for k, _ in batch})
+                marks = ",".join("?" * len(keys))
+                async with db.execute(f"SELECT k, v FROM kv WHERE k IN ({marks})", keys) as c:
+                    rows = dict(await c.fetchall())
+                for k, fut in batch:
+                    fut.set_result(rows[k])
+
+        async def one(k: int) -> bytes:
+            if not group:
+                async with db.execute("SELECT v FROM kv WHERE k = ?", (k,)) as c:
+                    row = await c.fetchone()
+                assert row is not None
+                return bytes(row[0])
+            fut = asyncio.get_running_loop().create_future()
+            queue.append((k, fut))
+            if not lock.locked():
+                async with lock:
+                    await flush()
+            return await fut
+
+        return await _drive_reads(n, one)
+
+
+async def w6_lmdb(d: str, n: int) -> Result:
+    import lmdb
+
+    env = lmdb.open(d, map_size=1 << 30)
+    with env.begin(write=True) as t:
+        for k in range(N_FILES):
+            t.put(str(k).encode(), VALUE)
+
+    def get(k: int) -> bytes:
+        with env.begin() as t:
+            v = t.get(str(k).encode())
+            assert v is not None
+            return bytes(v)
+
+    try:
+        return await _drive_reads(n, lambda k: anyio.to_thread.run_sync(get, k))
+    finally:
+        env.close()
+
+
+# -- walstore alone: recovery speed, open time, streaming memory ----------------------------
+
+_CRASH_AFTER_WRITES = """
+import os, sys, anyio, walstore
+root, n, keys, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+value = os.urandom(size)
+async def main():
+    store = await walstore.open(root, checkpoint_bytes=1 << 40)
+    for i in range(0, n, 64):
+        async with store.transaction() as tx:
+            for j in range(i, min(n, i + 64)):
+                await tx.write(f"k/{j % keys}.bin", value)
+    os._exit(0)  # a crash: no checkpoint, the journal holds every commit
+anyio.run(main)
+"""
+
+
+def recovery_speed(base: str, n: int, keys: int, size: int) -> Result:
+    import subprocess
+
+    d = tempfile.mkdtemp(dir=base)
+    subprocess.run(
+        [sys.executable, "-c", _CRASH_AFTER_WRITES, d, str(n), str(keys), str(size)], check=True
+    )
+    journal = os.path.join(d, ".walstore", "journal")
+    size_bytes = sum(os.path.getsize(os.path.join(journal, f)) for f in os.listdir(journal))
+
+    async def reopen() -> float:
+        t = time.perf_counter()
+        async with walstore.open(d) as store:
+            elapsed = time.perf_counter() - t
+            assert store.recovery.rolled_forward
+        return elapsed
+
+    elapsed = anyio.run(reopen)
+    mb = size_bytes / 1e6
+    return {"journal_mb": mb, "seconds": elapsed, "mb_per_s": mb / elapsed}
+
+
+def open_time(base: str, files: int) -> Result:
+    d = tempfile.mkdtemp(dir=base)
+
+    async def fill() -> None:
+        async with walstore.open(d) as store:
+            for i in range(0, files, 1000):
+                async with store.transaction() as tx:
+                    for j in range(i, min(files, i + 1000)):
+                        await tx.write(f"{j % 100}/{j}.json", b"{}")
+
+    anyio.run(fill)
+
+    async def reopen() -> float:
+        t = time.perf_counter()
+        store = await walstore.open(d)
+        elapsed = time.perf_counter() - t
+        await store.aclose()
+        return elapsed
+
+    times = [anyio.run(reopen) for _ in range(3)]
+    return {"files": files, "seconds": statistics.median(times)}
+
+
+_STREAM_RSS = """
+import os, resource, sys, anyio, walstore
+CHUNK = os.urandom(1 << 20)
+async def main():
+    async with walstore.open(sys.argv[1]) as store:
+        await store.write("warm", b"x")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        async with store.transaction() as tx:
+            async with tx.open_write("big.bin") as f:
+                for _ in range(16):
+                    await f.write(CHUNK)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024)
+anyio.run(main)
+"""
+
+
+def stream_rss(base: str) -> Result:
+    import subprocess
+
+    d = tempfile.mkdtemp(dir=base)
+    out = subprocess.run(
+        [sys.executable, "-c", _STREAM_RSS, d], check=True, capture_output=True, text=True
+    )
+    return {"peak_rss_increase_mb": int(out.stdout) / 2**20}
+
+
 SYSTEMS: dict[str, Callable[..., Awaitable[Result]]] = {
     "walstore": bench_walstore,
     "atomic-writes": bench_atomic,
     "aiosqlite": lambda d, n, t, f: bench_aiosqlite(d, n, t, f, False),
     "aiosqlite-group": lambda d, n, t, f: bench_aiosqlite(d, n, t, f, True),
     "lmdb": bench_lmdb,
+}
+
+W5_SYSTEMS: dict[str, Callable[[str, int], Awaitable[Result]]] = {
+    "walstore": w5_walstore,
+    "atomic-writes": w5_atomic,
+    "aiosqlite": w5_aiosqlite,
+    "lmdb": w5_lmdb,
+}
+
+W6_SYSTEMS: dict[str, Callable[[str, int], Awaitable[Result]]] = {
+    "walstore": w6_walstore,
+    "atomic-writes": w6_atomic,
+    "aiosqlite": lambda d, n: w6_aiosqlite(d, n, False),
+    "aiosqlite-group": lambda d, n: w6_aiosqlite(d, n, True),
+    "lmdb": w6_lmdb,
 }
 
 WORKLOADS = {  # name: (tasks, files per transaction, transactions)
@@ -199,56 +479,112 @@ WORKLOADS = {  # name: (tasks, files per transaction, transactions)
 }
 
 
+def _metric(r: Result) -> tuple[str, float] | None:
+    for key in ("mb_per_s", "reads_per_s", "tx_per_s"):
+        if key in r:
+            return key, r[key]
+    return None
+
+
+def _run(
+    results: dict[str, dict[str, Result]], base: str, wname: str, sname: str, fn: Any, *args: int
+) -> None:
+    # Nothing is deleted until the end: on this discard-mounted disk a burst of deletes slows
+    # file creation for seconds after (MEASURED.md).
+    d = tempfile.mkdtemp(dir=base)
+    try:
+        results.setdefault(wname, {})[sname] = anyio.run(fn, d, *args)
+    except ImportError as exc:
+        results.setdefault(wname, {})[sname] = {"skipped": str(exc)}
+
+
+def run_all(scale: float, base: str, only: str | None) -> dict[str, dict[str, Result]]:
+    results: dict[str, dict[str, Result]] = {}
+
+    def wanted(name: str) -> bool:
+        return only is None or name.startswith(only)
+
+    if wanted("floor"):
+        results["floor"] = {"raw 4KiB append+fdatasync": raw_floor(base, int(1000 * scale))}
+    for wname, (tasks, files, n) in WORKLOADS.items():
+        if not wanted(wname):
+            continue
+        count = max(10, int(n * scale))
+        for sname, fn in SYSTEMS.items():
+            _run(results, base, wname, sname, fn, count, tasks, files)
+    if wanted("W5"):
+        count = max(2, int(20 * scale))
+        for sname, fn5 in W5_SYSTEMS.items():
+            _run(results, base, "W5 16MiB x1, 1 task", sname, fn5, count)
+    if wanted("W6"):
+        count = max(1000, int(50_000 * scale))
+        for sname, fn6 in W6_SYSTEMS.items():
+            _run(results, base, "W6 1KiB reads, 16 tasks", sname, fn6, count)
+    if wanted("walstore"):
+        n = max(2000, int(100_000 * scale))
+        results["walstore alone"] = {
+            "recovery, 1,000 keys overwritten": recovery_speed(base, n, 1000, 1024),
+            "recovery, every key new": recovery_speed(base, n // 4, 1 << 30, 1024),
+            "open": open_time(base, max(10_000, int(100_000 * scale))),
+            "streaming 16 MiB": stream_rss(base),
+        }
+    return results
+
+
+def print_table(results: dict[str, dict[str, Result]]) -> None:
+    for wname, by_system in results.items():
+        print(f"\n{wname}")
+        if wname == "walstore alone":
+            for what, r in by_system.items():
+                print(f"  {what:34} " + "  ".join(f"{k} {v:,.3g}" for k, v in r.items()))
+            continue
+        peers = [_metric(r) for s, r in by_system.items() if s != "walstore"]
+        best = max((m[1] for m in peers if m is not None), default=None)
+        best_p50 = min(
+            (r["p50_ms"] for s, r in by_system.items() if s != "walstore" and "p50_ms" in r),
+            default=None,
+        )
+        for sname, r in by_system.items():
+            m = _metric(r)
+            if m is None:
+                print(f"  {sname:16} skipped ({r.get('skipped')})")
+                continue
+            unit = {"tx_per_s": "tx/s", "mb_per_s": "MB/s", "reads_per_s": "reads/s"}[m[0]]
+            line = (
+                f"  {sname:16} {m[1]:9.0f} {unit:7}  p50 {r['p50_ms']:6.2f} ms"
+                f"  p99 {r['p99_ms']:6.2f} ms"
+            )
+            if sname == "walstore" and best:
+                line += f"  walstore/best peer {m[1] / best:.2f}x"
+                if best_p50:
+                    line += f", p50 {r['p50_ms'] / best_p50:.2f}x the best peer's"
+            print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="a tenth of the transactions")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the work")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--dir", default=None, help="where to run (default: a temp dir)")
+    parser.add_argument("--only", default=None, help="workloads whose name starts with this")
     args = parser.parse_args()
-    scale = 0.1 if args.quick else 1.0
-    results: dict[str, dict[str, Result]] = {}
     base = tempfile.mkdtemp(prefix="walstore-bench-", dir=args.dir)
     try:
-        results["floor"] = {"raw 4KiB append+fdatasync": raw_floor(base, int(1000 * scale))}
-        for wname, (tasks, files, n) in WORKLOADS.items():
-            results[wname] = {}
-            for sname, fn in SYSTEMS.items():
-                # Nothing is deleted until the end: on this discard-mounted disk a burst of
-                # deletes slows file creation for seconds after (MEASURED.md).
-                d = tempfile.mkdtemp(dir=base)
-                try:
-                    results[wname][sname] = anyio.run(fn, d, max(10, int(n * scale)), tasks, files)
-                except ImportError as exc:
-                    results[wname][sname] = {"skipped": str(exc)}
+        results = run_all(0.1 if args.quick else 1.0, base, args.only)
     finally:
         shutil.rmtree(base)
     if args.json:
         meta = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "python": sys.version.split()[0],
             "machine": platform.machine(),
+            "kernel": platform.release(),
             "cpus": os.cpu_count(),
+            "walstore": walstore.__version__,
         }
         print(json.dumps({"meta": meta, "results": results}, indent=2))
         return
-    for wname, by_system in results.items():
-        print(f"\n{wname}")
-        best = max(
-            (r["tx_per_s"] for s, r in by_system.items() if s != "walstore" and "tx_per_s" in r),
-            default=None,
-        )
-        for sname, r in by_system.items():
-            if "skipped" in r:
-                print(f"  {sname:16} skipped ({r['skipped']})")
-                continue
-            ratio = (
-                f"  walstore/best peer {by_system['walstore']['tx_per_s'] / best:.2f}x"
-                if (sname == "walstore" and best)
-                else ""
-            )
-            print(
-                f"  {sname:16} {r['tx_per_s']:9.0f} tx/s  p50 {r['p50_ms']:6.2f} ms"
-                f"  p99 {r['p99_ms']:6.2f} ms{ratio}"
-            )
+    print_table(results)
 
 
 if __name__ == "__main__":

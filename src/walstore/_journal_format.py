@@ -211,49 +211,63 @@ def _encode_ops(ops: tuple[Op, ...] | tuple[Put | PutStaged, ...], parts: list[b
             _encode_ops(op.entries, parts)
 
 
-class _Cursor:
-    def __init__(self, buf: bytes | memoryview) -> None:
-        self.buf = memoryview(buf)
-        self.pos = 0
-
-    def take(self, n: int) -> memoryview:
-        if self.pos + n > len(self.buf):
-            raise FormatError("commit record ends inside an operation")
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, st: struct.Struct) -> tuple[int, ...]:
-        return st.unpack(self.take(st.size))
-
-    def text(self, n: int) -> str:
-        return bytes(self.take(n)).decode("utf-8", "surrogateescape")
-
-
 def decode_commit(payload: bytes | memoryview) -> Commit:
-    cur = _Cursor(payload)
-    lsn, ntx = cur.unpack(_GROUP)
+    buf = bytes(payload)
+    end = len(buf)
+    if end < _GROUP.size:
+        raise FormatError("commit record ends inside an operation")
+    lsn, ntx = _GROUP.unpack_from(buf, 0)
+    pos = _GROUP.size
     txs = []
     for _ in range(ntx):
-        txid, nops = cur.unpack(_TX)
-        txs.append(TxRecord(txid, _decode_ops(cur, nops)))
-    if cur.pos != len(cur.buf):
+        if pos + _TX.size > end:
+            raise FormatError("commit record ends inside an operation")
+        txid, nops = _TX.unpack_from(buf, pos)
+        ops, pos = _decode_ops(buf, pos + _TX.size, nops)
+        txs.append(TxRecord(txid, ops))
+    if pos != end:
         raise FormatError("commit record has trailing bytes")
     return Commit(lsn, tuple(txs))
 
 
-def _decode_ops(cur: _Cursor, count: int, *, nested: bool = False) -> tuple[Op, ...]:
+def _decode_ops(
+    buf: bytes, pos: int, count: int, *, nested: bool = False
+) -> tuple[tuple[Op, ...], int]:
+    """``count`` ops from ``buf`` at ``pos``; returns them and the position after them. Plain
+    offsets and ``unpack_from``, no cursor object: recovery decodes every op of the journal."""
+    end = len(buf)
     ops: list[Op] = []
+    op_unpack, u32_unpack, staged_unpack = _OP.unpack_from, _U32.unpack_from, _STAGED.unpack_from
+    short = FormatError("commit record ends inside an operation")
     for _ in range(count):
-        kind, path_len = cur.unpack(_OP)
-        path = cur.text(path_len)
+        if pos + 3 > end:
+            raise short
+        kind, path_len = op_unpack(buf, pos)
+        pos += 3
+        if pos + path_len > end:
+            raise short
+        path = buf[pos : pos + path_len].decode("utf-8", "surrogateescape")
+        pos += path_len
         if kind == OpKind.PUT:
-            (size,) = cur.unpack(_U32)
-            ops.append(Put(path, bytes(cur.take(size))))
+            if pos + 4 > end:
+                raise short
+            (size,) = u32_unpack(buf, pos)
+            pos += 4
+            if pos + size > end:
+                raise short
+            ops.append(Put(path, buf[pos : pos + size]))
+            pos += size
         elif kind == OpKind.PUT_STAGED:
-            (name_len,) = cur.unpack(_U32)
-            name = cur.text(name_len)
-            size, crc = cur.unpack(_STAGED)
+            if pos + 4 > end:
+                raise short
+            (name_len,) = u32_unpack(buf, pos)
+            pos += 4
+            if pos + name_len + 12 > end:
+                raise short
+            name = buf[pos : pos + name_len].decode("utf-8", "surrogateescape")
+            pos += name_len
+            size, crc = staged_unpack(buf, pos)
+            pos += 12
             ops.append(PutStaged(path, name, size, crc))
         elif nested:
             raise FormatError(f"operation kind {kind} inside a directory replacement")
@@ -262,9 +276,11 @@ def _decode_ops(cur: _Cursor, count: int, *, nested: bool = False) -> tuple[Op, 
         elif kind == OpKind.DELETE_DIR:
             ops.append(DeleteDir(path))
         elif kind == OpKind.REPLACE_DIR:
-            (count,) = cur.unpack(_U32)
-            entries = _decode_ops(cur, count, nested=True)
+            if pos + 4 > end:
+                raise short
+            (n,) = u32_unpack(buf, pos)
+            entries, pos = _decode_ops(buf, pos + 4, n, nested=True)
             ops.append(ReplaceDir(path, entries))  # type: ignore[arg-type]
         else:
             raise FormatError(f"unknown operation kind {kind}")
-    return tuple(ops)
+    return tuple(ops), pos

@@ -94,7 +94,9 @@ def _superseded(commits: list[fmt.Commit]) -> set[tuple[int, int, int]]:
             for oi in range(len(ops) - 1, -1, -1):
                 op = ops[oi]
                 is_dir_op = isinstance(op, fmt.DeleteDir | fmt.ReplaceDir)
-                under = op.path in trees or any(a in trees for a in parents(op.path))
+                under = bool(trees) and (
+                    op.path in trees or any(a in trees for a in parents(op.path))
+                )
                 if under or (not is_dir_op and op.path in files):
                     out.add((ri, ti, oi))
                 (trees if is_dir_op else files).add(op.path)
