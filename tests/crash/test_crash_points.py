@@ -1,0 +1,145 @@
+"""Crash at every file-system operation of commit, checkpoint and recovery, in real processes.
+
+For every shape: a probe child runs the workload to its end and records every operation it
+makes after the setup (staging, commit, checkpoints, the checkpoint of ``aclose``); then one
+child per operation index k dies with ``os._exit`` right before operation k, a recovery child
+is crashed at some operation j of its own, and the store is reopened and checked (see
+realproc.py). Recovery is then crashed at *every* one of its operations, from the image of a
+workload that died just after its last commit point (the most recovery work there is). The
+test asserts that every seam method the commit, checkpoint and recovery code calls was a
+crash point.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import walstore
+from tests.crash.realproc import (
+    SEAM,
+    STREAM,
+    Case,
+    Result,
+    make_image,
+    make_setup,
+    run_case,
+    scratch_dir,
+    warm_up,
+)
+from tests.crash.shapes import SHAPES, SOAK
+from tests.support import tally
+
+TALLY = tally("crash points (real processes)")
+WORKERS = (os.cpu_count() or 2) + 1  # children often wait for thread hops
+
+CRASHED: dict[str, set[tuple[str, str]]] = {}  # shape -> (phase, method) it crashed at
+
+
+def _run(args: tuple[Case, str]) -> Result:
+    return run_case(*args)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    scratch = scratch_dir(str(tmp_path_factory.mktemp("crash")))
+    os.makedirs(scratch, exist_ok=True)
+    warm_up(scratch)
+    with multiprocessing.get_context("fork").Pool(WORKERS) as p:
+        yield p, scratch
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _commit_points(trace: list[tuple[str, str]]) -> list[int]:
+    return [i for i, (name, path) in enumerate(trace) if name == "fdatasync" and ".wal" in path]
+
+
+def sweep(shape: str, pool: Any, scratch: str) -> set[tuple[str, str]]:
+    """Crash ``shape`` at every operation; returns the (phase, method) pairs crashed at."""
+    setup = os.path.join(scratch, f"setup-{shape}")
+    make_setup(shape, setup)
+    probe = run_case(Case(shape, setup, None, None, record=True), scratch)
+    assert not probe.violations, probe.violations
+    assert probe.trace is not None
+    n_tx = len(next(s for s in SHAPES if s.name == shape).txs)
+    assert sorted(probe.acked) == list(range(n_tx))
+    trace = probe.trace
+    last_ack = max(probe.ack_at.values())
+    k_star = max(i for i in _commit_points(trace) if i < last_ack) + 1
+
+    image = os.path.join(scratch, f"image-{shape}")
+    made = make_image(Case(shape, setup, k_star, None), image)
+    assert not made.violations and made.crashes, (made.violations, made.crashes)
+    acked = tuple(made.acked)
+    rec = run_case(Case(shape, setup, None, -1, image=image, acked=acked, record=True), scratch)
+    assert not rec.violations, rec.violations
+    assert rec.trace is not None
+    n_rec = len(rec.trace)
+
+    # every k; a recovery crash after every third one (soak: after every one, ten times)
+    cases = [Case(shape, setup, k, None) for k in range(len(trace) + 1) if SOAK == 1 and k % 3]
+    cases += [
+        Case(shape, setup, k, (k * 7 + 3 + r * 13) % (n_rec + 2))
+        for k in range(len(trace) + 1)
+        if SOAK > 1 or not k % 3
+        for r in range(SOAK)
+    ]
+    cases += [Case(shape, setup, k_star, j, image=image, acked=acked) for j in range(n_rec + 1)]
+    results = pool.map(_run, [(c, scratch) for c in cases], chunksize=4)
+    shutil.rmtree(image, ignore_errors=True)
+    shutil.rmtree(setup, ignore_errors=True)
+
+    crashed = {c for r in results for c in r.crashes}
+    TALLY.cases += sum(len(r.crashes) for r in results)
+    TALLY.parts["shapes"] = TALLY.parts.get("shapes", 0) + 1
+    for phase in ("workload", "recovery"):
+        n = sum(1 for r in results for p, _ in r.crashes if p == phase)
+        TALLY.parts[f"{phase} crashes"] = TALLY.parts.get(f"{phase} crashes", 0) + n
+    bad = [f"{shape} k={r.k} j={r.j} {kind}: {msg}" for r in results for kind, msg in r.violations]
+    TALLY.violations += bad
+    assert not bad, bad[:5]
+    # every kind of operation the probes made was a crash point
+    assert {("workload", n) for n, _ in trace} <= crashed
+    assert {("recovery", n) for n, _ in rec.trace} <= crashed
+    CRASHED[shape] = crashed
+    return crashed
+
+
+@pytest.mark.parametrize("shape", [s.name for s in SHAPES])
+def test_crash_at_every_operation(shape: str, pool: tuple[Any, str]) -> None:
+    sweep(shape, *pool)
+
+
+def _seam_calls() -> set[str]:
+    """The seam methods that the commit, checkpoint and recovery code calls."""
+    src = Path(walstore.__file__).parent
+    called: set[str] = set()
+    for module in ("_engine", "_apply", "_recovery", "_journal_writer", "_store", "_transaction"):
+        text = (src / f"{module}.py").read_text()
+        called |= set(re.findall(r"\bfs\.(\w+)\(", text))
+    return called
+
+
+def test_every_seam_method_was_a_crash_point(pool: tuple[Any, str]) -> None:
+    for s in SHAPES:
+        if s.name not in CRASHED:  # run elsewhere (another xdist worker) or deselected
+            sweep(s.name, *pool)
+    crashed = set().union(*CRASHED.values())
+    called = _seam_calls()
+    assert called <= set(SEAM) | {"open_writer"}, called - set(SEAM)
+    assert called | set(STREAM) <= {name for _, name in crashed}
+    # and in the phase each belongs to
+    commit = {"open", "pwrite", "fsync", "fdatasync", "close", "rename", "exchange", "link"}
+    commit |= {"unlink", "mkdir", "rmdir", "lstat", "listdir", "fsync_dir", "unlock", *STREAM}
+    recovery = {"lock", "unlock", "truncate", "realpath", "read_file", "listdir", "lstat"}
+    recovery |= {"open", "pwrite", "fsync", "fsync_dir", "close", "rename", "exchange", "link"}
+    recovery |= {"unlink", "mkdir", "rmdir"}
+    want = {("workload", n) for n in commit} | {("recovery", n) for n in recovery}
+    assert want <= crashed, sorted(want - crashed)
