@@ -790,7 +790,7 @@ UNSERIALISABLE = [
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("obj", UNSERIALISABLE, ids=repr)
+@pytest.mark.parametrize("obj", UNSERIALISABLE, ids=lambda o: type(o).__name__ + str(o)[:12])
 async def test_write_json_of_unserialisable_changes_nothing(
     store: walstore.Store, root: Path, obj: Any
 ) -> None:
