@@ -7,6 +7,9 @@ import pytest
 
 from tests.support import TALLIES, Tally, tally
 
+# pytester for tests/plugin/: pytest accepts pytest_plugins only in this, the top conftest
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture(scope="session")
 def crash_tally() -> Tally:
