@@ -19,6 +19,7 @@ from ._store import open as open_store
 from .testing import MemoryFileSystem
 
 ROOT = "/store"
+SMALL_CHECKPOINT = 64 << 10  # checkpoint_bytes unless the caller gives one
 
 Workload = Callable[[Store], Awaitable[object]]
 Invariant = Callable[[Store], Awaitable[object]]
@@ -111,10 +112,15 @@ async def crash_check(
     Returns a ``CrashReport``. With ``raise_on_failure`` (the default) a report with failures
     raises AssertionError listing every failing crash point (call index, call name, path,
     the assertion). ``open_options`` go to ``walstore.open`` (e.g. ``inline_threshold=64``
-    to push small values through staging too). Runs on asyncio and trio; every case runs on
-    the calling event loop, one after another.
+    to push small values through staging too); ``checkpoint_bytes`` defaults to 64 KiB here,
+    to keep the simulated disk that every case copies small. Runs on asyncio and trio; every
+    case runs on the calling event loop, one after another.
     """
     __tracebackhide__ = True  # pytest: show the test's line and the report, not this function
+    # The simulated disk is copied for every case: keep journal segments (which the store may
+    # preallocate to about checkpoint_bytes) small. More checkpoints also mean more of them
+    # among the crash points.
+    open_options.setdefault("checkpoint_bytes", SMALL_CHECKPOINT)
     base = MemoryFileSystem()
     store = await _open(base, durability, open_options)
     if setup is not None:
