@@ -172,11 +172,11 @@ _FIFTY = [(f"d{i % 5}/f{i}", f"value {i}".encode()) for i in range(50)]
 
 def _random_shape(seed: int) -> Shape:
     rng = random.Random(f"shape-{seed}")
-    setup = random_ops(rng, {}, n=12, dirs=False)
+    setup = random_ops(rng, {}, n=8, dirs=False)
     model = applied({}, setup)
     txs: list[TxOps] = []
     for _ in range(2):
-        ops = random_ops(rng, model, n=6, dirs=True)
+        ops = random_ops(rng, model, n=5, dirs=True)
         model = applied(model, ops)
         txs.append(list(ops))
     return Shape(f"random-{seed}", [list(setup)], txs)
@@ -191,12 +191,12 @@ SHAPES: list[Shape] = [
     Shape("ten-files", [], [[(f"f{i}", bytes([i]) * i) for i in range(10)]]),
     Shape("fifty-files", [], [list(_FIFTY)]),
     Shape(
-        "of-fifty-overwrite-delete-16",
-        [list(_FIFTY)],
+        "twenty-overwrite-delete",
+        [list(_FIFTY[:20])],
         [
             [
                 (p, None) if i % 2 else (p, big(i) if i % 5 == 0 else b"new")
-                for i, (p, _) in enumerate(_FIFTY[:16])
+                for i, (p, _) in enumerate(_FIFTY[:12])
             ]
         ],
     ),
@@ -271,8 +271,8 @@ SHAPES: list[Shape] = [
     ),
     Shape(
         "concurrent-staged",
-        [[(f"p{i}/x", b"x") for i in range(6)]],
-        [[(f"p{i}/x", big(i) if i % 2 else b"small"), (f"p{i}/n/z", BIG)] for i in range(6)],
+        [[(f"p{i}/x", b"x") for i in range(4)]],
+        [[(f"p{i}/x", big(i) if i % 2 else b"small"), (f"p{i}/n/z", BIG)] for i in range(4)],
         concurrent=True,
     ),
     Shape(

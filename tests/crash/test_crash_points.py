@@ -28,13 +28,15 @@ from tests.crash.realproc import (
     STREAM,
     Case,
     Result,
+    check_store,
+    copy_tree,
     make_image,
     make_setup,
     run_case,
     scratch_dir,
     warm_up,
 )
-from tests.crash.shapes import SHAPES, SOAK
+from tests.crash.shapes import BY_NAME, SHAPES, SOAK
 from tests.support import tally
 
 TALLY = tally("crash points (real processes)")
@@ -143,3 +145,28 @@ def test_every_seam_method_was_a_crash_point(pool: tuple[Any, str]) -> None:
     recovery |= {"unlink", "mkdir", "rmdir"}
     want = {("workload", n) for n in commit} | {("recovery", n) for n in recovery}
     assert want <= crashed, sorted(want - crashed)
+
+
+def test_the_checker_sees_lost_partial_and_stray(pool: tuple[Any, str]) -> None:
+    """The oracle can fail: a store missing an acknowledged transaction, one holding half of
+    one, and one with a temporary file in the user's tree are each reported."""
+    _, scratch = pool
+    shape = BY_NAME["seq-three"]  # tx 0 writes a and b
+    setup = os.path.join(scratch, "checker-setup")
+    make_setup(shape.name, setup)
+    root = os.path.join(scratch, "checker")
+
+    def kinds(acked: set[int], extra: dict[str, bytes]) -> list[str]:
+        shutil.rmtree(root, ignore_errors=True)
+        copy_tree(setup, root)
+        for rel, data in extra.items():
+            Path(root, rel).write_bytes(data)
+        return sorted(kind for kind, _ in check_store(root, shape, acked))
+
+    assert kinds(set(), {}) == []
+    assert kinds({0, 1}, {}) == ["lost"]
+    assert kinds(set(), {"a": b"1"}) == ["partial"]
+    assert kinds(set(), {"a": b"1", "b": b"1"}) == []
+    assert "leftover" in kinds(set(), {"x.tmp": b""})
+    shutil.rmtree(root)
+    shutil.rmtree(setup)
