@@ -22,7 +22,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput["walstore_tallies"] = json.dumps(
-            {name: [t.cases, t.violations, t.parts] for name, t in TALLIES.items()}
+            {name: [t.cases, t.violations, t.parts, t.extra] for name, t in TALLIES.items()}
         )
 
 
@@ -30,18 +30,25 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def pytest_testnodedown(node: Any, error: object) -> None:
     """On the pytest-xdist controller: add up the counts of a worker that finished."""
     raw = getattr(node, "workeroutput", {}).get("walstore_tallies")
-    for name, (cases, violations, parts) in json.loads(raw or "{}").items():
+    for name, (cases, violations, parts, *extra) in json.loads(raw or "{}").items():
         t = tally(name)
         t.cases += cases
         t.violations += violations
         for part, n in parts.items():
             t.parts[part] = t.parts.get(part, 0) + n
+        t.add(**(extra[0] if extra else {}))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for name, t in sorted(TALLIES.items()):
         parts = " + ".join(f"{n} {part}" for part, n in sorted(t.parts.items()))
         detail = f" ({parts})" if parts else ""
+        for key, n in t.extra.items():
+            detail += f", {n} {key.replace('_', ' ')}"
+        if t.extra:  # a family with an oracle: its violations by kind
+            for kind in ("lost", "partial", "failed recovery"):
+                n = sum(v.startswith(kind + ":") for v in t.violations)
+                detail += f", {kind}: {n}"
         terminalreporter.write_line(
             f"{name}: {t.cases} cases{detail}, violations: {len(t.violations)}"
         )

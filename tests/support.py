@@ -164,6 +164,14 @@ class Tally:
     cases: int = 0
     violations: list[str] = field(default_factory=list)
     parts: dict[str, int] = field(default_factory=dict)  # named shares of the cases
+    # other counts of the family (shapes, crash points); with these, the summary also
+    # counts the violations by kind: those starting "lost:", "partial:", "failed recovery:"
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def add(self, **counts: int) -> None:
+        """Add to ``extra``: ``t.add(shapes=1)`` (use _ for spaces in the printed name)."""
+        for key, n in counts.items():
+            self.extra[key] = self.extra.get(key, 0) + n
 
 
 TALLIES: dict[str, Tally] = {}  # family -> counts, printed at the end of the session
