@@ -198,9 +198,11 @@ def workload_child(
     fs = CrashFs(out, crash_at, record)
 
     async def main() -> None:
+        before = fd_count()
         store = await walstore.open(root, fs=fs, inline_threshold=INLINE, create=False)
         fs.arm()
         await run_workload(store, shape, lambda i: fs.emit(f"ACK {i} {fs.index}"))
+        fs.emit(f"FDS {before} {fd_count()}")  # (after aclose)
 
     anyio.run(main)
     if fs.trace is not None:

@@ -39,7 +39,7 @@ from tests.crash.realproc import (
 from tests.crash.shapes import BY_NAME, SHAPES, SOAK
 from tests.support import tally
 
-TALLY = tally("crash points (real processes)")
+TALLY = tally("crash points (real processes)")  # cases: processes killed at an operation
 WORKERS = (os.cpu_count() or 2) + 1  # children often wait for thread hops
 
 CRASHED: dict[str, set[tuple[str, str]]] = {}  # shape -> (phase, method) it crashed at
@@ -100,11 +100,11 @@ def sweep(shape: str, pool: Any, scratch: str) -> set[tuple[str, str]]:
 
     crashed = {c for r in results for c in r.crashes}
     TALLY.cases += sum(len(r.crashes) for r in results)
-    TALLY.parts["shapes"] = TALLY.parts.get("shapes", 0) + 1
-    for phase in ("workload", "recovery"):
+    TALLY.add(shapes=1, stores_reopened_and_checked=len(results))
+    for phase, part in (("workload", "in commit or checkpoint"), ("recovery", "in recovery")):
         n = sum(1 for r in results for p, _ in r.crashes if p == phase)
-        TALLY.parts[f"{phase} crashes"] = TALLY.parts.get(f"{phase} crashes", 0) + n
-    bad = [f"{shape} k={r.k} j={r.j} {kind}: {msg}" for r in results for kind, msg in r.violations]
+        TALLY.parts[part] = TALLY.parts.get(part, 0) + n
+    bad = [f"{kind}: {shape} k={r.k} j={r.j}: {msg}" for r in results for kind, msg in r.violations]
     TALLY.violations += bad
     assert not bad, bad[:5]
     # every kind of operation the probes made was a crash point
