@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 
 import walstore
-from tests.crash.shapes import BY_NAME, Shape, run_tx, run_workload
+from tests.crash.shapes import BY_NAME, CHECKPOINT_BYTES, TUNING, Shape, run_tx, run_workload
 from tests.support import INLINE
 from walstore._engine import Engine
 from walstore._fs import AsyncWriter, OsFileSystem
@@ -183,7 +183,7 @@ def setup_child(out: int, root: str, shape_name: str) -> None:
     """Make the store a shape starts from: its setup transactions committed, closed."""
 
     async def main() -> None:
-        async with walstore.open(root, inline_threshold=INLINE) as store:
+        async with walstore.open(root, **TUNING) as store:
             for ops in BY_NAME[shape_name].setup:
                 await run_tx(store, ops)
 
@@ -199,7 +199,7 @@ def workload_child(
 
     async def main() -> None:
         before = fd_count()
-        store = await walstore.open(root, fs=fs, inline_threshold=INLINE, create=False)
+        store = await walstore.open(root, fs=fs, create=False, **TUNING)
         fs.arm()
         await run_workload(store, shape, lambda i: fs.emit(f"ACK {i} {fs.index}"))
         fs.emit(f"FDS {before} {fd_count()}")  # (after aclose)
@@ -219,7 +219,7 @@ def recovery_child(out: int, root: str, crash_at: int | None, record: bool) -> N
     fs = CrashFs(out, crash_at, record)
     fs.arm()
     before = fd_count()
-    engine = Engine(fs, root, walstore.Durability.FULL, checkpoint_bytes=8 << 20)
+    engine = Engine(fs, root, walstore.Durability.FULL, checkpoint_bytes=CHECKPOINT_BYTES)
     engine.open(create=False, readonly=False)
     engine.close()
     fs.emit(f"FDS {before} {fd_count()}")
@@ -233,7 +233,7 @@ def warm_up(scratch: str) -> None:
     root = os.path.join(scratch, "warm-up")
 
     async def main() -> None:
-        async with walstore.open(root, inline_threshold=INLINE) as store:
+        async with walstore.open(root, **TUNING) as store:
             async with store.transaction() as tx:
                 async with tx.open_write("x") as f:
                     await f.write(bytes(2 * INLINE))
@@ -321,7 +321,9 @@ def check_store(root: str, shape: Shape, acked: set[int]) -> list[tuple[str, str
     out: list[tuple[str, str]] = []
     before = fd_count()
     try:
-        engine = Engine(OsFileSystem(), root, walstore.Durability.FULL, checkpoint_bytes=8 << 20)
+        engine = Engine(
+            OsFileSystem(), root, walstore.Durability.FULL, checkpoint_bytes=CHECKPOINT_BYTES
+        )
         engine.open(create=False, readonly=False)
         engine.close()
     except Exception as exc:

@@ -35,6 +35,12 @@ from tests.support import (
 
 SOAK = 10 if os.environ.get("WALSTORE_SOAK") else 1
 
+# Small journal segments: the store zero-fills each new segment to about checkpoint_bytes,
+# and every case copies the disk. (A larger journal would also checkpoint in the background
+# less often, inside the workloads.)
+CHECKPOINT_BYTES = 32 << 10
+TUNING: dict[str, int] = {"inline_threshold": INLINE, "checkpoint_bytes": CHECKPOINT_BYTES}
+
 BIG = bytes(range(256)) * 2  # over the inline threshold: staged while the transaction runs
 assert len(BIG) > INLINE
 

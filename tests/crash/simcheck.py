@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import walstore
+from tests.crash.shapes import CHECKPOINT_BYTES
 from tests.support import ROOT, Model, user_files
 from walstore._engine import Engine
 from walstore._journal_reader import scan_segment
@@ -11,7 +12,7 @@ from walstore.testing import MemoryFileSystem
 
 def recover(fs: MemoryFileSystem) -> None:
     """What ``walstore.open`` runs in its worker thread, then ``aclose``."""
-    engine = Engine(fs, ROOT, walstore.Durability.FULL, checkpoint_bytes=8 << 20)
+    engine = Engine(fs, ROOT, walstore.Durability.FULL, checkpoint_bytes=CHECKPOINT_BYTES)
     engine.open(create=True, readonly=False)
     engine.close()
 

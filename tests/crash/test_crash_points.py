@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,6 @@ from tests.support import tally
 TALLY = tally("crash points (real processes)")  # cases: processes killed at an operation
 WORKERS = (os.cpu_count() or 2) + 1  # children often wait for thread hops
 
-CRASHED: dict[str, set[tuple[str, str]]] = {}  # shape -> (phase, method) it crashed at
-
 
 def _run(args: tuple[Case, str]) -> Result:
     return run_case(*args)
@@ -63,19 +62,38 @@ def _commit_points(trace: list[tuple[str, str]]) -> list[int]:
     return [i for i, (name, path) in enumerate(trace) if name == "fdatasync" and ".wal" in path]
 
 
-def sweep(shape: str, pool: Any, scratch: str) -> set[tuple[str, str]]:
-    """Crash ``shape`` at every operation; returns the (phase, method) pairs crashed at."""
+@dataclass
+class Probe:
+    """A shape's setup store, the operations of a clean run of its workload, the image of
+    a workload killed right after its last commit point, and the operations recovering it."""
+
+    setup: str
+    trace: list[tuple[str, str]]
+    k_star: int
+    image: str
+    acked: tuple[int, ...]
+    recovery: list[tuple[str, str]]
+
+    @property
+    def names(self) -> set[tuple[str, str]]:
+        return {("workload", n) for n, _ in self.trace} | {
+            ("recovery", n) for n, _ in self.recovery
+        }
+
+
+PROBED: dict[str, set[tuple[str, str]]] = {}  # shape -> (phase, method) of its probes
+
+
+def probe(shape: str, scratch: str) -> Probe:
     setup = os.path.join(scratch, f"setup-{shape}")
     make_setup(shape, setup)
-    probe = run_case(Case(shape, setup, None, None, record=True), scratch)
-    assert not probe.violations, probe.violations
-    assert probe.trace is not None
-    n_tx = len(next(s for s in SHAPES if s.name == shape).txs)
-    assert sorted(probe.acked) == list(range(n_tx))
-    trace = probe.trace
-    last_ack = max(probe.ack_at.values())
-    k_star = max(i for i in _commit_points(trace) if i < last_ack) + 1
-
+    run = run_case(Case(shape, setup, None, None, record=True), scratch)
+    assert not run.violations, run.violations
+    assert run.trace is not None
+    n_tx = len(BY_NAME[shape].txs)
+    assert sorted(run.acked) == list(range(n_tx))
+    last_ack = max(run.ack_at.values())
+    k_star = max(i for i in _commit_points(run.trace) if i < last_ack) + 1
     image = os.path.join(scratch, f"image-{shape}")
     made = make_image(Case(shape, setup, k_star, None), image)
     assert not made.violations and made.crashes, (made.violations, made.crashes)
@@ -83,7 +101,17 @@ def sweep(shape: str, pool: Any, scratch: str) -> set[tuple[str, str]]:
     rec = run_case(Case(shape, setup, None, -1, image=image, acked=acked, record=True), scratch)
     assert not rec.violations, rec.violations
     assert rec.trace is not None
-    n_rec = len(rec.trace)
+    p = Probe(setup, run.trace, k_star, image, acked, rec.trace)
+    PROBED[shape] = p.names
+    return p
+
+
+def sweep(shape: str, pool: Any, scratch: str) -> None:
+    """Crash ``shape`` at every operation and check that every kind of operation its probes
+    made was a crash point."""
+    p = probe(shape, scratch)
+    setup, trace, k_star, image, acked = p.setup, p.trace, p.k_star, p.image, p.acked
+    n_rec = len(p.recovery)
 
     # every k; a recovery crash after every third one (soak: after every one, ten times)
     cases = [Case(shape, setup, k, None) for k in range(len(trace) + 1) if SOAK == 1 and k % 3]
@@ -102,16 +130,13 @@ def sweep(shape: str, pool: Any, scratch: str) -> set[tuple[str, str]]:
     TALLY.cases += sum(len(r.crashes) for r in results)
     TALLY.add(shapes=1, stores_reopened_and_checked=len(results))
     for phase, part in (("workload", "in commit or checkpoint"), ("recovery", "in recovery")):
-        n = sum(1 for r in results for p, _ in r.crashes if p == phase)
+        n = sum(1 for r in results for ph, _ in r.crashes if ph == phase)
         TALLY.parts[part] = TALLY.parts.get(part, 0) + n
     bad = [f"{kind}: {shape} k={r.k} j={r.j}: {msg}" for r in results for kind, msg in r.violations]
     TALLY.violations += bad
     assert not bad, bad[:5]
     # every kind of operation the probes made was a crash point
-    assert {("workload", n) for n, _ in trace} <= crashed
-    assert {("recovery", n) for n, _ in rec.trace} <= crashed
-    CRASHED[shape] = crashed
-    return crashed
+    assert p.names <= crashed, sorted(p.names - crashed)
 
 
 @pytest.mark.parametrize("shape", [s.name for s in SHAPES])
@@ -130,13 +155,17 @@ def _seam_calls() -> set[str]:
 
 
 def test_every_seam_method_was_a_crash_point(pool: tuple[Any, str]) -> None:
+    """Each shape's sweep crashed at every kind of operation its probes made (asserted there);
+    together the probes make every operation the commit, checkpoint and recovery code calls."""
     for s in SHAPES:
-        if s.name not in CRASHED:  # run elsewhere (another xdist worker) or deselected
-            sweep(s.name, *pool)
-    crashed = set().union(*CRASHED.values())
+        if s.name not in PROBED:  # swept by another xdist worker, or deselected
+            p = probe(s.name, pool[1])
+            shutil.rmtree(p.setup)
+            shutil.rmtree(p.image)
+    probed = set().union(*PROBED.values())
     called = _seam_calls()
     assert called <= set(SEAM) | {"open_writer"}, called - set(SEAM)
-    assert called | set(STREAM) <= {name for _, name in crashed}
+    assert called | set(STREAM) <= {name for _, name in probed}
     # and in the phase each belongs to
     commit = {"open", "pwrite", "fsync", "fdatasync", "close", "rename", "exchange", "link"}
     commit |= {"unlink", "mkdir", "rmdir", "lstat", "listdir", "fsync_dir", "unlock", *STREAM}
@@ -144,7 +173,7 @@ def test_every_seam_method_was_a_crash_point(pool: tuple[Any, str]) -> None:
     recovery |= {"open", "pwrite", "fsync", "fsync_dir", "close", "rename", "exchange", "link"}
     recovery |= {"unlink", "mkdir", "rmdir"}
     want = {("workload", n) for n in commit} | {("recovery", n) for n in recovery}
-    assert want <= crashed, sorted(want - crashed)
+    assert want <= probed, sorted(want - probed)
 
 
 def test_the_checker_sees_lost_partial_and_stray(pool: tuple[Any, str]) -> None:

@@ -29,10 +29,10 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 import walstore
-from tests.crash.shapes import BY_NAME, SHAPES, SOAK, Shape, TxOps, fill, run_tx
+from tests.crash.shapes import BY_NAME, SHAPES, SOAK, TUNING, Shape, TxOps, fill, run_tx
 from tests.crash.simcheck import check as check_recovered
 from tests.crash.simcheck import recover
-from tests.support import INLINE, ROOT, Model, tally, user_files
+from tests.support import ROOT, Model, tally, user_files
 from walstore.testing import MemoryFileSystem, ShortWrite
 
 TALLY = tally("injected I/O errors")
@@ -76,7 +76,7 @@ class Setup:
         self.after: Model = shape.final
 
         async def setup() -> None:
-            async with walstore.open(ROOT, fs=self.fs, inline_threshold=INLINE) as store:
+            async with walstore.open(ROOT, fs=self.fs, **TUNING) as store:
                 for ops in [*shape.setup, *shape.txs[:-1]]:
                     await run_tx(store, ops)
 
@@ -94,7 +94,7 @@ async def _attempt(
     """Open, run the transaction (with ``hook`` armed), checkpoint, commit a probe, close.
     Returns the call index before and after the transaction and after the checkpoint, the
     exceptions of the four steps and the transaction."""
-    store = await walstore.open(ROOT, fs=fs, inline_threshold=INLINE)
+    store = await walstore.open(ROOT, fs=fs, **TUNING)
     start = fs.count
     fs.fault = hook
     excs: list[BaseException | None] = []

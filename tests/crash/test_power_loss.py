@@ -22,9 +22,9 @@ from collections.abc import Callable
 import anyio
 
 import walstore
-from tests.crash.shapes import BY_NAME, SHAPES, SOAK, Shape, run_tx, run_workload
+from tests.crash.shapes import BY_NAME, SHAPES, SOAK, TUNING, Shape, run_tx, run_workload
 from tests.crash.simcheck import check, recover
-from tests.support import INLINE, ROOT, tally
+from tests.support import ROOT, tally
 from walstore import _apply
 from walstore.testing import MemoryFileSystem
 
@@ -47,7 +47,7 @@ def snapshots(shape: Shape) -> list[Snapshot]:
         snaps.append((fs.clone(), frozenset(acked)))
 
     async def main() -> None:
-        store = await walstore.open(ROOT, fs=fs, inline_threshold=INLINE)
+        store = await walstore.open(ROOT, fs=fs, **TUNING)
         for ops in shape.setup:
             await run_tx(store, ops)
         fs.fault = before_call
