@@ -192,6 +192,11 @@ class Engine:
         self.sync = durability is not Durability.OFF
         self.checkpoint_bytes = checkpoint_bytes
         self.checkpoint_files = checkpoint_files
+        # Segments are zero-filled to about where the next checkpoint starts a new one, so
+        # commits overwrite allocated blocks (their fdatasync then writes data only).
+        size = min(checkpoint_bytes + min(checkpoint_bytes, 1 << 20), 65 << 20)
+        hint = getattr(fs, "journal_preallocation", None)  # a simulated disk keeps it small
+        self.preallocate = (size if hint is None else min(size, int(hint))) if self.sync else 0
         self.counters = Counters()
         self.failed: StoreFailedError | None = None
         self.partial = False  # a group is half applied: reads would show half of it
@@ -227,7 +232,14 @@ class Engine:
         try:
             fs.truncate(lock_fd, 0)
             write_all(fs, lock_fd, f"{os.getpid()}\n".encode(), 0)
-            rec = recover(fs, self.root, self.journal_dir, self.staging_dir, sync=self.sync)
+            rec = recover(
+                fs,
+                self.root,
+                self.journal_dir,
+                self.staging_dir,
+                sync=self.sync,
+                preallocate=self.preallocate,
+            )
         except BaseException:
             fs.unlock(lock_fd)
             raise
@@ -533,6 +545,16 @@ class Engine:
             self.counters.conflicts += 1
             raise
 
+    def stale(self, begin_lsn: int, reads: set[str], listed: set[str]) -> bool:
+        """Whether a commit since ``begin_lsn`` changed one of these files or directory
+        listings: the reader's view is stale. Event-loop safe, as ``validate_reads``."""
+        probe = PreparedTx(0, begin_lsn, (), reads=frozenset(reads), listed=frozenset(listed))
+        try:
+            self._check_reads(probe, _Validation())
+        except ConflictError:
+            return True
+        return False
+
     def _check_reads(self, tx: PreparedTx, state: _Validation) -> None:
         begin = tx.begin_lsn
         for p in tx.reads:
@@ -661,7 +683,9 @@ class Engine:
             self._applier.dirty_dirs.clear()
         # Step 2: checkpoint_new_segment: HEADER + CHECKPOINT, synced with its dir entry.
         cp = fmt.Checkpoint(old.next_lsn, self.next_txid)
-        self._journal = JournalWriter.create(self.fs, self.journal_dir, cp, sync=self.sync)
+        self._journal = JournalWriter.create(
+            self.fs, self.journal_dir, cp, sync=self.sync, preallocate=self.preallocate
+        )
         self._journal.bytes_written = old.bytes_written
         self.last_lsn = cp.lsn
         old.close()

@@ -43,7 +43,7 @@ import anyio.lowlevel
 
 from . import _journal_format as fmt
 from ._engine import Keep, Move, PendingReplace, TxOp
-from ._errors import InvalidPathError, StoreClosedError, TransactionClosedError
+from ._errors import ConflictError, InvalidPathError, StoreClosedError, TransactionClosedError
 from ._paths import check_path, parents
 
 if TYPE_CHECKING:
@@ -148,6 +148,19 @@ class Transaction:
     def _keeps(self, op: PendingReplace, rel: str) -> bool:
         return op.keep is not None and _keeps(op.keep, rel)
 
+    def _missing(self, exc: OSError) -> Exception:
+        """What to raise when the store lacks what an op needs: ConflictError if something
+        this transaction read has changed since it began (its view is stale, and a retry in
+        ``Store.atomic`` may well succeed), else ``exc`` itself."""
+        if self._store._engine.stale(self.begin_lsn, self._reads, self._listed):
+            err = ConflictError(
+                f"txid={self.txid}: {exc.filename!r}: {exc.strerror}, after another commit "
+                "changed what this transaction had read"
+            )
+            err.__cause__ = exc
+            return err
+        return exc
+
     async def _content(self, p: str) -> bytes:
         found = self._lookup(p)
         if isinstance(found, fmt.Put):
@@ -156,7 +169,7 @@ class Transaction:
             return await self._store._read_staged(found.staged)
         if isinstance(found, Move):
             self._reads.add(found.src)
-            return await self._store._read_raw(found.src)
+            return await self._read_disk(found.src)
         if isinstance(found, tuple):
             replace, rel = found
             for e in replace.entries:
@@ -169,11 +182,20 @@ class Transaction:
             if not self._keeps(replace, rel):
                 raise FileNotFoundError(2, "No such file or directory", p)
             self._subtrees.add(replace.path)
-            return await self._store._read_raw(p)
+            return await self._read_disk(p)
         if found is not None:
             raise FileNotFoundError(2, "No such file or directory", p)
         self._reads.add(p)
-        return await self._store._read_raw(p)
+        return await self._read_disk(p)
+
+    async def _read_disk(self, p: str) -> bytes:
+        try:
+            return await self._store._read_raw(p)
+        except FileNotFoundError as exc:
+            err = self._missing(exc)
+            if err is exc:
+                raise
+            raise err from exc
 
     # -- writes --------------------------------------------------------------------------
 
@@ -244,7 +266,7 @@ class Transaction:
             await self._store._check_parents(p)
             if missing_ok:
                 return
-            raise FileNotFoundError(2, "No such file or directory", p)
+            raise self._missing(FileNotFoundError(2, "No such file or directory", p))
         self._set(fmt.Delete(p))
 
     async def move(self, src: Path, dst: Path) -> None:
@@ -255,7 +277,7 @@ class Transaction:
         s, d = check_path(src), check_path(dst)
         kind = await self._kind(s)  # one look, recorded as a read
         if kind is None:
-            raise FileNotFoundError(2, "No such file or directory", s)
+            raise self._missing(FileNotFoundError(2, "No such file or directory", s))
         if kind == "dir":
             raise InvalidPathError(f"cannot move {s!r}: it is a directory")
         if s == d:
@@ -277,9 +299,9 @@ class Transaction:
         p = check_path(path)
         kind = await self._kind(p)
         if kind == "file":
-            raise NotADirectoryError(20, "Not a directory", p)
+            raise self._missing(NotADirectoryError(20, "Not a directory", p))
         if kind is None:
-            raise FileNotFoundError(2, "No such directory", p)
+            raise self._missing(FileNotFoundError(2, "No such directory", p))
         self._drop_below(p)
         self._ops.pop(p, None)
         if await self._kind(p) is not None:  # not only this transaction's own making
@@ -380,9 +402,9 @@ class Transaction:
         p = check_path(path, allow_root=True)
         kind = await self._kind(p) if p else "dir"
         if kind == "file":
-            raise NotADirectoryError(20, "Not a directory", p)
+            raise self._missing(NotADirectoryError(20, "Not a directory", p))
         if kind is None:
-            raise FileNotFoundError(2, "No such file or directory", p)
+            raise self._missing(FileNotFoundError(2, "No such file or directory", p))
         prefix = p + "/" if p else ""
         # The newest directory op at or above p decides the starting point.
         names: set[str] = set()

@@ -322,3 +322,42 @@ async def test_reading_a_kept_file_conflicts_with_a_change_to_it() -> None:
     assert tx.state is TxState.ROLLED_BACK
     assert user_files(fs) == {"c/Q.md": b"v2", "c/events.json": b"[]"}
     await store.aclose()
+
+
+@pytest.mark.parametrize("op", ["move", "delete", "read", "delete_dir", "list"])
+async def test_an_op_failing_on_a_stale_view_is_a_conflict(op: str) -> None:
+    """A transaction read a file (or listed a directory), another commit then removed it: the
+    op that now finds it missing raises ConflictError, which ``atomic`` retries, not a plain
+    FileNotFoundError that would end the caller's retry loop. Found by the trio example."""
+    fs = MemoryFileSystem()
+    store = await open_memory(fs)
+    await store.write("inbox/1.json", b"{}")
+    tx = store.transaction()
+    if op == "list":
+        assert await tx.list("inbox") == ["1.json"]
+    else:
+        await tx.read("inbox/1.json")
+    async with store.transaction() as other:
+        if op in ("delete_dir", "list"):
+            await other.delete_dir("inbox")
+        else:
+            await other.delete("inbox/1.json")
+    with pytest.raises(ConflictError) as info:
+        if op == "move":
+            await tx.move("inbox/1.json", "done/1.json")
+        elif op == "delete":
+            await tx.delete("inbox/1.json")
+        elif op == "read":
+            await tx.read("inbox/1.json")
+        elif op == "delete_dir":
+            await tx.delete_dir("inbox")
+        else:
+            await tx.list("inbox")
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    await tx.rollback()
+    # Nothing read changed: the plain error, as before.
+    tx = store.transaction()
+    with pytest.raises(FileNotFoundError):
+        await tx.move("inbox/1.json", "done/1.json")
+    await tx.rollback()
+    await store.aclose()

@@ -26,11 +26,6 @@ def test_every_job_claimed_exactly_once(tmp_path: Path) -> None:
     assert len({r["by"] for r in results}) > 1  # the work was shared
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an op that finds a file changed by a commit since the transaction read it "
-    "raises FileNotFoundError, not ConflictError, so store.atomic does not retry it",
-)
 def test_a_read_made_stale_by_a_commit_is_a_conflict(tmp_path: Path) -> None:
     async def go() -> None:
         async with walstore.open(tmp_path / "s") as store:
