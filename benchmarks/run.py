@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -65,9 +66,17 @@ def _value(files: int) -> bytes:
     return VALUE if files == 1 else VALUE4  # W1-W3: 1 KiB; W4: ten 4 KiB files
 
 
-async def bench_walstore(d: str, n: int, tasks: int, files: int) -> Result:
+def _open_walstore(d: str, variant: str) -> Any:
+    """walstore as shipped, or with one optimisation turned off (``--ablation``)."""
+    fs = walstore.OsFileSystem()
+    if variant == "no-prealloc":
+        fs.journal_preallocation = 0
+    return walstore.open(d, fs=fs, cache_bytes=0 if variant == "no-cache" else 32 << 20)
+
+
+async def bench_walstore(d: str, n: int, tasks: int, files: int, variant: str = "") -> Result:
     value = _value(files)
-    async with walstore.open(d) as store:
+    async with _open_walstore(d, variant) as store:
 
         async def one(i: int) -> None:
             async with store.transaction() as tx:
@@ -281,11 +290,11 @@ async def _drive_reads(n: int, one: Callable[[int], Awaitable[bytes]]) -> Result
     return out
 
 
-async def w6_walstore(d: str, n: int) -> Result:
+async def w6_walstore(d: str, n: int, variant: str = "") -> Result:
     async with walstore.open(d) as store, store.transaction() as tx:
         for k in range(N_FILES):
             await tx.write(f"r/{k}.bin", VALUE)
-    async with walstore.open(d) as store:  # reopened: nothing cached at the start
+    async with _open_walstore(d, variant) as store:  # reopened: nothing cached at the start
         return await _drive_reads(n, lambda k: store.read(f"r/{k}.bin"))
 
 
@@ -498,8 +507,16 @@ def _run(
         results.setdefault(wname, {})[sname] = {"skipped": str(exc)}
 
 
-def run_all(scale: float, base: str, only: str | None) -> dict[str, dict[str, Result]]:
+def run_all(
+    scale: float, base: str, only: str | None, ablation: bool = False
+) -> dict[str, dict[str, Result]]:
     results: dict[str, dict[str, Result]] = {}
+    systems = dict(SYSTEMS)
+    w6_systems = dict(W6_SYSTEMS)
+    if ablation:  # walstore with one optimisation off, beside the real thing
+        for v in ("no-prealloc", "no-cache"):
+            systems[f"walstore {v}"] = partial(bench_walstore, variant=v)
+        w6_systems["walstore no-cache"] = partial(w6_walstore, variant="no-cache")
 
     def wanted(name: str) -> bool:
         return only is None or name.startswith(only)
@@ -510,7 +527,7 @@ def run_all(scale: float, base: str, only: str | None) -> dict[str, dict[str, Re
         if not wanted(wname):
             continue
         count = max(10, int(n * scale))
-        for sname, fn in SYSTEMS.items():
+        for sname, fn in systems.items():
             _run(results, base, wname, sname, fn, count, tasks, files)
     if wanted("W5"):
         count = max(2, int(20 * scale))
@@ -518,7 +535,7 @@ def run_all(scale: float, base: str, only: str | None) -> dict[str, dict[str, Re
             _run(results, base, "W5 16MiB x1, 1 task", sname, fn5, count)
     if wanted("W6"):
         count = max(1000, int(50_000 * scale))
-        for sname, fn6 in W6_SYSTEMS.items():
+        for sname, fn6 in w6_systems.items():
             _run(results, base, "W6 1KiB reads, 16 tasks", sname, fn6, count)
     if wanted("walstore"):
         n = max(2000, int(100_000 * scale))
@@ -538,10 +555,14 @@ def print_table(results: dict[str, dict[str, Result]]) -> None:
             for what, r in by_system.items():
                 print(f"  {what:34} " + "  ".join(f"{k} {v:,.3g}" for k, v in r.items()))
             continue
-        peers = [_metric(r) for s, r in by_system.items() if s != "walstore"]
+        peers = [_metric(r) for s, r in by_system.items() if not s.startswith("walstore")]
         best = max((m[1] for m in peers if m is not None), default=None)
         best_p50 = min(
-            (r["p50_ms"] for s, r in by_system.items() if s != "walstore" and "p50_ms" in r),
+            (
+                r["p50_ms"]
+                for s, r in by_system.items()
+                if not s.startswith("walstore") and "p50_ms" in r
+            ),
             default=None,
         )
         for sname, r in by_system.items():
@@ -554,7 +575,7 @@ def print_table(results: dict[str, dict[str, Result]]) -> None:
                 f"  {sname:16} {m[1]:9.0f} {unit:7}  p50 {r['p50_ms']:6.2f} ms"
                 f"  p99 {r['p99_ms']:6.2f} ms"
             )
-            if sname == "walstore" and best:
+            if sname.startswith("walstore") and best:
                 line += f"  walstore/best peer {m[1] / best:.2f}x"
                 if best_p50:
                     line += f", p50 {r['p50_ms'] / best_p50:.2f}x the best peer's"
@@ -567,10 +588,13 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--dir", default=None, help="where to run (default: a temp dir)")
     parser.add_argument("--only", default=None, help="workloads whose name starts with this")
+    parser.add_argument(
+        "--ablation", action="store_true", help="also walstore without each optimisation"
+    )
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="walstore-bench-", dir=args.dir)
     try:
-        results = run_all(0.1 if args.quick else 1.0, base, args.only)
+        results = run_all(0.1 if args.quick else 1.0, base, args.only, args.ablation)
     finally:
         shutil.rmtree(base)
     if args.json:

@@ -127,7 +127,8 @@ def scan_segment(name: str, data: bytes) -> SegmentScan:
                 f"journal segment {name}, offset {scan.valid_end}: damaged record followed by "
                 f"a valid one at offset {later}"
             )
-        scan.torn_bytes = len(data) - scan.valid_end
+        # Zeros after the last record are a preallocated segment's free space, not a tear.
+        scan.torn_bytes = max(0, len(data.rstrip(b"\0")) - scan.valid_end)
     return scan
 
 

@@ -12,6 +12,8 @@ import secrets
 from . import _journal_format as fmt
 from ._fs import FileSystem, write_all
 
+PREALLOCATING = ".new"  # suffix of a segment being zero-filled; never parsed, removed on open
+
 
 def segment_name(first_lsn: int) -> str:
     return f"{first_lsn:016d}.wal"
@@ -56,20 +58,41 @@ class JournalWriter:
 
     @classmethod
     def create(
-        cls, fs: FileSystem, journal_dir: str, checkpoint: fmt.Checkpoint, *, sync: bool
+        cls,
+        fs: FileSystem,
+        journal_dir: str,
+        checkpoint: fmt.Checkpoint,
+        *,
+        sync: bool,
+        preallocate: int = 0,
     ) -> JournalWriter:
         """Create a new segment holding HEADER and ``checkpoint``; with ``sync``, fsync it and
-        the journal directory so the segment survives power loss before anything relies on it."""
+        the journal directory so the segment survives power loss before anything relies on it.
+
+        With ``preallocate``, the segment is zero-filled to that size (zeros written, not
+        fallocated), so appends overwrite allocated blocks and their fdatasync need not commit
+        file-system metadata (MEASURED.md: p50 0.22 ms instead of 0.37 ms). It is then written
+        and synced under a temporary name and renamed into place, so a segment under its
+        real name is never a half-written preallocation."""
         salt = secrets.randbits(32)
-        path = os.path.join(journal_dir, segment_name(checkpoint.lsn))
+        name = segment_name(checkpoint.lsn)
+        path = os.path.join(journal_dir, name)
         data = fmt.encode_header(fmt.SegmentHeader(checkpoint.lsn, salt)) + fmt.encode_record(
             fmt.RecordType.CHECKPOINT, fmt.encode_checkpoint(checkpoint), salt
         )
-        fd = fs.open(path, create=True, truncate=True)
+        used = len(data)
+        staged = preallocate > used
+        if staged:
+            data += bytes(preallocate - used)
+        at = os.path.join(journal_dir, name + PREALLOCATING) if staged else path
+        fd = fs.open(at, create=True, truncate=True)
         try:
             write_all(fs, fd, data, 0)
             if sync:
                 fs.fsync(fd)
+            if staged:
+                fs.rename(at, path)
+            if sync:
                 fs.fsync_dir(journal_dir)
         except BaseException:
             fs.close(fd)
@@ -79,7 +102,7 @@ class JournalWriter:
             path,
             fd,
             salt=salt,
-            offset=len(data),
+            offset=used,
             checkpoint_lsn=checkpoint.lsn,
             next_lsn=checkpoint.lsn + 1,
         )

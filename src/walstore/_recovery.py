@@ -14,6 +14,7 @@ Every step only redoes idempotent work, so a crash during recovery is recovered 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from ._apply import Applier, remove_tree
 from ._errors import CorruptionError
 from ._fs import FileSystem
 from ._journal_reader import SegmentScan, TornSegment, scan_segment
-from ._journal_writer import JournalWriter, segment_lsn
+from ._journal_writer import PREALLOCATING, JournalWriter, segment_lsn
 from ._paths import parents
 
 
@@ -60,9 +61,14 @@ class Recovered:
     applier: Applier = field(repr=False)
 
 
-def _segments(fs: FileSystem, journal_dir: str) -> list[tuple[int, str]]:
-    names = [(segment_lsn(n), n) for n in fs.listdir(journal_dir)]
-    return sorted((lsn, n) for lsn, n in names if lsn is not None)
+def _segments(
+    fs: FileSystem, journal_dir: str, names: list[str] | None = None
+) -> list[tuple[int, str]]:
+    """(first LSN, name) of the segments in ``journal_dir`` (listed unless ``names``)."""
+    if names is None:
+        names = fs.listdir(journal_dir)
+    lsns = [(segment_lsn(n), n) for n in names]
+    return sorted((lsn, n) for lsn, n in lsns if lsn is not None)
 
 
 def _find_live(fs: FileSystem, journal_dir: str, segs: list[tuple[int, str]]) -> SegmentScan | None:
@@ -104,10 +110,18 @@ def _superseded(commits: list[fmt.Commit]) -> set[tuple[int, int, int]]:
 
 
 def recover(
-    fs: FileSystem, root: str, journal_dir: str, staging_dir: str, *, sync: bool
+    fs: FileSystem,
+    root: str,
+    journal_dir: str,
+    staging_dir: str,
+    *,
+    sync: bool,
+    preallocate: int = 0,
 ) -> Recovered:
     """Run recovery steps 2-4. Requires: caller holds the store LOCK. Raises CorruptionError."""
-    segs = _segments(fs, journal_dir)
+    names = fs.listdir(journal_dir)
+    segs = _segments(fs, journal_dir, names)
+    unfinished = [n for n in names if n.endswith(PREALLOCATING)]
     live = _find_live(fs, journal_dir, segs)
     staged = _staging_entries(fs, staging_dir)
     applier = Applier(fs, root, staging_dir)
@@ -121,7 +135,7 @@ def recover(
     live_name = live.name if live else None
     others = [n for _, n in segs if n != live_name]
 
-    if live is not None and not commits and not torn and not staged and not others:
+    if live is not None and not (commits or torn or staged or others or unfinished):
         # Closed cleanly: append to the live segment as it is.
         path = os.path.join(journal_dir, live.name)
         fd = fs.open(path)
@@ -174,7 +188,11 @@ def recover(
     if sync:
         applier.sync()
     journal = JournalWriter.create(
-        fs, journal_dir, fmt.Checkpoint(live_next_lsn, next_txid), sync=sync
+        fs,
+        journal_dir,
+        fmt.Checkpoint(live_next_lsn, next_txid),
+        sync=sync,
+        preallocate=preallocate,
     )
     removed_segments = orphans = 0
     try:
@@ -182,6 +200,9 @@ def recover(
             if name != os.path.basename(journal.path):
                 fs.unlink(os.path.join(journal_dir, name))
                 removed_segments += 1
+        for name in unfinished:  # a preallocation cut short: never a segment
+            with contextlib.suppress(FileNotFoundError):  # reused by the create above
+                fs.unlink(os.path.join(journal_dir, name))
         for name in _staging_entries(fs, staging_dir):
             orphans += remove_tree(fs, os.path.join(staging_dir, name))
     except BaseException:

@@ -564,7 +564,7 @@ def open(
     fs: FileSystem | None = None,
     inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
     checkpoint_bytes: int = 8 << 20,
-    cache_bytes: int = 32 << 20,
+    cache_bytes: int = 0,
     cache_max_file: int = 64 << 10,
 ) -> _Opener:
     """Open (creating if ``create``) the store at ``root`` and recover it.
@@ -574,7 +574,8 @@ def open(
     ``lock_timeout`` seconds, CorruptionError if the journal is damaged beyond a torn tail.
     ``readonly`` opens without the lock and without recovery, for reading only. ``fs``
     replaces the file system (see ``walstore.testing``). Files of up to ``cache_max_file``
-    bytes that the store reads or writes are kept in a read cache of ``cache_bytes`` (0: none),
+    bytes that the store reads or writes are kept in a read cache of ``cache_bytes`` (default 0:
+    none; opt in, e.g. 32 << 20),
     so their reads need no worker thread; files changed behind the store's back (not through
     it) may then read stale until it is reopened. Cancellation: recovery runs to its
     end shielded; the store is then closed again and the cancellation delivered.

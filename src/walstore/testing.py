@@ -93,6 +93,10 @@ class MemoryFileSystem:
         self.fault: Fault | None = None
         self.trace: list[tuple[int, str, str]] | None = None  # set to [] to record calls
         self.exchange_supported = True  # False: exchange() fails with EINVAL, as on old kernels
+        # Stores on this disk zero-fill journal segments to at most this many bytes (a real
+        # disk: about checkpoint_bytes). Small, so clones stay cheap and appends run both
+        # inside the preallocated space and past it.
+        self.journal_preallocation = 4096
         self._lock = threading.RLock()
         self._inodes: dict[int, _Inode] = {self.ROOT: _Inode("dir")}
         self._durable: dict[int, dict[str, int]] = {self.ROOT: {}}
@@ -561,6 +565,7 @@ class MemoryFileSystem:
         with self._lock:
             new = MemoryFileSystem()
             new.exchange_supported = self.exchange_supported
+            new.journal_preallocation = self.journal_preallocation
             new._inodes = {
                 ino: _Inode(
                     n.kind, bytearray(n.data), n.synced, dict(n.entries), n.target, n.broken

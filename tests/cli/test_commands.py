@@ -12,6 +12,7 @@ import pytest
 
 import walstore
 from walstore._journal_format import HEADER_SIZE
+from walstore._journal_reader import scan_segment
 
 from .helpers import (
     Holder,
@@ -215,7 +216,10 @@ def test_verify_while_another_process_holds_the_store(store: Path, capsys: Cap) 
 
 
 def test_recover_dry_run_predicts_what_recover_does(store: Path, capsys: Cap) -> None:
-    with open(live_segment(store), "ab") as f:
+    seg = live_segment(store)
+    end = scan_segment(seg.name, seg.read_bytes()).valid_end  # zeros after it: preallocated
+    with open(seg, "r+b") as f:
+        f.seek(end)
         f.write(b"\x30\x00\x00\x00\x99")  # a torn record header at the tail
     uncommitted = store / ".walstore" / "staging" / "900"
     uncommitted.mkdir()

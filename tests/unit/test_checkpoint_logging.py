@@ -18,7 +18,8 @@ async def test_checkpoint_runs_between_groups_and_bounds_the_journal(tmp_path: P
         for i in range(40):
             await store.write(f"f{i}", os.urandom(512))
             assert len(os.listdir(journal)) == 1  # old segments are dropped at once
-            assert os.path.getsize(journal / os.listdir(journal)[0]) < 4096 + 2048
+            # Zero-filled ahead to twice the threshold (at most 1 MiB past it), plus a record.
+            assert os.path.getsize(journal / os.listdir(journal)[0]) <= 2 * 4096 + 2048
         stats = store.stats()
         assert stats["checkpoints"] >= 4
         assert stats["commits"] == 40

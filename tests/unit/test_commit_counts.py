@@ -24,6 +24,10 @@ class RecordingFs(OsFileSystem):
         self.fds[fd] = path
         return fd
 
+    def rename(self, src: str, dst: str) -> None:
+        super().rename(src, dst)
+        self.fds = {fd: dst if p == src else p for fd, p in self.fds.items()}
+
     def fsync(self, fd: int) -> None:
         self.synced.append(self.fds[fd])
         super().fsync(fd)
@@ -100,3 +104,22 @@ async def test_open_of_a_clean_store_does_not_scan_the_tree(tmp_path: Path) -> N
     async with walstore.open(tmp_path / "s", fs=fs) as store:
         assert store.recovery.clean
         assert fs.calls["listdir"] == 2  # journal/ and staging/, never the user's tree
+
+
+@pytest.mark.asyncio
+async def test_commits_overwrite_a_preallocated_segment(tmp_path: Path) -> None:
+    """The live segment is zero-filled ahead, so a commit's fdatasync does not change the
+    file's size (no metadata to commit), and a clean reopen appends in place."""
+    journal = tmp_path / "s" / ".walstore" / "journal"
+    async with walstore.open(tmp_path / "s", checkpoint_bytes=1 << 20) as store:
+        await store.write("first", b"1")
+        [segment] = list(journal.iterdir())
+        size = segment.stat().st_size
+        assert size == (1 << 20) * 2  # zeros up to about where the next checkpoint starts
+        for i in range(100):
+            await store.write(f"f{i}.json", b"x" * 1000)
+        assert segment.stat().st_size == size
+        assert [p.name for p in journal.iterdir()] == [segment.name]
+    async with walstore.open(tmp_path / "s", checkpoint_bytes=1 << 20) as store:
+        assert store.recovery.clean
+        assert len(await store.list()) == 101

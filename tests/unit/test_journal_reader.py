@@ -52,7 +52,20 @@ def assert_torn(data: bytes, good_commits: int, valid_end: int) -> None:
     scan = scan_segment(NAME, data)
     assert [c.lsn for c in scan.commits] == list(range(FIRST + 1, FIRST + 1 + good_commits))
     assert scan.valid_end == valid_end
-    assert scan.torn_bytes == len(data) - valid_end > 0
+    # Trailing zeros are free space of a preallocated segment, not part of the tear.
+    assert scan.torn_bytes == len(data.rstrip(b"\0")) - valid_end > 0
+
+
+def test_a_zero_filled_tail_is_free_space_not_a_tear() -> None:
+    """A preallocated segment: records, then zeros to the end. Nothing is torn."""
+    data, _ = build(3)
+    scan = scan_segment(NAME, data + bytes(1 << 20))
+    assert [c.lsn for c in scan.commits] == [FIRST + 1, FIRST + 2, FIRST + 3]
+    assert scan.valid_end == len(data) and scan.torn_bytes == 0
+    # A partly written record in the free space is a tear up to its last non-zero byte.
+    part = commit_record(FIRST + 4)[:20]
+    scan = scan_segment(NAME, data + part + bytes(4096))
+    assert scan.valid_end == len(data) and scan.torn_bytes == len(part.rstrip(b"\0"))
 
 
 def corruption_at(offset: int) -> AbstractContextManager[pytest.ExceptionInfo[CorruptionError]]:
@@ -115,10 +128,12 @@ def test_truncated_trailing_record_is_ignored() -> None:
 
 
 def test_zero_filled_tail() -> None:
+    """The size reached the disk but the last record's data did not: zeros, which are free
+    space (as in a preallocated segment), the record is simply not there."""
     data, offsets = build(2)
-    assert_torn(data + bytes(4096), 2, len(data))
-    # The size reached the disk but the last record's data did not.
-    assert_torn(data[: offsets[-1]] + bytes(len(data) - offsets[-1]), 1, offsets[-1])
+    scan = scan_segment(NAME, data[: offsets[-1]] + bytes(len(data) - offsets[-1]))
+    assert [c.lsn for c in scan.commits] == [FIRST + 1]
+    assert scan.valid_end == offsets[-1] and scan.torn_bytes == 0
 
 
 @pytest.mark.parametrize("seed", range(8))

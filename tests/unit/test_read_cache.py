@@ -18,7 +18,7 @@ from walstore.testing import MemoryFileSystem
 
 @pytest.mark.asyncio
 async def test_reads_of_written_and_read_files_need_no_thread_hop(tmp_path: Path) -> None:
-    async with walstore.open(tmp_path / "s") as store:
+    async with walstore.open(tmp_path / "s", cache_bytes=1 << 20) as store:
         await store.write("a.json", b"{}")
         (tmp_path / "s" / "b.json").write_bytes(b"[]")  # there before: read once, then cached
         assert await store.read("b.json") == b"[]"
@@ -33,7 +33,7 @@ async def test_reads_of_written_and_read_files_need_no_thread_hop(tmp_path: Path
 
 @pytest.mark.asyncio
 async def test_big_files_and_a_zero_budget_are_not_cached(tmp_path: Path) -> None:
-    async with walstore.open(tmp_path / "s", cache_max_file=10) as store:
+    async with walstore.open(tmp_path / "s", cache_bytes=1 << 20, cache_max_file=10) as store:
         await store.write("big", b"x" * 11)
         hops = store.stats()["thread_hops"]
         await store.read("big")
@@ -75,10 +75,12 @@ async def test_a_read_in_flight_across_a_commit_does_not_cache_its_old_value() -
     """A value read from disk before a group was applied, but returned after the group was
     published, must not enter the cache (the generation check)."""
     fs = MemoryFileSystem()
-    async with walstore.open(ROOT, fs=fs) as store:
+    async with walstore.open(ROOT, fs=fs, cache_bytes=1 << 20) as store:
         await store.write("x", b"old")
         await store.aclose()
-    async with walstore.open(ROOT, fs=fs) as store:  # a fresh cache: "x" is not in it
+    async with walstore.open(
+        ROOT, fs=fs, cache_bytes=1 << 20
+    ) as store:  # a fresh cache: "x" is not in it
         engine = store._engine
         original = engine.read_cacheable
         read_done = threading.Event()
@@ -109,7 +111,7 @@ async def test_a_read_in_flight_across_a_commit_does_not_cache_its_old_value() -
 @pytest.mark.asyncio
 async def test_a_path_through_a_symlink_is_not_cached(tmp_path: Path) -> None:
     root = tmp_path / "s"
-    async with walstore.open(root) as store:
+    async with walstore.open(root, cache_bytes=1 << 20) as store:
         await store.write("real/x", b"1")
         os.symlink("real", root / "alias")
         os.symlink("x", root / "real" / "y")
@@ -123,7 +125,7 @@ async def test_a_path_through_a_symlink_is_not_cached(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_a_readonly_store_caches_nothing(tmp_path: Path) -> None:
     """Another process writes a store opened readonly: its reads always go to the disk."""
-    async with walstore.open(tmp_path / "s") as writer:
+    async with walstore.open(tmp_path / "s", cache_bytes=1 << 20) as writer:
         await writer.write("x", b"1")
         async with walstore.open(tmp_path / "s", readonly=True) as reader:
             assert await reader.read("x") == b"1"
@@ -136,7 +138,7 @@ async def test_transactions_begin_at_what_the_cache_shows() -> None:
     """A transaction that read a cached value conflicts with any commit the cache had not yet
     shown when it began, so the increments below are never lost."""
     fs = MemoryFileSystem()
-    async with walstore.open(ROOT, fs=fs) as store:
+    async with walstore.open(ROOT, fs=fs, cache_bytes=1 << 20) as store:
         await store.write("n", b"0")
 
         async def incr(tx: walstore.Transaction) -> None:
