@@ -27,7 +27,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from . import _journal_format as fmt
-from ._apply import Applier, remove_tree
+from ._apply import SYNCFS_MIN, Applier, remove_tree
 from ._errors import (
     ConflictError,
     InvalidPathError,
@@ -171,6 +171,10 @@ def _collides(rel: str, names: set[str]) -> bool:
     return rel in names or any(n.startswith(rel + "/") or rel.startswith(n + "/") for n in names)
 
 
+# A checkpoint is due once old versions and staged values kept until it hold this much.
+GARBAGE_BYTES = 256 << 20
+
+
 class Engine:
     """The blocking core. Every method runs in a worker thread, never on the event loop."""
 
@@ -182,6 +186,7 @@ class Engine:
         *,
         checkpoint_bytes: int = 8 << 20,
         checkpoint_files: int = 20_000,
+        syncfs_min: int | None = SYNCFS_MIN,
     ) -> None:
         self.fs = fs
         self.root = os.path.abspath(root)
@@ -192,6 +197,7 @@ class Engine:
         self.sync = durability is not Durability.OFF
         self.checkpoint_bytes = checkpoint_bytes
         self.checkpoint_files = checkpoint_files
+        self.syncfs_min = syncfs_min  # checkpoints of this many changes use syncfs; None: never
         # Segments are zero-filled to about where the next checkpoint starts a new one, so
         # commits overwrite allocated blocks (their fdatasync then writes data only).
         size = min(checkpoint_bytes + min(checkpoint_bytes, 1 << 20), 65 << 20)
@@ -239,6 +245,8 @@ class Engine:
                 self.staging_dir,
                 sync=self.sync,
                 preallocate=self.preallocate,
+                fs_fd=lock_fd,
+                syncfs_min=self.syncfs_min,
             )
         except BaseException:
             fs.unlock(lock_fd)
@@ -400,6 +408,7 @@ class Engine:
             journal.next_lsn = lsn + 1
 
             # Step 4: apply
+            applied = False
             try:
                 with self._gate.write():
                     # Step 1 looked these up already: apply need not lstat them again.
@@ -417,11 +426,16 @@ class Engine:
                         self._listing_modified[d] = lsn
                     for d in state.trees:
                         self._tree_modified[d] = lsn
+                applied = True
+                self._applier.drop_replaced()
             except OSError as exc:
-                self.partial = True
+                self.partial = not applied
                 self._fail(f"apply failed after the commit point: {exc}", exc)
                 err = StoreFailedError(
-                    f"committed (journal LSN {lsn}) but not applied: {exc}; "
+                    f"committed (journal LSN {lsn}) and applied, but an old file could not be "
+                    f"removed: {exc}; reopen the store to recover"
+                    if applied
+                    else f"committed (journal LSN {lsn}) but not applied: {exc}; "
                     "reopen the store to finish applying it"
                 )
                 err.__cause__ = exc
@@ -658,6 +672,7 @@ class Engine:
             and (
                 j.offset > self.checkpoint_bytes
                 or len(self._applier.dirty_files) > self.checkpoint_files
+                or self._applier.garbage_bytes > GARBAGE_BYTES
             )
         )
 
@@ -677,7 +692,7 @@ class Engine:
         old = self._journal
         # Step 1: checkpoint_sync: applied files and directories, so the journal can go.
         if self.sync:
-            self._applier.sync()
+            self._applier.sync(self._lock_fd)
         else:
             self._applier.dirty_files.clear()
             self._applier.dirty_dirs.clear()

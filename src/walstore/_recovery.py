@@ -117,14 +117,19 @@ def recover(
     *,
     sync: bool,
     preallocate: int = 0,
+    fs_fd: int | None = None,
+    syncfs_min: int | None = None,
 ) -> Recovered:
-    """Run recovery steps 2-4. Requires: caller holds the store LOCK. Raises CorruptionError."""
+    """Run recovery steps 2-4. Requires: caller holds the store LOCK. Raises CorruptionError.
+    ``fs_fd`` (the LOCK's handle) lets step 4 sync with one ``syncfs`` when at least
+    ``syncfs_min`` things changed (``Applier.sync``)."""
     names = fs.listdir(journal_dir)
     segs = _segments(fs, journal_dir, names)
     unfinished = [n for n in names if n.endswith(PREALLOCATING)]
     live = _find_live(fs, journal_dir, segs)
     staged = _staging_entries(fs, staging_dir)
     applier = Applier(fs, root, staging_dir)
+    applier.syncfs_min = syncfs_min if fs_fd is not None else None
 
     if live is None:  # a new store, or one whose first open was cut short
         live_next_lsn, next_txid, commits, torn = 1, 1, [], 0
@@ -176,6 +181,7 @@ def recover(
                 ) from exc
             rolled_forward.append(tx.txid)
             next_txid = max(next_txid, tx.txid + 1)
+    applier.drop_replaced()  # before the sync: their data need never be written back
     committed = set(rolled_forward)
     staged_txids = [int(n) for n in staged if n.isdigit()]
     # Staging directories of txids handed out before the live checkpoint are leftovers of
@@ -186,7 +192,7 @@ def recover(
 
     # Step 4: recover_checkpoint
     if sync:
-        applier.sync()
+        applier.sync(fs_fd)
     journal = JournalWriter.create(
         fs,
         journal_dir,

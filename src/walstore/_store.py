@@ -24,6 +24,7 @@ import anyio
 import anyio.lowlevel
 
 from . import _journal_format as fmt
+from ._apply import SYNCFS_MIN
 from ._cache import ReadCache
 from ._engine import Durability, Engine, Move, Outcome, PendingReplace, PreparedTx, Result
 from ._errors import (
@@ -42,6 +43,7 @@ log = logging.getLogger("walstore")
 T = TypeVar("T")
 
 DEFAULT_INLINE_THRESHOLD = 128 * 1024
+DEFAULT_CACHE_BYTES = 32 << 20
 
 
 class _WaiterState(enum.Enum):
@@ -89,6 +91,9 @@ class Store:
         self._cache = (
             ReadCache(cache_bytes, cache_max_file) if cache_bytes > 0 and not readonly else None
         )
+        # Set while a group (and the checkpoint after it) runs in a worker thread; cache hits
+        # wait for it (``_read_raw``).
+        self._committing: anyio.Event | None = None
         # The LSN of the last group whose changes readers on the event loop may see (the
         # cache is updated with it): transactions begin there.
         self._visible_lsn = engine.last_lsn
@@ -165,8 +170,20 @@ class Store:
             return await self._run(self._engine.read, path)
         hit = cache.get(path)
         if hit is not None:
-            await anyio.lowlevel.checkpoint()  # still a checkpoint, as every await here is
-            return hit
+            committing = self._committing
+            if committing is None:
+                await anyio.lowlevel.checkpoint()  # still a checkpoint, as every await here is
+                return hit
+            # A group is being committed in a worker thread, which needs the GIL at every
+            # step. Readers served from memory in a loop would hold it: each of the thread's
+            # syscalls would then wait out the 5 ms switch interval, and commits would crawl
+            # (16 writers and two such readers made 2,000 transfers take minutes). So a hit
+            # waits for that group, once, and reads what it left: as fresh, and the loop is
+            # idle while the thread runs.
+            await committing.wait()
+            hit = cache.get(path)
+            if hit is not None:
+                return hit
         generation = cache.generation
         data, cacheable = await self._run(self._engine.read_cacheable, path)
         if cacheable:
@@ -273,6 +290,7 @@ class Store:
         for w in group:
             w.state = _WaiterState.TAKEN
         oldest = min(self._active, default=self._engine.last_lsn)
+        committing = self._committing = anyio.Event()
         try:
             try:
                 results = await self._run(
@@ -299,6 +317,8 @@ class Store:
                 except StoreFailedError as exc:
                     log.error("background checkpoint failed: %s", exc)
         finally:
+            self._committing = None
+            committing.set()
             if self._queue:
                 head = self._queue[0]
                 head.state = _WaiterState.LEADING
@@ -437,7 +457,7 @@ class Store:
     def stats(self) -> dict[str, float]:
         """Counters since open: commits, groups, mean_group_size, conflicts, checkpoints,
         journal_bytes, journal_syncs, fsyncs (every fsync/fdatasync the store made, directory
-        syncs included) and thread_hops."""
+        syncs and syncfs included) and thread_hops."""
         c = self._engine.counters
         calls = self._engine.fs.calls
         return {
@@ -448,7 +468,7 @@ class Store:
             "checkpoints": c.checkpoints,
             "journal_bytes": c.journal_bytes,
             "journal_syncs": c.journal_syncs,
-            "fsyncs": calls["fsync"] + calls["fdatasync"] + calls["fsync_dir"],
+            "fsyncs": calls["fsync"] + calls["fdatasync"] + calls["fsync_dir"] + calls["syncfs"],
             "thread_hops": self._hops,
         }
 
@@ -493,13 +513,18 @@ async def _open(
     checkpoint_bytes: int,
     cache_bytes: int,
     cache_max_file: int,
+    checkpoint_syncfs: bool,
 ) -> Store:
     if not isinstance(durability, Durability):
         raise TypeError(f"durability must be a walstore.Durability, not {durability!r}")
     if lock_timeout < 0 or math.isnan(lock_timeout):
         raise ValueError(f"lock_timeout must be >= 0, not {lock_timeout}")
     engine = Engine(
-        fs or OsFileSystem(), os.fspath(root), durability, checkpoint_bytes=checkpoint_bytes
+        fs or OsFileSystem(),
+        os.fspath(root),
+        durability,
+        checkpoint_bytes=checkpoint_bytes,
+        syncfs_min=SYNCFS_MIN if checkpoint_syncfs else None,
     )
     deadline = anyio.current_time() + lock_timeout
     while True:
@@ -564,8 +589,9 @@ def open(
     fs: FileSystem | None = None,
     inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
     checkpoint_bytes: int = 8 << 20,
-    cache_bytes: int = 0,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
     cache_max_file: int = 64 << 10,
+    checkpoint_syncfs: bool = True,
 ) -> _Opener:
     """Open (creating if ``create``) the store at ``root`` and recover it.
 
@@ -574,10 +600,14 @@ def open(
     ``lock_timeout`` seconds, CorruptionError if the journal is damaged beyond a torn tail.
     ``readonly`` opens without the lock and without recovery, for reading only. ``fs``
     replaces the file system (see ``walstore.testing``). Files of up to ``cache_max_file``
-    bytes that the store reads or writes are kept in a read cache of ``cache_bytes`` (default 0:
-    none; opt in, e.g. 32 << 20),
-    so their reads need no worker thread; files changed behind the store's back (not through
-    it) may then read stale until it is reopened. Cancellation: recovery runs to its
+    bytes that the store reads or writes are kept in a read cache of ``cache_bytes`` (32 MiB;
+    0 turns it off), so their reads need no worker thread; files changed behind the store's
+    back (not through it) may then read stale until it is reopened (a ``readonly`` store never
+    caches). A checkpoint (and recovery) that has
+    ``SYNCFS_MIN`` (16) or more files and directories to make durable does it with one
+    ``syncfs`` of the store's file system, where that reports errors (Linux 5.8+);
+    ``checkpoint_syncfs=False`` fsyncs each instead, for a file system shared with writers
+    whose dirty data a syncfs should not wait for. Cancellation: recovery runs to its
     end shielded; the store is then closed again and the cancellation delivered.
     """
     return _Opener(
@@ -591,4 +621,5 @@ def open(
         checkpoint_bytes=checkpoint_bytes,
         cache_bytes=cache_bytes,
         cache_max_file=cache_max_file,
+        checkpoint_syncfs=checkpoint_syncfs,
     )

@@ -93,6 +93,7 @@ class MemoryFileSystem:
         self.fault: Fault | None = None
         self.trace: list[tuple[int, str, str]] | None = None  # set to [] to record calls
         self.exchange_supported = True  # False: exchange() fails with EINVAL, as on old kernels
+        self.syncfs_supported = True  # False: syncfs() fails with ENOSYS, as before Linux 5.8
         # Stores on this disk zero-fill journal segments to at most this many bytes (a real
         # disk: about checkpoint_bytes). Small, so clones stay cheap and appends run both
         # inside the preallocated space and past it.
@@ -435,6 +436,27 @@ class MemoryFileSystem:
                 if c:
                     self._make_durable(op)
             self._pending = [op for op, c in zip(self._pending, chosen, strict=True) if not c]
+
+    def syncfs(self, fd: int) -> None:
+        with self._lock:
+            self._file(fd)
+            try:
+                self._call("syncfs", self._fd_path(fd))
+                if not self.syncfs_supported:
+                    raise _err(errno.ENOSYS, self._fd_path(fd))
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:
+                    # As a failed fsync (fsyncgate), for every file it was to write back.
+                    for node in self._inodes.values():
+                        if node.kind == "file" and bytes(node.data) != node.synced:
+                            node.broken = True
+                raise
+            for node in self._inodes.values():
+                if node.kind == "file" and not node.broken:
+                    node.synced = bytes(node.data)
+            for op in self._pending:  # in order: a later change lands on an earlier one
+                self._make_durable(op)
+            self._pending = []
 
     def _make_durable(self, op: _Pending) -> None:
         if op[0] == "link":

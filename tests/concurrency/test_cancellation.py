@@ -556,7 +556,7 @@ async def test_cancel_a_reader_held_off_by_the_apply_gate() -> None:
     the new value or raises the cancellation (the read in flight finishes either way), and the
     gate is not left held: later commits and reads work."""
     fs, store = await seeded()
-    blocker = Blocker(nth_call("rename", 1))  # inside the apply step: readers held off
+    blocker = Blocker(nth_call("exchange", 1))  # inside the apply step: readers held off
     fs.fault = blocker
     scope = anyio.CancelScope()
     got: list[bytes] = []
@@ -579,21 +579,41 @@ async def test_cancel_a_reader_held_off_by_the_apply_gate() -> None:
     await check_store_still_works(fs, store, {**OLD, "x": b"x1"}, "gate")
 
 
-async def test_a_cached_read_during_apply_sees_the_group_before_and_is_a_checkpoint() -> None:
-    """With the read cache, a read while a group is being applied does not wait: it returns
-    the value from before the group (never part of it), the new one once the commit returned,
-    and it is still a point where a pending cancellation is delivered."""
+async def test_a_cached_read_during_a_commit_waits_for_it_and_is_a_checkpoint() -> None:
+    """With the read cache, a read that hits it while a group is being committed waits for
+    that group (so the event loop leaves the GIL to the committing thread) and then returns
+    what the group left, from the cache: never part of the group, never a file-system call.
+    A read cancelled while it waits raises the cancellation and holds nothing up; a cached
+    read is still a point where a pending cancellation is delivered."""
     fs, store = await seeded(cache=True)
-    blocker = Blocker(nth_call("rename", 1))  # inside the apply step
+    blocker = Blocker(nth_call("exchange", 1))  # inside the apply step (x is replaced)
     fs.fault = blocker
+    got: list[bytes] = []
+    cancelled = anyio.CancelScope()
+
+    async def reader() -> None:
+        got.append(await store.read("x"))
+
+    async def cancelled_reader() -> None:
+        with cancelled:
+            await store.read("x")
+            raise AssertionError("read past the cancellation")  # pragma: no cover
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(store.write, "x", b"x1")
         await blocker.wait()
-        calls = sum(fs.calls.values())
-        assert await store.read("x") == OLD["x"]
-        assert sum(fs.calls.values()) == calls  # served from the cache: no file-system call
+        reads = fs.calls["read_file"]
+        tg.start_soon(reader)
+        tg.start_soon(cancelled_reader)
+        await anyio.wait_all_tasks_blocked()
+        assert got == []  # waiting for the group
+        cancelled.cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert cancelled.cancelled_caught
         blocker.release()
     fs.fault = None
+    assert got == [b"x1"]
+    assert fs.calls["read_file"] == reads  # served from the cache
     assert await store.read("x") == b"x1"
     with anyio.CancelScope() as scope:
         scope.cancel()

@@ -59,6 +59,7 @@ SEAM = (
     "lstat",
     "realpath",
     "fsync_dir",
+    "syncfs",
     "lock",
     "unlock",
 )

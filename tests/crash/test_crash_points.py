@@ -169,9 +169,10 @@ def test_every_seam_method_was_a_crash_point(pool: tuple[Any, str]) -> None:
     # and in the phase each belongs to
     commit = {"open", "pwrite", "fsync", "fdatasync", "close", "rename", "exchange", "link"}
     commit |= {"unlink", "mkdir", "rmdir", "lstat", "listdir", "fsync_dir", "unlock", *STREAM}
+    commit |= {"syncfs"}  # a checkpoint of many files
     recovery = {"lock", "unlock", "truncate", "realpath", "read_file", "listdir", "lstat"}
     recovery |= {"open", "pwrite", "fsync", "fsync_dir", "close", "rename", "exchange", "link"}
-    recovery |= {"unlink", "mkdir", "rmdir"}
+    recovery |= {"unlink", "mkdir", "rmdir", "syncfs"}
     want = {("workload", n) for n in commit} | {("recovery", n) for n in recovery}
     assert want <= probed, sorted(want - probed)
 

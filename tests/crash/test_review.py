@@ -256,9 +256,9 @@ def test_group_commit_crash_sweep() -> None:
     ungated: list[str] = []  # user-visible changes made while readers are not held off
 
     def gate_check(index: int, name: str, path: str) -> None:
-        dst = path.split(" -> ")[-1]
+        dst = path.split(" -> ")[-1].split(" <-> ")[-1]
         user = dst.startswith(ROOT + "/") and not dst.startswith(ROOT + "/.walstore")
-        if name in ("rename", "unlink", "mkdir", "link") and user and not gate._writer:
+        if name in ("rename", "exchange", "unlink", "mkdir", "link") and user and not gate._writer:
             ungated.append(path)
 
     gate, t.fault = store._engine._gate, gate_check
@@ -411,7 +411,7 @@ def test_failed_store_never_shows_half_a_group() -> None:
     fs, _ = fresh([("a", b"old"), ("b", b"old")])
     store = open_store(fs, FULL)
     fs.fault = lambda i, n, p: (
-        OSError(errno.EIO, "x") if n == "rename" and p.endswith("/b") else None
+        OSError(errno.EIO, "x") if n in ("rename", "exchange") and p.endswith("/b") else None
     )
     _, exc = attempt(store, [("a", b"new"), ("b", b"new")])
     assert isinstance(exc, walstore.StoreFailedError)

@@ -1,0 +1,228 @@
+"""The two cheap paths of apply and checkpoint, and the fallbacks beside them.
+
+* A value that replaces an existing file is exchanged into place (renameat2 RENAME_EXCHANGE)
+  and the old file unlinked once the group is in place; a new file is renamed in. Where the
+  system cannot exchange, values are renamed over the old files.
+* A checkpoint (or recovery) with at least ``SYNCFS_MIN`` changes makes them durable with one
+  ``syncfs``; a smaller one, one with ``checkpoint_syncfs=False``, or one on a system whose
+  syncfs cannot report errors fsyncs each file and directory.
+
+Each path is held to its syscall counts (stable, unlike times) and to what survives a power
+cut or a crash at each of its calls.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import walstore
+from walstore._apply import SYNCFS_MIN
+from walstore.testing import MemoryFileSystem, SimulatedCrash
+
+ROOT = "/store"
+MANY = SYNCFS_MIN + 4  # files in a checkpoint big enough for syncfs
+
+
+def run(fn: Any, *args: Any) -> Any:
+    return anyio.run(fn, *args)
+
+
+async def _write(fs: MemoryFileSystem, files: dict[str, bytes], **kwargs: Any) -> None:
+    store = await walstore.open(ROOT, fs=fs, **kwargs)
+    try:
+        async with store.transaction() as tx:
+            for path, data in files.items():
+                await tx.write(path, data)
+    finally:
+        await store.aclose()
+
+
+def _files(n: int, tag: bytes) -> dict[str, bytes]:
+    return {f"d{i % 3}/f{i}.bin": tag + bytes([i]) for i in range(n)}
+
+
+def _checkpoint_calls(fs: MemoryFileSystem, files: dict[str, bytes], **kw: Any) -> Any:
+    """Write ``files`` in one transaction and close (which checkpoints); the calls of the
+    close alone."""
+
+    async def main() -> Any:
+        store = await walstore.open(ROOT, fs=fs, **kw)
+        async with store.transaction() as tx:
+            for path, data in files.items():
+                await tx.write(path, data)
+        before = fs.calls.copy()
+        await store.aclose()
+        return fs.calls - before
+
+    return run(main)
+
+
+def test_a_big_checkpoint_is_one_syncfs_and_no_fsync_of_files() -> None:
+    fs = MemoryFileSystem()
+    calls = _checkpoint_calls(fs, _files(MANY, b"a"))
+    assert calls["syncfs"] == 1
+    assert calls["fsync"] == 1  # the new journal segment's, not the files'
+    assert calls["fsync_dir"] == 1  # journal/, for the new segment's name
+
+
+def test_a_small_checkpoint_fsyncs_each_file() -> None:
+    fs = MemoryFileSystem()
+    calls = _checkpoint_calls(fs, _files(2, b"a"))
+    assert calls["syncfs"] == 0
+    assert calls["fsync"] == 2 + 1  # the two files, then the new segment
+
+
+@pytest.mark.parametrize("how", ["checkpoint_syncfs=False", "no syncfs on the system"])
+def test_without_syncfs_a_big_checkpoint_fsyncs_each_file(how: str) -> None:
+    fs = MemoryFileSystem()
+    kw: dict[str, Any] = {}
+    if how == "checkpoint_syncfs=False":
+        kw["checkpoint_syncfs"] = False
+    else:
+        fs.syncfs_supported = False
+    calls = _checkpoint_calls(fs, _files(MANY, b"a"), **kw)
+    assert calls["fsync"] == MANY + 1
+    assert calls["syncfs"] == (0 if kw else 1)  # tried once, refused with ENOSYS
+    # Every file survives a power cut all the same.
+    fs.reboot(power_loss=random.Random(1))
+    assert fs.files(ROOT) == _files(MANY, b"a")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_power_cut_after_a_syncfs_checkpoint_loses_nothing(seed: int) -> None:
+    """The journal segment that held the values is gone after the checkpoint: only syncfs
+    made them durable. Power cuts at random tear, drop or garble whatever is unsynced."""
+    fs = MemoryFileSystem()
+    run(_write, fs, _files(MANY, b"a"))  # closed: checkpointed by one syncfs
+    assert fs.calls["syncfs"] == 1
+    fs.reboot(power_loss=random.Random(seed))
+    assert fs.files(ROOT) == _files(MANY, b"a")
+
+
+def _crash_sweep(fs_setup: MemoryFileSystem, name: str) -> int:
+    """Overwrite every file of the setup (and add MANY more) in one transaction, then close:
+    crash at each call, cut the power, reopen; the store holds all old or all new files."""
+    old = fs_setup.files(ROOT)
+    new = {**{p: b"new" + d for p, d in old.items()}, **_files(MANY, b"more")}
+    cases = 0
+    k = 0
+    while True:
+        fs = fs_setup.clone()
+        fs.crash_at = fs.count + k
+        try:
+            run(_write, fs, new)
+        except SimulatedCrash:
+            pass
+        else:
+            assert k > 0
+            return cases
+        fs.reboot(power_loss=random.Random(k))
+        run(_write, fs, {})  # reopen: recovery
+        got = fs.files(ROOT)
+        assert got in (old, new), f"{name}: crash at call {k}: neither old nor new"
+        assert fs.files(ROOT + "/.walstore/staging", skip=()) == {}
+        cases += 1
+        k += 1
+
+
+def test_crash_at_every_call_of_an_exchanging_syncfs_commit_and_checkpoint() -> None:
+    fs = MemoryFileSystem()
+    run(_write, fs, _files(MANY, b"old"))
+    assert _crash_sweep(fs, "exchange + syncfs") > 2 * MANY
+
+
+def test_crash_at_every_call_without_exchange_or_syncfs() -> None:
+    fs = MemoryFileSystem()
+    fs.exchange_supported = False
+    fs.syncfs_supported = False
+    run(_write, fs, _files(MANY, b"old"))
+    assert _crash_sweep(fs, "rename + fsyncs") > 2 * MANY
+
+
+def test_a_failed_syncfs_fails_the_store_and_reopening_recovers() -> None:
+    fs = MemoryFileSystem()
+    run(_write, fs, _files(MANY, b"old"))
+    files = _files(MANY, b"new")
+
+    async def main() -> None:
+        store = await walstore.open(ROOT, fs=fs)
+        async with store.transaction() as tx:
+            for path, data in files.items():
+                await tx.write(path, data)
+        fs.fault = lambda i, n, p: OSError(errno.EIO, "injected") if n == "syncfs" else None
+        with pytest.raises(walstore.StoreFailedError):
+            await store.checkpoint()
+        fs.fault = None
+        with pytest.raises(walstore.StoreFailedError):  # fail-stop: never retried
+            await store.write("later", b"x")
+        await store.aclose()
+
+    run(main)
+    # What the failed syncfs was to write back may be lost; the journal still has it.
+    fs.reboot(power_loss=random.Random(3))
+    run(_write, fs, {})
+    assert fs.files(ROOT) == files
+
+
+def test_replacing_files_exchanges_and_unlinks_creating_renames() -> None:
+    fs = MemoryFileSystem()
+    run(_write, fs, _files(4, b"old"))
+
+    async def main() -> Any:
+        store = await walstore.open(ROOT, fs=fs)
+        before = fs.calls.copy()
+        async with store.transaction() as tx:
+            for path in _files(4, b""):
+                await tx.write(path, b"new")
+            await tx.write("d0/fresh.bin", b"fresh")
+        calls = fs.calls - before
+        staging = fs.files(ROOT + "/.walstore/staging", skip=())
+        await store.aclose()
+        return calls, staging
+
+    calls, staging = run(main)
+    assert calls["exchange"] == 4 and calls["rename"] == 1  # the fresh file is renamed in
+    assert calls["unlink"] == 4  # the four old files, once the group is in place
+    assert staging == {}  # nothing left behind until the checkpoint
+
+
+def test_without_exchange_values_are_renamed_over_the_old_files() -> None:
+    fs = MemoryFileSystem()
+    run(_write, fs, _files(4, b"old"))
+    fs.exchange_supported = False
+
+    async def main() -> Any:
+        store = await walstore.open(ROOT, fs=fs)
+        before = fs.calls.copy()
+        for _ in range(2):  # refused once, not asked again
+            async with store.transaction() as tx:
+                for path in _files(4, b""):
+                    await tx.write(path, b"new")
+        calls = fs.calls - before
+        await store.aclose()
+        return calls
+
+    calls = run(main)
+    assert calls["exchange"] == 1 and calls["rename"] == 8 and calls["unlink"] == 0
+    assert fs.files(ROOT) == {p: b"new" for p in _files(4, b"")}
+
+
+@pytest.mark.asyncio
+async def test_the_real_file_system_checkpoints_with_one_syncfs(tmp_path: Path) -> None:
+    """On this machine (Linux >= 5.8) the OS file system takes the syncfs path too."""
+    fs = walstore.OsFileSystem()
+    async with walstore.open(tmp_path / "s", fs=fs) as store:
+        async with store.transaction() as tx:
+            for path, data in _files(MANY, b"a").items():
+                await tx.write(path, data)
+        before = fs.calls.copy()
+        await store.checkpoint()
+        calls = fs.calls - before
+    assert calls["syncfs"] == 1 and calls["fsync"] == 1  # the files', then the new segment
+    assert (tmp_path / "s" / "d0" / "f0.bin").read_bytes() == b"a\x00"
