@@ -1,6 +1,6 @@
 """Benchmarks: walstore beside its peers, same workloads, same run, full durability.
 
-    python benchmarks/run.py [--quick] [--json]
+    python benchmarks/run.py [--quick] [--json] [--rounds N] [--only PREFIX] [--ablation]
 
 Peers: plain atomic writes (tmp, fsync, rename, dir fsync, in one thread hop), aiosqlite
 (WAL, synchronous=FULL, one shared connection), aiosqlite with application-level group commit,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import platform
@@ -67,11 +68,44 @@ def _value(files: int) -> bytes:
 
 
 def _open_walstore(d: str, variant: str) -> Any:
-    """walstore as shipped, or with one optimisation turned off (``--ablation``)."""
+    """walstore as shipped (its defaults), or with one optimisation turned off
+    (``--ablation``)."""
     fs = walstore.OsFileSystem()
+    kwargs: dict[str, Any] = {}
     if variant == "no-prealloc":
         fs.journal_preallocation = 0
-    return walstore.open(d, fs=fs, cache_bytes=0 if variant == "no-cache" else 32 << 20)
+    elif variant == "no-cache":
+        kwargs["cache_bytes"] = 0
+    elif variant == "no-syncfs":
+        kwargs["checkpoint_syncfs"] = False
+    elif variant == "no-exchange":
+        fs = _NoExchangeFs()
+    return walstore.open(d, fs=fs, **kwargs)
+
+
+class _NoExchangeFs(walstore.OsFileSystem):
+    """As on a system without renameat2: values are renamed over the old files."""
+
+    def exchange(self, a: str, b: str) -> None:
+        raise OSError(errno.ENOSYS, "no renameat2 (benchmark ablation)", a)
+
+
+def _io_pressure() -> float:
+    """The share of the last 10 s in which some task waited for I/O (Linux PSI), or 0."""
+    try:
+        with open("/proc/pressure/io") as f:
+            return float(f.readline().split()[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _settle(limit: float = 30.0) -> None:
+    """Wait (at most ``limit`` s) until the disk is quiet: write-back and discards left by
+    the previous workload otherwise slow the next one down by up to 5x on this disk."""
+    deadline = time.monotonic() + limit
+    os.sync()
+    while _io_pressure() > 1.0 and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 async def bench_walstore(d: str, n: int, tasks: int, files: int, variant: str = "") -> Result:
@@ -379,6 +413,7 @@ async def main():
         async with store.transaction() as tx:
             for j in range(i, min(n, i + 64)):
                 await tx.write(f"k/{j % keys}.bin", value)
+    print(store.stats()["journal_bytes"], flush=True)  # records, not preallocated zeros
     os._exit(0)  # a crash: no checkpoint, the journal holds every commit
 anyio.run(main)
 """
@@ -388,11 +423,14 @@ def recovery_speed(base: str, n: int, keys: int, size: int) -> Result:
     import subprocess
 
     d = tempfile.mkdtemp(dir=base)
-    subprocess.run(
-        [sys.executable, "-c", _CRASH_AFTER_WRITES, d, str(n), str(keys), str(size)], check=True
+    out = subprocess.run(
+        [sys.executable, "-c", _CRASH_AFTER_WRITES, d, str(n), str(keys), str(size)],
+        check=True,
+        capture_output=True,
+        text=True,
     )
-    journal = os.path.join(d, ".walstore", "journal")
-    size_bytes = sum(os.path.getsize(os.path.join(journal, f)) for f in os.listdir(journal))
+    size_bytes = int(out.stdout)
+    _settle()
 
     async def reopen() -> float:
         t = time.perf_counter()
@@ -496,56 +534,81 @@ def _metric(r: Result) -> tuple[str, float] | None:
 
 
 def _run(
-    results: dict[str, dict[str, Result]], base: str, wname: str, sname: str, fn: Any, *args: int
+    results: dict[str, dict[str, list[Result]]],
+    base: str,
+    wname: str,
+    sname: str,
+    fn: Any,
+    *args: int,
 ) -> None:
     # Nothing is deleted until the end: on this discard-mounted disk a burst of deletes slows
     # file creation for seconds after (MEASURED.md).
     d = tempfile.mkdtemp(dir=base)
+    _settle()
     try:
-        results.setdefault(wname, {})[sname] = anyio.run(fn, d, *args)
+        r = anyio.run(fn, d, *args)
     except ImportError as exc:
-        results.setdefault(wname, {})[sname] = {"skipped": str(exc)}
+        r = {"skipped": str(exc)}
+    results.setdefault(wname, {}).setdefault(sname, []).append(r)
+
+
+def _median(runs: list[Result]) -> Result:
+    """Each number's median over the rounds (a skipped system stays skipped)."""
+    if "skipped" in runs[0]:
+        return runs[0]
+    out: Result = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["rounds"] = len(runs)
+    return out
 
 
 def run_all(
-    scale: float, base: str, only: str | None, ablation: bool = False
+    scale: float, base: str, only: str | None, ablation: bool = False, rounds: int = 1
 ) -> dict[str, dict[str, Result]]:
-    results: dict[str, dict[str, Result]] = {}
+    """Every workload on every system, ``rounds`` times with the systems interleaved (so a
+    slow minute of the shared disk hits them alike); each number is the median of the
+    rounds."""
+    results: dict[str, dict[str, list[Result]]] = {}
     systems = dict(SYSTEMS)
     w6_systems = dict(W6_SYSTEMS)
     if ablation:  # walstore with one optimisation off, beside the real thing
-        for v in ("no-prealloc", "no-cache"):
+        for v in ("no-prealloc", "no-cache", "no-syncfs", "no-exchange"):
             systems[f"walstore {v}"] = partial(bench_walstore, variant=v)
         w6_systems["walstore no-cache"] = partial(w6_walstore, variant="no-cache")
 
     def wanted(name: str) -> bool:
         return only is None or name.startswith(only)
 
-    if wanted("floor"):
-        results["floor"] = {"raw 4KiB append+fdatasync": raw_floor(base, int(1000 * scale))}
-    for wname, (tasks, files, n) in WORKLOADS.items():
-        if not wanted(wname):
-            continue
-        count = max(10, int(n * scale))
-        for sname, fn in systems.items():
-            _run(results, base, wname, sname, fn, count, tasks, files)
-    if wanted("W5"):
-        count = max(2, int(20 * scale))
-        for sname, fn5 in W5_SYSTEMS.items():
-            _run(results, base, "W5 16MiB x1, 1 task", sname, fn5, count)
-    if wanted("W6"):
-        count = max(1000, int(50_000 * scale))
-        for sname, fn6 in w6_systems.items():
-            _run(results, base, "W6 1KiB reads, 16 tasks", sname, fn6, count)
+    for _ in range(rounds):
+        if wanted("floor"):
+            _run(results, base, "floor", "raw 4KiB append+fdatasync", _floor, int(1000 * scale))
+        for wname, (tasks, files, n) in WORKLOADS.items():
+            if not wanted(wname):
+                continue
+            count = max(10, int(n * scale))
+            for sname, fn in systems.items():
+                _run(results, base, wname, sname, fn, count, tasks, files)
+        if wanted("W5"):
+            count = max(2, int(20 * scale))
+            for sname, fn5 in W5_SYSTEMS.items():
+                _run(results, base, "W5 16MiB x1, 1 task", sname, fn5, count)
+        if wanted("W6"):
+            count = max(1000, int(50_000 * scale))
+            for sname, fn6 in w6_systems.items():
+                _run(results, base, "W6 1KiB reads, 16 tasks", sname, fn6, count)
+    out = {w: {s: _median(runs) for s, runs in by.items()} for w, by in results.items()}
     if wanted("walstore"):
         n = max(2000, int(100_000 * scale))
-        results["walstore alone"] = {
+        out["walstore alone"] = {
             "recovery, 1,000 keys overwritten": recovery_speed(base, n, 1000, 1024),
             "recovery, every key new": recovery_speed(base, n // 4, 1 << 30, 1024),
             "open": open_time(base, max(10_000, int(100_000 * scale))),
             "streaming 16 MiB": stream_rss(base),
         }
-    return results
+    return out
+
+
+async def _floor(d: str, n: int) -> Result:
+    return raw_floor(d, n)
 
 
 def print_table(results: dict[str, dict[str, Result]]) -> None:
@@ -591,10 +654,15 @@ def main() -> None:
     parser.add_argument(
         "--ablation", action="store_true", help="also walstore without each optimisation"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds to take each median of (default 3)"
+    )
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="walstore-bench-", dir=args.dir)
     try:
-        results = run_all(0.1 if args.quick else 1.0, base, args.only, args.ablation)
+        results = run_all(
+            0.1 if args.quick else 1.0, base, args.only, args.ablation, max(1, args.rounds)
+        )
     finally:
         shutil.rmtree(base)
     if args.json:
@@ -605,6 +673,8 @@ def main() -> None:
             "kernel": platform.release(),
             "cpus": os.cpu_count(),
             "walstore": walstore.__version__,
+            "rounds": max(1, args.rounds),
+            "io_pressure_at_end": _io_pressure(),
         }
         print(json.dumps({"meta": meta, "results": results}, indent=2))
         return
