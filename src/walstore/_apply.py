@@ -69,7 +69,9 @@ class Applier:
         applied = 0
         for i, op in enumerate(ops):
             tmp = os.path.join(self.staging_dir, f"{txid}-{i}.tmp")
-            if isinstance(op, Put | PutStaged):
+            if replay and isinstance(op, Put) and self._rewrite_in_place(op):
+                self._changed(op.path, replay)
+            elif isinstance(op, Put | PutStaged):
                 self._make_parents(op.path)
                 if replay and self.fs.lstat(tmp) is not None:
                     self.fs.unlink(tmp)
@@ -98,6 +100,26 @@ class Applier:
                 self._replace_dir(op, os.path.join(self.staging_dir, f"{txid}-{i}.dir"), replay)
             applied += 1
         return applied
+
+    def _rewrite_in_place(self, op: Put) -> bool:
+        """Replay of a put whose file already holds the value (the crashed process applied
+        it): write the same bytes over it in place, ~5x cheaper than a new file. Rewriting
+        matters: after a write-back error in the crashed process the page cache may show data
+        the disk never got, and only pages dirtied anew are written back by the checkpoint's
+        sync (fsyncgate). Identical bytes keep the file whole at every instant, for readers
+        and across a crash. Returns False, having changed nothing, if the file differs."""
+        target = self.full(op.path)
+        st = self.fs.lstat(target)
+        if st is None or st.kind != "file" or st.size != len(op.data) or not op.data:
+            return False
+        if self.fs.read_file(target) != op.data:
+            return False
+        fd = self.fs.open(target)
+        try:
+            write_all(self.fs, fd, op.data, 0)
+        finally:
+            self.fs.close(fd)
+        return True
 
     def _place(self, tmp: str, target: str, *, linked: bool) -> None:
         """Step 4 for one value: move ``tmp`` (a new file in staging) to ``target``.

@@ -100,7 +100,7 @@ class FileSystem(Protocol):
 class AsyncWriter(Protocol):
     """A file being streamed from async code; each call is one worker-thread hop."""
 
-    async def write(self, data: bytes) -> None: ...
+    async def write(self, data: bytes | memoryview) -> None: ...
 
     async def sync(self) -> None: ...
 
@@ -277,7 +277,7 @@ class _AiofilesWriter:
         self._f = f
         self._fs = fs
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         self._fs.calls["stream_write"] += 1
         view = memoryview(data)
         while view:  # a raw (unbuffered) file may write short
@@ -308,7 +308,7 @@ class _ThreadWriter:
         self._fd = fd
         self._fs = fs
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         self._fs.calls["stream_write"] += 1
 
         def run() -> None:

@@ -128,8 +128,21 @@ def scan_segment(name: str, data: bytes) -> SegmentScan:
                 f"a valid one at offset {later}"
             )
         # Zeros after the last record are a preallocated segment's free space, not a tear.
-        scan.torn_bytes = max(0, len(data.rstrip(b"\0")) - scan.valid_end)
+        scan.torn_bytes = max(0, _end_of_data(data, scan.valid_end) - scan.valid_end)
     return scan
+
+
+_ZEROS = bytes(1 << 16)
+
+
+def _end_of_data(data: bytes, start: int) -> int:
+    """The offset just past the last non-zero byte at or after ``start`` (``start`` if none).
+    Skips zeros 64 KiB at a time: a preallocated segment is mostly zeros, and a byte-wise
+    rstrip of its 60 MiB took 80 ms of every open."""
+    end, step = len(data), len(_ZEROS)
+    while end - start >= step and data[end - step : end] == _ZEROS:
+        end -= step
+    return start + len(data[start:end].rstrip(b"\0"))
 
 
 def _decode(name: str, record: _Record, decode: Callable[[memoryview], T]) -> T:

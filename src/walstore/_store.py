@@ -286,6 +286,10 @@ class Store:
 
     async def _lead(self) -> None:
         """Commit one group: every transaction queued now. Requires: self._leading is ours."""
+        # One turn of the event loop first: the tasks the last group just released run their
+        # next transactions into the queue and this group, instead of waiting out a whole
+        # commit for the next one (16 writers: groups of 15 instead of 8).
+        await anyio.lowlevel.cancel_shielded_checkpoint()
         group, self._queue = self._queue, []
         for w in group:
             w.state = _WaiterState.TAKEN

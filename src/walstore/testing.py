@@ -57,7 +57,7 @@ class _Inode:
     entries: dict[str, int] = field(default_factory=dict)  # dir: current entries
     target: str = ""  # symlink
     broken: bool = False  # an fsync failed: later ones make nothing durable (fsyncgate)
-    # until the file is truncated to nothing and written anew
+    # until the file is truncated to nothing or all of it is written again
 
 
 # Metadata changes not yet durable: ("link", dir, name, ino) | ("unlink", dir, name, ino)
@@ -230,6 +230,8 @@ class MemoryFileSystem:
             data = bytes(data)
             if isinstance(out, ShortWrite) and len(data) > 1:
                 data = data[: len(data) // 2]
+            if offset == 0 and len(data) >= len(node.data):
+                node.broken = False  # every page of it dirtied anew: write-back will write it
             if offset > len(node.data):
                 node.data.extend(bytes(offset - len(node.data)))
             node.data[offset : offset + len(data)] = data
@@ -612,7 +614,7 @@ class _MemoryWriter:
         self._fd = fd
         self._offset = 0
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         def run() -> None:
             view = memoryview(data)
             while view:
