@@ -246,8 +246,9 @@ def test_group_commit_crash_sweep() -> None:
             for path, value in ops:
                 await (tx.delete(path) if value is None else tx.write(path, value))
             prepared.append(tx)
+        await prepared[0].commit()  # [t1] alone, then t2..t4 queue and commit as one group
         async with anyio.create_task_group() as tg:
-            for tx in prepared:  # [t1] leads alone, t2..t4 queue and commit as one group
+            for tx in prepared[1:]:
                 tg.start_soon(tx.commit)
 
     t = base.clone()
