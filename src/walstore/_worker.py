@@ -13,6 +13,7 @@ committer must learn every group's. Callers wait for it inside a shielded cancel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -68,8 +69,6 @@ class CommitThread:
                 outcome: tuple[bool, Any] = (True, fn(*args))
             except BaseException as exc:  # handed to the waiter, which raises it
                 outcome = (False, exc)
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed under a running call
                 loop.call_soon_threadsafe(_deliver, fut, *outcome)
-            except RuntimeError:  # pragma: no cover - the loop closed under a running call
-                pass
             del job, fut, fn, args, outcome  # drop references before blocking again

@@ -3,6 +3,7 @@ transaction ready at that moment (LevelDB's ``writers_``)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import anyio
@@ -12,7 +13,7 @@ import walstore
 from walstore import Durability, TxState
 from walstore.testing import MemoryFileSystem
 
-from .helpers import ROOT, Blocker, nth_call, open_memory, user_files
+from .helpers import GUARD, ROOT, Blocker, nth_call, open_memory, user_files
 
 pytestmark = pytest.mark.anyio
 
@@ -293,3 +294,33 @@ async def test_a_group_reaching_a_closed_engine_is_refused_cleanly() -> None:
     [result] = engine.commit_group([PreparedTx(99, 0, (Put("x", b"x"),))], 0)
     assert result.outcome is Outcome.REJECTED
     assert isinstance(result.error, walstore.StoreClosedError)
+
+
+async def test_commits_run_in_the_committer_thread_on_asyncio(anyio_backend: str) -> None:
+    """On asyncio each group goes to the store's own thread (a cheaper round trip than
+    anyio's worker threads, _worker.py), which ends when the store closes; on trio, anyio's
+    threads run it. Either way one hop per group."""
+    fs = MemoryFileSystem()
+    store = await open_memory(fs)
+    names: list[str] = []
+
+    def where(index: int, name: str, path: str) -> None:
+        if name == "fdatasync":
+            names.append(threading.current_thread().name)
+
+    fs.fault = where
+    hops = store.stats()["thread_hops"]
+    for i in range(3):
+        await store.write(f"f{i}", b"x")
+    assert store.stats()["thread_hops"] - hops == 3
+    fs.fault = None
+    thread = store._committer._thread
+    await store.aclose()
+    if anyio_backend == "asyncio":
+        assert names == ["walstore-commit /store"] * 3
+        assert thread is not None
+        thread.join(GUARD)  # it ends once the store is closed
+        assert not thread.is_alive()
+    else:
+        assert thread is None
+        assert len(names) == 3 and not any(n.startswith("walstore-commit") for n in names)
