@@ -534,15 +534,19 @@ class Engine:
             if path in layer.kinds:
                 return layer.kinds[path]
         for layer in (local, state.overlay):
-            if any(a in layer.cleared for a in parents(path)):
+            if layer.cleared and any(a in layer.cleared for a in parents(path)):
                 return None
+        if path in state.disk_dirs:  # seen on disk in this group, under the commit lock
+            return "dir"
         st = self.fs.lstat(self._applier.full(path))
         if st is not None and st.kind == "dir":
             state.disk_dirs.add(path)
         return st.kind if st is not None else None
 
     def _tree_changed(self, path: str, begin: int, state: _Validation) -> bool:
-        for a in [path, *parents(path)]:
+        if not self._tree_modified and not state.trees:
+            return False
+        for a in (path, *parents(path)):
             if self._tree_modified.get(a, 0) > begin or a in state.trees:
                 return True
         return False

@@ -7,6 +7,7 @@ directory is needed) are made by the engine, under the commit lock, before the c
 
 from __future__ import annotations
 
+import functools
 import os
 
 from ._errors import InvalidPathError
@@ -43,10 +44,12 @@ def check_path(path: str | os.PathLike[str], *, allow_root: bool = False) -> str
     return path
 
 
-def parents(path: str) -> list[str]:
-    """Ancestors of a store path, outermost first: ``a/b/c`` -> ``["a", "a/b"]``."""
+@functools.lru_cache(maxsize=8192)
+def parents(path: str) -> tuple[str, ...]:
+    """Ancestors of a store path, outermost first: ``a/b/c`` -> ``("a", "a/b")``. Cached:
+    validation and apply ask for the same paths' ancestors several times per commit."""
     parts = path.split("/")
-    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+    return tuple("/".join(parts[:i]) for i in range(1, len(parts)))
 
 
 def parent(path: str) -> str:
