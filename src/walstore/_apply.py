@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from ._fs import FileSystem, write_all
@@ -63,9 +63,18 @@ class Applier:
     def full(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
 
-    def apply(self, txid: int, ops: Iterable[Op], *, replay: bool = False) -> int:
+    def apply(
+        self,
+        txid: int,
+        ops: Iterable[Op],
+        *,
+        replay: bool = False,
+        replacing: Container[tuple[int, int]] | None = None,
+    ) -> int:
         """Apply one transaction's ops in order; returns how many were applied. With
-        ``replay``, leftovers of an apply that crashed are cleared first."""
+        ``replay``, leftovers of an apply that crashed are cleared first. ``replacing``, from
+        validation, holds (txid, index) of each put whose target is then an existing file
+        (the others' targets are missing); without it each target is looked up."""
         applied = 0
         for i, op in enumerate(ops):
             tmp = os.path.join(self.staging_dir, f"{txid}-{i}.tmp")
@@ -76,7 +85,10 @@ class Applier:
                 if replay and self.fs.lstat(tmp) is not None:
                     self.fs.unlink(tmp)
                 self._write(op, tmp)
-                self._place(tmp, self.full(op.path), linked=isinstance(op, PutStaged))
+                exists = None if replacing is None else (txid, i) in replacing
+                self._place(
+                    tmp, self.full(op.path), linked=isinstance(op, PutStaged), exists=exists
+                )
                 if isinstance(op, PutStaged):
                     self.garbage_bytes += op.size  # its staged name stays until the checkpoint
                 self._changed(op.path, replay)
@@ -121,7 +133,7 @@ class Applier:
             self.fs.close(fd)
         return True
 
-    def _place(self, tmp: str, target: str, *, linked: bool) -> None:
+    def _place(self, tmp: str, target: str, *, linked: bool, exists: bool | None = None) -> None:
         """Step 4 for one value: move ``tmp`` (a new file in staging) to ``target``.
 
         Over an existing file it exchanges the two names (renameat2 RENAME_EXCHANGE) and
@@ -129,26 +141,30 @@ class Applier:
         place. On ext4 that costs ~35 µs against ~100 µs for a rename over the old file,
         which for ``auto_da_alloc`` starts writing the new data back at once
         (benchmarks/RESULTS.md). Either is atomic for every reader, in this process or
-        another, and either can be replayed."""
-        st = self.fs.lstat(target) if self.exchange_files else None
-        if st is None:
-            self.fs.rename(tmp, target)
-            if linked and self.fs.lstat(tmp) is not None:
-                # The target already was this very file (a replay of a staged value, or a
-                # move onto a link of itself): rename() then does nothing and leaves both.
-                self.fs.unlink(tmp)
-            return
-        if st.kind == "dir":  # rename(2) would refuse it; validation makes it unreachable
-            raise IsADirectoryError(errno.EISDIR, "Is a directory", target)
-        try:
-            self.fs.exchange(tmp, target)
-        except OSError as exc:
-            if exc.errno not in _NO_EXCHANGE:
-                raise
-            self.exchange_files = False  # not here: rename over the old file from now on
-            self._place(tmp, target, linked=linked)
-            return
-        self.replaced.append(tmp)
+        another, and either can be replayed. ``exists``: whether ``target`` is a file, as
+        validation found it under the commit lock (None: look it up)."""
+        if self.exchange_files and exists is None:
+            st = self.fs.lstat(target)
+            if st is not None and st.kind == "dir":  # as rename(2) refuses; never validated
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", target)
+            exists = st is not None
+        if self.exchange_files and exists:
+            try:
+                self.fs.exchange(tmp, target)
+            except FileNotFoundError:
+                pass  # gone after all: renamed in below
+            except OSError as exc:
+                if exc.errno not in _NO_EXCHANGE:
+                    raise
+                self.exchange_files = False  # not here: rename over the old file from now on
+            else:
+                self.replaced.append(tmp)
+                return
+        self.fs.rename(tmp, target)
+        if linked and self.fs.lstat(tmp) is not None:
+            # The target already was this very file (a replay of a staged value, or a move
+            # onto a link of itself): rename() then does nothing and leaves both names.
+            self.fs.unlink(tmp)
 
     def drop_replaced(self) -> None:
         """Unlink the old files that ``_place`` exchanged out of place, once their group is
@@ -269,7 +285,8 @@ class Applier:
         With ``fs_fd`` (a handle on the store's file system, open since the store opened, so
         that write-back errors since then are reported on it) and at least ``syncfs_min``
         changes, one ``syncfs`` does it: one file-system journal commit instead of one per
-        fsync (2,000 files: 17 ms against 110 ms for 16 threads of fsyncs, MEASURED.md).
+        fsync (2,000 files: 17 ms against 110 ms for 16 threads of fsyncs,
+        benchmarks/RESULTS.md).
         Otherwise, or where syncfs cannot report errors, each is fsynced, many at once (ext4
         commits concurrent fsyncs together: ~5x one stream). Their order does not matter, as
         nothing relies on them before the CHECKPOINT."""

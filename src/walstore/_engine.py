@@ -164,6 +164,9 @@ class _Validation:
     listing_changed: set[str] = field(default_factory=set)  # directories gaining/losing names
     trees: set[str] = field(default_factory=set)  # directories deleted or replaced
     disk_dirs: set[str] = field(default_factory=set)  # seen on disk as directories
+    # (txid, op index) of the puts whose target is a file when they are applied: apply
+    # exchanges those into place without looking the target up again.
+    replacing: set[tuple[int, int]] = field(default_factory=set)
 
 
 def _collides(rel: str, names: set[str]) -> bool:
@@ -414,7 +417,7 @@ class Engine:
                     # Step 1 looked these up already: apply need not lstat them again.
                     self._applier.forget_dir_cache(known=state.disk_dirs)
                     for txid, ops in writers:
-                        self._applier.apply(txid, ops)
+                        self._applier.apply(txid, ops, replacing=state.replacing)
                     for txid in staged:  # dropped at the next checkpoint
                         self._applier.garbage.add(os.path.join(self.staging_dir, str(txid)))
                     self.last_lsn = lsn
@@ -607,7 +610,8 @@ class Engine:
         modified: set[str] = set()
         listing: set[str] = set()
         trees: set[str] = set()
-        for op in tx.ops:
+        replacing: set[tuple[int, int]] = set()
+        for index, op in enumerate(tx.ops):
             if not isinstance(op, fmt.Delete):  # a delete makes no directories
                 self._check_parents(op.path, state, local, listing)
             kind = self._kind(op.path, state, local)
@@ -621,6 +625,8 @@ class Engine:
                     raise FileNotFoundError(2, "No such file to move", op.src)
                 if (kind is None) != isinstance(op, fmt.Delete):
                     listing.add(parent(op.path))
+                if kind == "file" and not isinstance(op, fmt.Delete):
+                    replacing.add((tx.txid, index))
                 local.kinds[op.path] = None if isinstance(op, fmt.Delete) else "file"
                 modified.add(op.path)
                 continue
@@ -655,6 +661,7 @@ class Engine:
         state.modified |= modified
         state.listing_changed |= listing
         state.trees |= trees
+        state.replacing |= replacing
 
     def _check_parents(
         self, path: str, state: _Validation, local: _Overlay, listing: set[str]

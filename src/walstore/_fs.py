@@ -329,19 +329,6 @@ class _ThreadWriter:
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _renameat2: Any = _libc.renameat2
-    _renameat2.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_uint,
-    ]
-    _renameat2.restype = ctypes.c_int
-except (OSError, AttributeError):  # not glibc >= 2.28 / not Linux
-    _renameat2 = None
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
@@ -352,13 +339,21 @@ def _kernel_at_least(major: int, minor: int) -> bool:
     return os.uname().sysname == "Linux" and found >= (major, minor)
 
 
+def _libc_function(name: str, *argtypes: Any) -> Any:
+    """``name`` from the C library, taking ``argtypes`` and returning an int, setting errno;
+    None where there is no such function (not glibc, not Linux)."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2: Any = _libc_function(
+    "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+)
 # syncfs(2) reports write-back errors (through the super block's errseq) only since Linux 5.8;
 # before, it could return 0 after losing data, so it is not used there.
-_syncfs: Any = None
-if _kernel_at_least(5, 8):
-    try:
-        _syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-        _syncfs.argtypes = [ctypes.c_int]
-        _syncfs.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        _syncfs = None
+_syncfs: Any = _libc_function("syncfs", ctypes.c_int) if _kernel_at_least(5, 8) else None

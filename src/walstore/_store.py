@@ -187,7 +187,7 @@ class Store:
             # A group is being committed in a worker thread, which needs the GIL at every
             # step. Readers served from memory in a loop would hold it: each of the thread's
             # syscalls would then wait out the 5 ms switch interval, and commits would crawl
-            # (16 writers and two such readers made 2,000 transfers take minutes). So a hit
+            # (16 writers beside two such readers: 2,000 transfers took over 120 s). So a hit
             # waits for that group, once, and reads what it left: as fresh, and the loop is
             # idle while the thread runs.
             await committing.wait()
@@ -298,7 +298,7 @@ class Store:
         """Commit one group: every transaction queued now. Requires: self._leading is ours."""
         # One turn of the event loop first: the tasks the last group just released run their
         # next transactions into the queue and this group, instead of waiting out a whole
-        # commit for the next one (16 writers: groups of 15 instead of 8).
+        # commit for the next one (16 writers: groups of 16 instead of 8).
         await anyio.lowlevel.cancel_shielded_checkpoint()
         group, self._queue = self._queue, []
         for w in group:

@@ -39,6 +39,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from . import _journal_format as fmt
 from ._engine import Keep, Move, PendingReplace, TxOp

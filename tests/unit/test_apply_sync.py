@@ -177,6 +177,7 @@ def test_replacing_files_exchanges_and_unlinks_creating_renames() -> None:
     async def main() -> Any:
         store = await walstore.open(ROOT, fs=fs)
         before = fs.calls.copy()
+        fs.trace = []
         async with store.transaction() as tx:
             for path in _files(4, b""):
                 await tx.write(path, b"new")
@@ -190,6 +191,11 @@ def test_replacing_files_exchanges_and_unlinks_creating_renames() -> None:
     assert calls["exchange"] == 4 and calls["rename"] == 1  # the fresh file is renamed in
     assert calls["unlink"] == 4  # the four old files, once the group is in place
     assert staging == {}  # nothing left behind until the checkpoint
+    # Validation looked each target up; apply (after the commit point) asks no more.
+    assert fs.trace is not None
+    sync = next(i for i, name, _ in fs.trace if name == "fdatasync")
+    user = [p for i, n, p in fs.trace if n == "lstat" and i > sync and "/.walstore" not in p]
+    assert user == [], user
 
 
 def test_without_exchange_values_are_renamed_over_the_old_files() -> None:

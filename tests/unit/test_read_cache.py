@@ -32,6 +32,15 @@ async def test_reads_of_written_and_read_files_need_no_thread_hop(tmp_path: Path
 
 
 @pytest.mark.asyncio
+async def test_the_cache_is_on_by_default(tmp_path: Path) -> None:
+    async with walstore.open(tmp_path / "s") as store:
+        await store.write("a.json", b"{}")
+        hops = store.stats()["thread_hops"]
+        assert await store.read("a.json") == b"{}"
+        assert store.stats()["thread_hops"] == hops
+
+
+@pytest.mark.asyncio
 async def test_big_files_and_a_zero_budget_are_not_cached(tmp_path: Path) -> None:
     async with walstore.open(tmp_path / "s", cache_bytes=1 << 20, cache_max_file=10) as store:
         await store.write("big", b"x" * 11)
