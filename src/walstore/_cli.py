@@ -142,6 +142,10 @@ def demo(root: str, rounds: int, acks_per_round: int) -> int:
                 if got >= acks_per_round + random.randrange(acks_per_round):
                     break
         child.send_signal(signal.SIGKILL)
+        for line in child.stdout.read().splitlines():  # ACKs read ahead or overtaken count too
+            if line.startswith("ACK "):
+                acked.add(int(line.split()[1]))
+                got += 1
         child.wait()
         child.stdout.close()
         print(f"  round {r}: child {child.pid} acknowledged {got} transfers, then SIGKILL")

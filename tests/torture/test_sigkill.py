@@ -55,9 +55,19 @@ def wait_for_acks(child: subprocess.Popen[str], count: int, acked: dict[int, int
 
 def kill_and_drain(child: subprocess.Popen[str], acked: dict[int, int]) -> str:
     """SIGKILL the child, then read what it printed before dying (ACKs the kill overtook
-    still count); returns its stderr."""
+    still count); returns its stderr.
+
+    Reads through the text wrappers, not ``communicate()``: ``communicate`` reads the raw
+    pipes and drops the lines ``wait_for_acks``'s iteration had already buffered, and a
+    lost ACK looks like a commit the store made up ("step 22 found, last ACK was 20", a
+    false alarm from XFS's power cuts in CI)."""
+    assert child.stdout is not None and child.stderr is not None
     child.send_signal(signal.SIGKILL)
-    out, err = child.communicate()
+    out = child.stdout.read()  # the child is dead: both pipes reach EOF, neither can block
+    err = child.stderr.read()
+    child.wait()
+    child.stdout.close()
+    child.stderr.close()
     workload.parse_acks(iter(out.splitlines()), acked)
     return err
 
@@ -117,3 +127,33 @@ def test_the_checker_sees_loss_and_half_transactions(tmp_path: Path) -> None:
     with open(os.path.join(root, "stray", "x"), "w") as fh:
         fh.write("x")
     assert workload.check(root, acked, 3)[1]
+
+
+def test_the_drain_keeps_every_line_the_child_printed() -> None:
+    """ACKs that ``wait_for_acks`` read ahead into its buffer still count after the kill.
+    The child prints READY and 200 ACKs in one write, so the first read buffers them all,
+    then says DONE on stderr and waits to be killed. (``communicate()`` kept 3 of them;
+    that false alarm failed a CI run.)"""
+    code = (
+        "import sys, time\n"
+        "sys.stdout.write('READY\\n' + ''.join(f'ACK 0 {n}\\n' for n in range(1, 201)))\n"
+        "sys.stdout.flush()\n"
+        "print('DONE', file=sys.stderr, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    assert child.stderr is not None
+    acked: dict[int, int] = {}
+    try:
+        assert wait_for_acks(child, 3, acked) == 3
+        assert acked == {0: 3}
+        assert child.stderr.readline() == "DONE\n"  # everything is written, none of it lost
+    finally:
+        kill_and_drain(child, acked)
+    assert acked == {0: 200}
