@@ -261,7 +261,7 @@ class OsFileSystem:
 
     async def open_writer(self, path: str) -> AsyncWriter:
         self.calls["open_writer"] += 1
-        if _on_asyncio():
+        if on_asyncio():
             return _AiofilesWriter(await aiofiles.open(path, "wb", buffering=0), self)
         # aiofiles needs an asyncio loop; on trio the same calls go through anyio's threads.
         fd = await anyio.to_thread.run_sync(
@@ -293,7 +293,7 @@ class _AiofilesWriter:
         await self._f.close()
 
 
-def _on_asyncio() -> bool:
+def on_asyncio() -> bool:
     try:
         asyncio.get_running_loop()
     except RuntimeError:

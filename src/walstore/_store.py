@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from ._errors import (
     StoreFailedError,
     StoreLockedError,
 )
-from ._fs import AsyncWriter, FileStat, FileSystem, OsFileSystem, _on_asyncio
+from ._fs import AsyncWriter, FileStat, FileSystem, OsFileSystem, on_asyncio
 from ._paths import check_path
 from ._recovery import RecoveryReport
 from ._transaction import Path, Transaction, TxState, encode_json, to_bytes
@@ -89,6 +90,8 @@ class Store:
         self._open_txs: set[Transaction] = set()
         self._hops = 0
         self._committer = CommitThread(f"walstore-commit {engine.root}")
+        # A store dropped without aclose() must not leave its thread waiting forever.
+        weakref.finalize(self, self._committer.stop)
         # Another process may write a store opened readonly: nothing is cached then.
         self._cache = (
             ReadCache(cache_bytes, cache_max_file) if cache_bytes > 0 and not readonly else None
@@ -124,7 +127,7 @@ class Store:
     async def _run_committer(self, fn: Callable[..., T], *args: Any) -> T:
         """``_run`` for the committer's calls: on asyncio through its own thread (a cheaper
         round trip, ``_worker.py``). Requires: shielded from cancellation."""
-        if not _on_asyncio():
+        if not on_asyncio():
             return await self._run(fn, *args)
         self._hops += 1
         return await self._committer.run(fn, *args)

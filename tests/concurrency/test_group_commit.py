@@ -3,7 +3,9 @@ transaction ready at that moment (LevelDB's ``writers_``)."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from pathlib import Path
 
 import anyio
@@ -324,3 +326,21 @@ async def test_commits_run_in_the_committer_thread_on_asyncio(anyio_backend: str
     else:
         assert thread is None
         assert len(names) == 3 and not any(n.startswith("walstore-commit") for n in names)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_store_dropped_without_closing_stops_its_thread(anyio_backend: str) -> None:
+    """A store garbage-collected without aclose() does not leave its committer thread blocked
+    on its queue for the life of the process (a server that forgets to close stores would
+    gather one per store)."""
+    fs = MemoryFileSystem()
+    store = await open_memory(fs)
+    await store.write("x", b"1")
+    thread = store._committer._thread
+    assert thread is not None and thread.is_alive()
+    ref = weakref.ref(store)
+    del store
+    gc.collect()
+    assert ref() is None
+    thread.join(GUARD)  # ends once the finalizer has told it to
+    assert not thread.is_alive()
