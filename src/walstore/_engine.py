@@ -217,6 +217,7 @@ class Engine:
         self._journal: JournalWriter | None = None
         self._applier = Applier(fs, self.root, self.staging_dir)
         self._real_root = self.root
+        self._dev = 0  # the file system of .walstore/: every rename into place starts there
         # Conflict detection: LSN of the last commit that changed a file / a directory listing.
         self._modified: dict[str, int] = {}
         self._listing_modified: dict[str, int] = {}
@@ -233,6 +234,10 @@ class Engine:
         else:
             self._make_layout()
         self._real_root = fs.realpath(self.root)
+        meta = fs.lstat(self.meta)
+        if meta is None:
+            raise StoreError(f"{self.root} is not a walstore store (no {RESERVED})")
+        self._dev = meta.dev
         if readonly:
             return RecoveryReport()
         lock_fd = fs.lock(os.path.join(self.meta, "LOCK"))
@@ -543,6 +548,13 @@ class Engine:
             return "dir"
         st = self.fs.lstat(self._applier.full(path))
         if st is not None and st.kind == "dir":
+            if st.dev != self._dev:
+                # Refused here, before the commit point: a rename from staging into it would
+                # fail with EXDEV after it, and so would every replay at every open.
+                raise InvalidPathError(
+                    f"{path!r} is the mount point of another file system: walstore commits "
+                    "by renaming into place, which cannot cross file systems"
+                )
             state.disk_dirs.add(path)
         return st.kind if st is not None else None
 

@@ -27,11 +27,13 @@ Kind = Literal["file", "dir", "symlink", "other"]
 
 @dataclass(frozen=True)
 class FileStat:
-    """What ``lstat`` reports: the entry's kind, its size in bytes and its mtime."""
+    """What ``lstat`` reports: the entry's kind, its size in bytes, its mtime, and the device
+    (file system) it is on."""
 
     kind: Kind
     size: int
     mtime_ns: int
+    dev: int = 0
 
 
 class FileSystem(Protocol):
@@ -221,7 +223,7 @@ class OsFileSystem:
             return None
         except NotADirectoryError:
             return None
-        return FileStat(_kind(st.st_mode), st.st_size, st.st_mtime_ns)
+        return FileStat(_kind(st.st_mode), st.st_size, st.st_mtime_ns, st.st_dev)
 
     def realpath(self, path: str) -> str:
         self.calls["realpath"] += 1
