@@ -36,6 +36,9 @@ class FileStat:
     dev: int = 0
 
 
+_MAX_RW = 0x7FFFF000  # the most one read(2) or write(2) transfers on Linux
+
+
 class FileSystem(Protocol):
     """The operations walstore needs; each call is one step a crash test can stop at."""
 
@@ -46,6 +49,9 @@ class FileSystem(Protocol):
 
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         """Write at ``offset``; may write fewer bytes than given (a short write)."""
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        """Read at most ``size`` bytes at ``offset``: fewer only at the end of the file."""
 
     def truncate(self, fd: int, size: int) -> None: ...
 
@@ -151,6 +157,19 @@ class OsFileSystem:
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         self.calls["pwrite"] += 1
         return os.pwrite(fd, data, offset)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        self.calls["pread"] += 1
+        chunks = []
+        while True:
+            chunk = os.pread(fd, size, offset)
+            chunks.append(chunk)
+            # A regular file reads short only at its end, or at Linux's cap on one call.
+            if len(chunk) == size or len(chunk) < min(size, _MAX_RW):
+                break
+            size -= len(chunk)
+            offset += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def truncate(self, fd: int, size: int) -> None:
         self.calls["truncate"] += 1

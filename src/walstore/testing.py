@@ -237,6 +237,11 @@ class MemoryFileSystem:
             node.data[offset : offset + len(data)] = data
             return len(data)
 
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        with self._lock:
+            self._call("pread", self._fd_path(fd))
+            return bytes(self._file(fd).data[offset : offset + size])
+
     def truncate(self, fd: int, size: int) -> None:
         with self._lock:
             self._call("truncate", self._fd_path(fd))

@@ -48,6 +48,7 @@ SEAM = (
     "fsync",
     "fdatasync",
     "close",
+    "pread",
     "read_file",
     "rename",
     "exchange",

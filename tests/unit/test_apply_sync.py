@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,68 @@ async def test_the_real_file_system_checkpoints_with_one_syncfs(tmp_path: Path) 
         calls = fs.calls - before
     assert calls["syncfs"] == 1 and calls["fsync"] == 1  # the files', then the new segment
     assert (tmp_path / "s" / "d0" / "f0.bin").read_bytes() == b"a\x00"
+
+
+def test_replay_rewrites_a_value_already_in_place_in_five_calls() -> None:
+    """The common recovery: the crashed process had applied its commits. Each such file is
+    compared and rewritten through one handle (lstat, open, pread, pwrite, close), not read
+    whole and reopened; a file that differs is replaced by a new one, with the journal's
+    value either way."""
+    fs = MemoryFileSystem()
+    files = _files(6, b"v")
+
+    async def crash_after_commit() -> None:
+        store = await walstore.open(ROOT, fs=fs)
+        async with store.transaction() as tx:
+            for path, data in files.items():
+                await tx.write(path, data)
+        # the process dies here: no close, no checkpoint; the journal holds the commit
+
+    run(crash_after_commit)
+    disk = fs.clone()
+    fd = disk.open(f"{ROOT}/d1/f1.bin")
+    disk.pwrite(fd, b"X", 0)  # same size, other bytes: not the committed value
+    disk.close(fd)
+    disk.trace = []
+
+    async def reopen() -> tuple[list[tuple[int, str, str]], dict[str, bytes]]:
+        async with walstore.open(ROOT, fs=disk) as store:
+            assert store.recovery.rolled_forward
+            assert disk.trace is not None
+            trace = list(disk.trace)  # the open's calls, before the reads below
+            return trace, {p: await store.read(p) for p in files}
+
+    trace, found = run(reopen)
+    assert found == files
+    per_file: dict[str, list[str]] = {}
+    for _, name, path in trace:
+        target = re.split(" <?-> ", path)[-1]  # a rename or exchange counts for its target
+        if target.startswith(f"{ROOT}/d") and "/.walstore" not in target:
+            per_file.setdefault(target[len(ROOT) + 1 :], []).append(name)
+    for path in files:
+        if path == "d1/f1.bin":  # compared, found different, replaced by a new file
+            assert per_file[path][:4] == ["lstat", "open", "pread", "close"], per_file[path]
+            assert {"exchange", "rename"} & set(per_file[path]), per_file[path]
+        else:  # then the checkpoint's fsync of it (open, fsync, close: a small checkpoint)
+            replay = ["lstat", "open", "pread", "pwrite", "close"]
+            assert per_file[path] == [*replay, "open", "fsync", "close"], per_file[path]
+
+
+@pytest.mark.parametrize("kind", ["os", "memory"])
+def test_pread_reads_short_only_at_the_end_of_the_file(kind: str, tmp_path: Path) -> None:
+    fs: Any = walstore.OsFileSystem() if kind == "os" else MemoryFileSystem()
+    base = str(tmp_path) if kind == "os" else ""
+    if kind == "memory":
+        fs.mkdir("/d")
+        base = "/d"
+    fd = fs.open(f"{base}/f", create=True)
+    try:
+        fs.pwrite(fd, b"0123456789", 0)
+        assert fs.pread(fd, 4, 0) == b"0123"
+        assert fs.pread(fd, 4, 3) == b"3456"
+        assert fs.pread(fd, 100, 6) == b"6789"
+        assert fs.pread(fd, 5, 10) == b""
+        assert fs.pread(fd, 11, 0) == b"0123456789"
+    finally:
+        fs.close(fd)
+    assert fs.calls["pread"] == 5
