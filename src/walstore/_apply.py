@@ -77,10 +77,10 @@ class Applier:
         (the others' targets are missing); without it each target is looked up."""
         applied = 0
         for i, op in enumerate(ops):
-            tmp = os.path.join(self.staging_dir, f"{txid}-{i}.tmp")
             if replay and isinstance(op, Put) and self._rewrite_in_place(op):
                 self._changed(op.path, replay)
             elif isinstance(op, Put | PutStaged):
+                tmp = os.path.join(self.staging_dir, f"{txid}-{i}.tmp")
                 self._make_parents(op.path)
                 if replay and self.fs.lstat(tmp) is not None:
                     self.fs.unlink(tmp)
