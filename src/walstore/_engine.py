@@ -217,7 +217,8 @@ class Engine:
         self._journal: JournalWriter | None = None
         self._applier = Applier(fs, self.root, self.staging_dir)
         self._real_root = self.root
-        self._dev = 0  # the file system of .walstore/: every rename into place starts there
+        self._dev = 0  # the device of the root and .walstore/ (every rename starts there)
+        self._mounts: frozenset[str] = frozenset()  # mount points below the root, at open
         # Conflict detection: LSN of the last commit that changed a file / a directory listing.
         self._modified: dict[str, int] = {}
         self._listing_modified: dict[str, int] = {}
@@ -234,12 +235,9 @@ class Engine:
         else:
             self._make_layout()
         self._real_root = fs.realpath(self.root)
-        meta = fs.lstat(self.meta)
-        if meta is None:
-            raise StoreError(f"{self.root} is not a walstore store (no {RESERVED})")
-        self._dev = meta.dev
         if readonly:
             return RecoveryReport()
+        self._check_mounts_at_open()
         lock_fd = fs.lock(os.path.join(self.meta, "LOCK"))
         if lock_fd is None:
             raise StoreLockedError(self._holder_message())
@@ -268,11 +266,51 @@ class Engine:
             log.info("recovered %s: %s", self.root, rec.report)
         return rec.report
 
+    def _check_mounts_at_open(self) -> None:
+        """Commits rename from ``staging/`` into place, which works within one mount only: the
+        root and its ``.walstore/`` must be one, and changes at or under a mount point below
+        the root are refused (``_check_mount_points``, and ``_kind`` for mounts made later)."""
+        fs = self.fs
+        devs: dict[str, int] = {}
+        for d in (self._real_root, self.meta, self.journal_dir, self.staging_dir):
+            st = fs.lstat(d)
+            if st is not None:
+                devs[d] = st.dev
+        self._dev = devs.get(self._real_root, 0)
+        other = [d for d, dev in devs.items() if dev != self._dev]
+        mounts = [os.path.relpath(m, self._real_root) for m in fs.mount_points(self._real_root)]
+        inside = [os.path.join(self.root, m) for m in mounts if m.split(os.sep)[0] == RESERVED]
+        if other or inside:
+            raise StoreError(
+                f"{(other or inside)[0]} is on another file system or mount than the store's "
+                f"root {self.root}: walstore commits by renaming from {RESERVED}/staging into "
+                "place, which cannot cross mounts"
+            )
+        self._mounts = frozenset(mounts)
+
+    def _check_mount_points(self, op: TxOp) -> None:
+        """Step 1: refuse an op at or under a mount point below the root (any file system,
+        bind mounts too), or a directory op with one inside it."""
+        for p in (op.path, op.src) if isinstance(op, Move) else (op.path,):
+            for a in (p, *parents(p)):
+                if a in self._mounts:
+                    raise InvalidPathError(_across_mounts(a))
+        if isinstance(op, fmt.DeleteDir | fmt.ReplaceDir | PendingReplace):
+            for m in self._mounts:
+                if m.startswith(op.path + "/"):
+                    raise InvalidPathError(_across_mounts(m))
+
     def _holder_message(self) -> str:
         try:
             pid = self.fs.read_file(os.path.join(self.meta, "LOCK")).decode().strip()
         except (OSError, UnicodeDecodeError):
             pid = "?"
+        if pid == str(os.getpid()):
+            return (
+                f"store {self.root} is already open in this process (pid {pid}): a store "
+                "opened earlier and not closed holds its LOCK until it is closed "
+                "(await store.aclose()) or the process exits"
+            )
         return f"store {self.root} is locked by another process (pid {pid or '?'})"
 
     def _make_layout(self) -> None:
@@ -548,13 +586,10 @@ class Engine:
             return "dir"
         st = self.fs.lstat(self._applier.full(path))
         if st is not None and st.kind == "dir":
-            if st.dev != self._dev:
+            if st.dev != self._dev:  # a file system mounted after the open
                 # Refused here, before the commit point: a rename from staging into it would
                 # fail with EXDEV after it, and so would every replay at every open.
-                raise InvalidPathError(
-                    f"{path!r} is the mount point of another file system: walstore commits "
-                    "by renaming into place, which cannot cross file systems"
-                )
+                raise InvalidPathError(_across_mounts(path))
             state.disk_dirs.add(path)
         return st.kind if st is not None else None
 
@@ -624,8 +659,13 @@ class Engine:
         trees: set[str] = set()
         replacing: set[tuple[int, int]] = set()
         for index, op in enumerate(tx.ops):
+            if self._mounts:
+                self._check_mount_points(op)
             if not isinstance(op, fmt.Delete):  # a delete makes no directories
                 self._check_parents(op.path, state, local, listing)
+            else:  # but must not unlink on another file system, which no checkpoint syncs
+                for anc in parents(op.path):
+                    self._kind(anc, state, local)
             kind = self._kind(op.path, state, local)
             if isinstance(op, fmt.Put | fmt.PutStaged | fmt.Delete | Move):
                 if kind not in (None, "file"):
@@ -809,3 +849,10 @@ class Engine:
                 raise NotADirectoryError(20, "Not a directory", path)
             names = self.fs.listdir(full)
         return sorted(n for n in names if path or n != RESERVED)
+
+
+def _across_mounts(path: str) -> str:
+    return (
+        f"{path!r} is a mount point: walstore commits by renaming into place, which cannot "
+        "cross mounts (another file system, or a bind mount)"
+    )

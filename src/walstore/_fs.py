@@ -14,6 +14,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import stat as stat_mod
 from collections import Counter
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class FileStat:
     dev: int = 0
 
 
-_MAX_RW = 0x7FFFF000  # the most one read(2) or write(2) transfers on Linux
+_BIG_READ = 1 << 30  # a read this long that comes back short may have hit Linux's cap
 
 
 class FileSystem(Protocol):
@@ -51,7 +52,9 @@ class FileSystem(Protocol):
         """Write at ``offset``; may write fewer bytes than given (a short write)."""
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
-        """Read at most ``size`` bytes at ``offset``: fewer only at the end of the file."""
+        """Read at most ``size`` bytes at ``offset``: fewer at the end of the file (and, on
+        some file systems, where a read was cut short: callers must not take fewer for the
+        end)."""
 
     def truncate(self, fd: int, size: int) -> None: ...
 
@@ -93,6 +96,10 @@ class FileSystem(Protocol):
         file's content and every directory entry (Linux ``syncfs(2)``). A write-back error
         since ``fd`` was opened is raised, as ``fsync`` raises its file's. Raises OSError
         ENOSYS where the system cannot report such errors (before Linux 5.8)."""
+
+    def mount_points(self, path: str) -> list[str]:
+        """The mount points strictly below the directory ``path`` (a real path), from the
+        system's mount table; none where the system has no such table."""
 
     def lock(self, path: str) -> int | None:
         """Take an exclusive advisory lock on ``path`` (created if missing) without waiting.
@@ -164,8 +171,9 @@ class OsFileSystem:
         while True:
             chunk = os.pread(fd, size, offset)
             chunks.append(chunk)
-            # A regular file reads short only at its end, or at Linux's cap on one call.
-            if len(chunk) == size or len(chunk) < min(size, _MAX_RW):
+            # Short: the end of the file, or Linux's cap on one call (under 2 GiB; its exact
+            # value depends on the page size), after which the rest is read.
+            if len(chunk) == size or len(chunk) < min(size, _BIG_READ):
                 break
             size -= len(chunk)
             offset += len(chunk)
@@ -263,6 +271,23 @@ class OsFileSystem:
         if _syncfs(fd):
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))
+
+    def mount_points(self, path: str) -> list[str]:
+        self.calls["mount_points"] += 1
+        try:
+            with open("/proc/self/mountinfo", "rb") as fh:
+                table = fh.read().decode("utf-8", "surrogateescape")
+        except OSError:
+            return []  # not Linux, or no /proc: nothing to check against
+        below = path.rstrip("/") + "/"
+        out = []
+        for line in table.splitlines():
+            fields = line.split(" ")
+            if len(fields) > 4:  # the 5th is the mount point, with \ooo escapes
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if point.startswith(below) and len(point) > len(below):
+                    out.append(point)
+        return out
 
     def lock(self, path: str) -> int | None:
         self.calls["lock"] += 1

@@ -90,8 +90,10 @@ class Store:
         self._open_txs: set[Transaction] = set()
         self._hops = 0
         self._committer = CommitThread(f"walstore-commit {engine.root}")
-        # A store dropped without aclose() must not leave its thread waiting forever.
-        weakref.finalize(self, self._committer.stop)
+        # A store dropped without aclose() must not leave its thread waiting forever. (Its
+        # LOCK and journal stay open: releasing them would be file-system calls at whatever
+        # moment the garbage collector runs.)
+        self._finalizer = weakref.finalize(self, self._committer.stop)
         # Another process may write a store opened readonly: nothing is cached then.
         self._cache = (
             ReadCache(cache_bytes, cache_max_file) if cache_bytes > 0 and not readonly else None
@@ -507,6 +509,7 @@ class Store:
                     await self._run(self._engine.close)
             finally:
                 self._committer.stop()
+                self._finalizer.detach()
         await anyio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> Store:

@@ -107,6 +107,7 @@ class MemoryFileSystem:
         self._fd_names: dict[int, str] = {}  # handle -> path it was opened by
         self._next_fd = 3
         self._locks: dict[int, int] = {}  # inode -> fd holding its flock
+        self._mounts: dict[str, int] = {}  # mount point -> the device its paths report
 
     # -- the call gate ---------------------------------------------------------------------
 
@@ -287,6 +288,7 @@ class MemoryFileSystem:
     def rename(self, src: str, dst: str) -> None:
         with self._lock:
             self._call("rename", f"{src} -> {dst}")
+            self._same_mount(src, dst)
             sd, sname, sino = self._walk(src, follow=False)
             if sino is None:
                 raise _err(errno.ENOENT, src)
@@ -311,6 +313,7 @@ class MemoryFileSystem:
             self._call("exchange", f"{a} <-> {b}")
             if not self.exchange_supported:
                 raise _err(errno.EINVAL, a)
+            self._same_mount(a, b)
             da, na, ia = self._walk(a, follow=False)
             db, nb, ib = self._walk(b, follow=False)
             if ia is None:
@@ -328,6 +331,7 @@ class MemoryFileSystem:
     def link(self, src: str, dst: str) -> None:
         with self._lock:
             self._call("link", f"{src} -> {dst}")
+            self._same_mount(src, dst)
             sino = self._get(src, follow=False)
             if self._inodes[sino].kind == "dir":
                 raise _err(errno.EPERM, src)
@@ -389,7 +393,33 @@ class MemoryFileSystem:
             if ino is None:
                 return None
             node = self._inodes[ino]
-            return FileStat(node.kind, len(node.data), 0)
+            return FileStat(node.kind, len(node.data), 0, self._mounts.get(self._mount_of(path), 0))
+
+    def mount(self, path: str, *, same_device: bool = False) -> None:
+        """Make the directory ``path`` a mount point, as of another file system (its paths
+        report another device) or, ``same_device``, a bind mount of this one. Renames and
+        links between it and the rest fail with EXDEV, as Linux's do across mounts."""
+        with self._lock:
+            if self._inodes[self._get(path)].kind != "dir":
+                raise _err(errno.ENOTDIR, path)
+            self._mounts[os.path.normpath(path)] = 0 if same_device else len(self._mounts) + 1
+
+    def _mount_of(self, path: str) -> str:
+        """The mount point ``path`` is under ("" for the file system itself)."""
+        path = os.path.normpath(path)
+        return max(
+            (m for m in self._mounts if path == m or path.startswith(m + "/")), key=len, default=""
+        )
+
+    def _same_mount(self, a: str, b: str) -> None:
+        if self._mount_of(a) != self._mount_of(b):
+            raise _err(errno.EXDEV, f"{a} -> {b}")
+
+    def mount_points(self, path: str) -> list[str]:
+        with self._lock:
+            self._call("mount_points", path)
+            below = path.rstrip("/") + "/"
+            return sorted(m for m in self._mounts if m.startswith(below))
 
     def realpath(self, path: str) -> str:
         with self._lock:
@@ -595,6 +625,7 @@ class MemoryFileSystem:
             new = MemoryFileSystem()
             new.exchange_supported = self.exchange_supported
             new.journal_preallocation = self.journal_preallocation
+            new._mounts = dict(self._mounts)
             new._inodes = {
                 ino: _Inode(
                     n.kind, bytearray(n.data), n.synced, dict(n.entries), n.target, n.broken

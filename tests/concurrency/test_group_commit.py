@@ -330,9 +330,9 @@ async def test_commits_run_in_the_committer_thread_on_asyncio(anyio_backend: str
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_store_dropped_without_closing_stops_its_thread(anyio_backend: str) -> None:
-    """A store garbage-collected without aclose() does not leave its committer thread blocked
-    on its queue for the life of the process (a server that forgets to close stores would
-    gather one per store)."""
+    """A store garbage-collected without aclose() stops its committer thread (a server that
+    forgets to close stores would gather one per store). Its LOCK stays held, and opening the
+    store again in this process says so plainly."""
     fs = MemoryFileSystem()
     store = await open_memory(fs)
     await store.write("x", b"1")
@@ -344,3 +344,5 @@ async def test_a_store_dropped_without_closing_stops_its_thread(anyio_backend: s
     assert ref() is None
     thread.join(GUARD)  # ends once the finalizer has told it to
     assert not thread.is_alive()
+    with pytest.raises(walstore.StoreLockedError, match="already open in this process"):
+        await walstore.open(ROOT, fs=fs, create=False)

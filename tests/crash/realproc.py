@@ -61,6 +61,7 @@ SEAM = (
     "realpath",
     "fsync_dir",
     "syncfs",
+    "mount_points",
     "lock",
     "unlock",
 )

@@ -14,6 +14,7 @@ cut or a crash at each of its calls.
 from __future__ import annotations
 
 import errno
+import os
 import random
 import re
 from pathlib import Path
@@ -298,3 +299,24 @@ def test_pread_reads_short_only_at_the_end_of_the_file(kind: str, tmp_path: Path
     finally:
         fs.close(fd)
     assert fs.calls["pread"] == 5
+
+
+def test_pread_goes_on_after_a_read_cut_short_at_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux returns at most ~2 GiB from one read; a read that long coming back short is
+    continued. Scaled down: reads capped at 4 bytes, and 4 counting as long."""
+    import walstore._fs as fs_mod
+
+    real = os.pread
+    monkeypatch.setattr(fs_mod, "_BIG_READ", 4)
+    monkeypatch.setattr(fs_mod.os, "pread", lambda fd, n, off: real(fd, min(n, 4), off))
+    fs = walstore.OsFileSystem()
+    fd = fs.open(str(tmp_path / "f"), create=True)
+    try:
+        fs.pwrite(fd, b"0123456789", 0)
+        assert fs.pread(fd, 10, 0) == b"0123456789"
+        assert fs.pread(fd, 20, 1) == b"123456789"
+        assert fs.pread(fd, 3, 0) == b"012"
+    finally:
+        fs.close(fd)
