@@ -25,15 +25,19 @@ from ._paths import parent, parents
 _NO_EXCHANGE = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
-def remove_tree(fs: FileSystem, path: str) -> int:
-    """Remove ``path`` and everything under it; returns how many entries went."""
+def remove_tree(fs: FileSystem, path: str, dev: int | None = None) -> int:
+    """Remove ``path`` and everything under it; returns how many entries went. Never descends
+    into another file system: a directory mounted in a tree that was moved out of place to be
+    removed raises EXDEV, and what that file system holds is left alone."""
     st = fs.lstat(path)
     if st is None:
         return 0
     if st.kind != "dir":
         fs.unlink(path)
         return 1
-    n = sum(remove_tree(fs, os.path.join(path, c)) for c in fs.listdir(path))
+    if dev is not None and st.dev != dev:
+        raise OSError(errno.EXDEV, "a mount point inside a directory being removed", path)
+    n = sum(remove_tree(fs, os.path.join(path, c), st.dev) for c in fs.listdir(path))
     fs.rmdir(path)
     return n + 1
 

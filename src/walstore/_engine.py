@@ -274,6 +274,8 @@ class Engine:
         devs: dict[str, int] = {}
         for d in (self._real_root, self.meta, self.journal_dir, self.staging_dir):
             st = fs.lstat(d)
+            if st is not None and st.kind != "dir":  # a symlink could lead to another mount
+                raise StoreError(f"{d} is not a directory (a {st.kind})")
             if st is not None:
                 devs[d] = st.dev
         self._dev = devs.get(self._real_root, 0)
@@ -307,9 +309,9 @@ class Engine:
             pid = "?"
         if pid == str(os.getpid()):
             return (
-                f"store {self.root} is already open in this process (pid {pid}): a store "
-                "opened earlier and not closed holds its LOCK until it is closed "
-                "(await store.aclose()) or the process exits"
+                f"store {self.root} is locked by pid {pid}, this process's own: most likely "
+                "it is already open in this process (a store opened earlier and not closed "
+                "holds its LOCK until await store.aclose() or the process exits)"
             )
         return f"store {self.root} is locked by another process (pid {pid or '?'})"
 
@@ -663,9 +665,8 @@ class Engine:
                 self._check_mount_points(op)
             if not isinstance(op, fmt.Delete):  # a delete makes no directories
                 self._check_parents(op.path, state, local, listing)
-            else:  # but must not unlink on another file system, which no checkpoint syncs
-                for anc in parents(op.path):
-                    self._kind(anc, state, local)
+            elif "/" in op.path:  # nor unlink on another file system, which no checkpoint
+                self._kind(parent(op.path), state, local)  # syncs (a mount above: the same)
             kind = self._kind(op.path, state, local)
             if isinstance(op, fmt.Put | fmt.PutStaged | fmt.Delete | Move):
                 if kind not in (None, "file"):

@@ -124,6 +124,22 @@ async def test_a_store_whose_walstore_dir_is_on_another_mount_does_not_open(
         await walstore.open(ROOT, fs=fs, create=False)
 
 
+@pytest.mark.parametrize("where", [".walstore", ".walstore/staging"])
+@pytest.mark.asyncio
+async def test_a_symlinked_walstore_dir_does_not_open(where: str) -> None:
+    """A symlink may lead onto another mount, which lstat would not show: the open wants
+    real directories (as creating the layout always did)."""
+    fs = MemoryFileSystem()
+    async with walstore.open(ROOT, fs=fs) as store:
+        await store.write("keep", b"1")
+    fs.mkdir("/elsewhere")
+    fs.rename(f"{ROOT}/{where}", f"/elsewhere/{os.path.basename(where)}")
+    fs.mount("/elsewhere")  # now another file system, reached through the symlink
+    fs.symlink(f"/elsewhere/{os.path.basename(where)}", f"{ROOT}/{where}")
+    with pytest.raises(walstore.StoreError, match="not a directory"):
+        await walstore.open(ROOT, fs=fs, create=False)
+
+
 # -- real mounts ------------------------------------------------------------------------------
 
 
@@ -190,3 +206,33 @@ async def test_a_real_mount_on_staging_stops_the_open(tmp_path: Path) -> None:
         subprocess.run(["umount", str(root / ".walstore" / "staging")], check=True)
     async with walstore.open(root, create=False) as store:
         assert await store.read("keep") == b"1"
+
+
+@pytest.mark.asyncio
+async def test_a_mount_made_after_open_inside_a_removed_directory_is_not_emptied(
+    tmp_path: Path,
+) -> None:
+    """Not detected at validation (mounted after the open, deeper than any path the change
+    names), so delete_dir moves it, mount and all, into staging. Removing that tree must not
+    delete what the other file system holds: the checkpoint fails instead (EXDEV)."""
+    root = tmp_path / "store"
+    async with walstore.open(root) as store:
+        await store.write("d/sub/f", b"1")
+    store = await walstore.open(root)
+    (root / "d" / "sub" / "m").mkdir()
+    _mount("-t", "tmpfs", "tmpfs", str(root / "d" / "sub" / "m"))
+    try:
+        (root / "d" / "sub" / "m" / "precious").write_bytes(b"p")
+        async with store.transaction() as tx:
+            await tx.delete_dir("d")
+        with pytest.raises(walstore.StoreFailedError, match="checkpoint failed"):
+            await store.checkpoint()
+        (moved,) = walstore.OsFileSystem().mount_points(str(tmp_path))  # it went along
+        assert os.path.relpath(moved, root).startswith(".walstore/staging/")
+        assert (Path(moved) / "precious").read_bytes() == b"p"
+        await store.aclose()
+    finally:
+        for point in walstore.OsFileSystem().mount_points(str(tmp_path)):
+            subprocess.run(["umount", point], check=True)
+    async with walstore.open(root, create=False) as store:  # unmounted: it opens and cleans up
+        assert not await store.exists("d")
