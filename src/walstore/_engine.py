@@ -275,7 +275,10 @@ class Engine:
         for d in (self._real_root, self.meta, self.journal_dir, self.staging_dir):
             st = fs.lstat(d)
             if st is not None and st.kind != "dir":  # a symlink could lead to another mount
-                raise StoreError(f"{d} is not a directory (a {st.kind})")
+                raise StoreError(
+                    f"{d} is a {st.kind}, not a directory: the store's root and {RESERVED}/ "
+                    "must be real directories on one mount (commits rename between them)"
+                )
             if st is not None:
                 devs[d] = st.dev
         self._dev = devs.get(self._real_root, 0)
