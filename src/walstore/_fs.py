@@ -379,10 +379,11 @@ _RENAME_EXCHANGE = 2
 
 def _kernel_at_least(major: int, minor: int) -> bool:
     try:
-        found = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2])
+        uname = os.uname()
+        found = tuple(int(p) for p in uname.release.split("-")[0].split(".")[:2])
     except (AttributeError, ValueError):
         return False
-    return os.uname().sysname == "Linux" and found >= (major, minor)
+    return uname.sysname == "Linux" and found >= (major, minor)
 
 
 def _libc_function(name: str, *argtypes: Any) -> Any:

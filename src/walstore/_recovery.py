@@ -129,7 +129,7 @@ def recover(
     live = _find_live(fs, journal_dir, segs)
     staged = _staging_entries(fs, staging_dir)
     applier = Applier(fs, root, staging_dir)
-    applier.syncfs_min = syncfs_min if fs_fd is not None else None
+    applier.syncfs_min = syncfs_min  # used only with fs_fd (Applier.sync)
 
     if live is None:  # a new store, or one whose first open was cut short
         live_next_lsn, next_txid, commits, torn = 1, 1, [], 0

@@ -320,3 +320,25 @@ def test_pread_goes_on_after_a_read_cut_short_at_the_cap(
         assert fs.pread(fd, 3, 0) == b"012"
     finally:
         fs.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("sysname", "release", "used"),
+    [
+        ("Linux", "6.18.44-fc-v669", True),
+        ("Linux", "5.8.0-63-generic", True),
+        ("Linux", "5.10", True),
+        ("Linux", "5.7.19", False),  # syncfs there can return 0 after losing data
+        ("Linux", "4.19.0-27-amd64", False),
+        ("Linux", "weird", False),
+        ("Darwin", "23.1.0", False),
+    ],
+)
+def test_syncfs_is_used_only_where_it_reports_write_back_errors(
+    sysname: str, release: str, used: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import walstore._fs as fs_mod
+
+    fake = os.uname_result((sysname, "host", release, "#1", "x86_64"))
+    monkeypatch.setattr(fs_mod.os, "uname", lambda: fake)
+    assert fs_mod._kernel_at_least(5, 8) is used
