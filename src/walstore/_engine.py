@@ -667,7 +667,7 @@ class Engine:
             if self._mounts:
                 self._check_mount_points(op)
             if not isinstance(op, fmt.Delete):  # a delete makes no directories
-                self._check_parents(op.path, state, local, listing)
+                self._check_parents(op.path, state, local, listing, modified)
             elif "/" in op.path:  # nor unlink on another file system, which no checkpoint
                 self._kind(parent(op.path), state, local)  # syncs (a mount above: the same)
             kind = self._kind(op.path, state, local)
@@ -720,13 +720,20 @@ class Engine:
         state.replacing |= replacing
 
     def _check_parents(
-        self, path: str, state: _Validation, local: _Overlay, listing: set[str]
+        self,
+        path: str,
+        state: _Validation,
+        local: _Overlay,
+        listing: set[str],
+        modified: set[str],
     ) -> None:
         for anc in parents(path):
             kind = self._kind(anc, state, local)
             if kind is None:
                 local.kinds[anc] = "dir"
                 listing.add(parent(anc))
+                # Made on the way: a transaction that found it missing read something stale.
+                modified.add(anc)
             elif kind != "dir":
                 what = "a symlink" if kind == "symlink" else "not a directory"
                 raise InvalidPathError(f"cannot write {path!r}: {anc!r} is {what}")

@@ -191,6 +191,33 @@ async def test_phantom_through_list_is_refused(grouping: str, change: str) -> No
     await store.aclose()
 
 
+async def test_a_directory_made_on_the_way_is_a_change_of_its_path(grouping: str) -> None:
+    """A finds ``ledger`` missing and writes entry 0; B writes entry 0 first, which makes
+    ``ledger/`` as its parent. A read something B changed: it must conflict, not overwrite
+    B's entry (it did: a directory made on the way was not a change of its own path)."""
+    fs, store = await memory_store({})
+
+    def append(who: bytes) -> Callable[[walstore.Transaction], Awaitable[None]]:
+        async def body(tx: walstore.Transaction) -> None:
+            n = len(await tx.list("ledger")) if await tx.exists("ledger") else 0
+            await tx.write(f"ledger/{n}", who)
+
+        return body
+
+    out = await run_pair(
+        append(b"B"), append(b"A"), store, same_group=fs if grouping == "same-group" else None
+    )
+    assert isinstance(out["first"], walstore.Transaction), out
+    assert isinstance(out["second"], ConflictError), out
+    def ledger() -> dict[str, bytes]:
+        return {k: v for k, v in user_files(fs).items() if k.startswith("ledger/")}
+
+    assert ledger() == {"ledger/0": b"B"}
+    await store.atomic(append(b"A"))
+    assert ledger() == {"ledger/0": b"B", "ledger/1": b"A"}
+    await store.aclose()
+
+
 async def test_phantom_through_a_missing_file_is_refused(grouping: str) -> None:
     """A finds ``slot`` free and claims it; B claims it first. A must not overwrite B."""
     fs, store = await memory_store({})
