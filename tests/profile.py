@@ -22,7 +22,7 @@ SLOW = {
         "~100,000 power-loss images over every crash point of 39 shapes"
     ),
     "tests/crash/test_crash_points.py::test_crash_at_every_operation[fifty-files]": (
-        "the ten-files shape sweeps the same calls"
+        "a crash at each call of 50-file transactions; ten-files sweeps the same calls"
     ),
     "tests/torture/test_sigkill.py::test_sigkill_torture": "64 tasks SIGKILLed 20 times",
     "tests/powercut/": "real power cuts of ext4 and XFS loop devices",

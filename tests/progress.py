@@ -84,7 +84,7 @@ class FamilyProgress:
         if reporter._tw.width_of_current_line:
             reporter.write("\n")
         reporter.write_line(
-            f"[{_clock(time.monotonic() - self.started)}] {name} done: {done}; {left} tests left"
+            f"[{_clock(time.monotonic() - self.started)}] {name} done: {done} (left: {left})"
         )
 
 
