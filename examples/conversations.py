@@ -6,7 +6,8 @@ from the event list on every turn. ``tx.replace_dir(..., keep=["QUERY_MESSAGE.md
 the directory in one step: readers and crash recovery see exactly the old version or the new
 one, never a mix, never the directory missing, and ``QUERY_MESSAGE.md`` is carried over.
 
-Run it: ``python examples/conversations.py /tmp/conversations``.
+Run it from a clone of walstore, after ``pip install -e .``:
+``python examples/conversations.py /tmp/conversations``.
 """
 
 from __future__ import annotations

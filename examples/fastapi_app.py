@@ -4,9 +4,10 @@ The lifespan opens the store once for the app (recovering it after a crash) and 
 shutdown; every endpoint that changes several files does it in one ``store.atomic`` call, so
 concurrent requests never lose an update and a crash never leaves half a change.
 
-Run it (one worker process: a store has one writer process at a time)::
+Run it from a clone of walstore (one worker process: a store has one writer process at a
+time)::
 
-    pip install walstore fastapi uvicorn
+    pip install -e . fastapi uvicorn
     WALSTORE_ROOT=/tmp/app-data uvicorn examples.fastapi_app:app
     curl -X POST localhost:8000/counters/visits/increment
 """

@@ -5,7 +5,8 @@ Saving a graph replaces its directory whole (nodes removed from the graph lose t
 and updates its index entry in the same transaction; deleting removes both. After any crash
 the index names exactly the graph directories that exist, with their current sizes.
 
-Run it: ``python examples/graph_registry.py /tmp/graphs``.
+Run it from a clone of walstore, after ``pip install -e .``:
+``python examples/graph_registry.py /tmp/graphs``.
 """
 
 from __future__ import annotations

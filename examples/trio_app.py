@@ -5,7 +5,8 @@ A job is never done twice nor lost: the producer's notice of a job goes out afte
 is committed, each notice reaches one worker, and a crash mid-claim leaves the job in the
 inbox or in done/ with its result, never one without the other.
 
-Run it: ``python examples/trio_app.py /tmp/jobs``.
+Run it from a clone of walstore, after ``pip install -e . trio``:
+``python examples/trio_app.py /tmp/jobs``.
 """
 
 from __future__ import annotations

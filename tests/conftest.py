@@ -7,8 +7,9 @@ import pytest
 
 from tests.support import TALLIES, Tally, tally
 
-# pytester for tests/plugin/: pytest accepts pytest_plugins only in this, the top conftest
-pytest_plugins = ["pytester"]
+# pytester for tests/plugin/: pytest accepts pytest_plugins only in this, the top conftest.
+# tests.profile: the default profile and the slow tier; tests.progress: a line per family.
+pytest_plugins = ["pytester", "tests.profile", "tests.progress"]
 
 
 @pytest.fixture(scope="session")
