@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -35,13 +36,26 @@ VALUE4 = os.urandom(4096)
 Result = dict[str, Any]
 
 
-def _summary(latencies: list[float], elapsed: float) -> Result:
+def _cpu() -> tuple[float, float]:
+    """User and system CPU seconds of this process so far (worker threads included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def _summary(
+    latencies: list[float], elapsed: float, cpu0: tuple[float, float] | None = None
+) -> Result:
     lat = sorted(latencies)
-    return {
+    out = {
         "tx_per_s": len(lat) / elapsed,
         "p50_ms": statistics.median(lat) * 1e3,
         "p99_ms": lat[int(len(lat) * 0.99) - 1] * 1e3,
     }
+    if cpu0 is not None:  # CPU per transaction moves far less with the disk than tx/s
+        user, system = _cpu()
+        out["cpu_user_ms"] = (user - cpu0[0]) / len(lat) * 1e3
+        out["cpu_sys_ms"] = (system - cpu0[1]) / len(lat) * 1e3
+    return out
 
 
 async def _drive(n_tx: int, tasks: int, one: Callable[[int], Awaitable[None]]) -> Result:
@@ -54,11 +68,12 @@ async def _drive(n_tx: int, tasks: int, one: Callable[[int], Awaitable[None]]) -
             await one(i)
             latencies.append(time.perf_counter() - t)
 
+    cpu0 = _cpu()
     start = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for _ in range(tasks):
             tg.start_soon(worker)
-    return _summary(latencies, time.perf_counter() - start)
+    return _summary(latencies, time.perf_counter() - start, cpu0)
 
 
 # -- systems under test: each returns (setup, one transaction of `files` files, teardown) --------
@@ -402,6 +417,113 @@ async def w6_lmdb(d: str, n: int) -> Result:
         env.close()
 
 
+# -- W7, W8: read-modify-write of hot 1 KiB JSON documents ---------------------------------
+
+RMW_TASKS = 64
+
+
+def _doc(n: int) -> dict[str, Any]:
+    """A 1 KiB JSON document holding a counter."""
+    return {"n": n, "pad": "x" * 1000}
+
+
+def _bumped(raw: bytes | str) -> bytes:
+    doc = json.loads(raw)
+    doc["n"] += 1
+    return json.dumps(doc).encode()
+
+
+async def _drive_rmw(
+    n: int, docs: int, one: Callable[[str], Awaitable[None]], seed: int = 7
+) -> Result:
+    """RMW_TASKS tasks, each transaction on one of ``docs`` documents chosen uniformly."""
+    import random
+
+    rng = random.Random(seed)
+    keys = [f"doc{rng.randrange(docs)}" for _ in range(n)]
+    return await _drive(n, RMW_TASKS, lambda i: one(keys[i]))
+
+
+async def rmw_walstore(d: str, n: int, docs: int) -> Result:
+    async with walstore.open(d) as store:
+        for k in range(docs):
+            await store.write_json(f"doc{k}.json", _doc(0), indent=None)
+
+        async def incr(tx: walstore.Transaction, key: str) -> None:
+            await tx.write(f"{key}.json", _bumped(await tx.read(f"{key}.json")))
+
+        before = store.stats()
+        r = await _drive_rmw(n, docs, lambda key: store.atomic(incr, key))
+        after = store.stats()
+        total = sum([(await store.read_json(f"doc{k}.json"))["n"] for k in range(docs)])
+        assert total == n, f"lost updates: {total} != {n}"
+    commits = after["commits"] - before["commits"]
+    r["conflicts_per_commit"] = (after["conflicts"] - before["conflicts"]) / commits
+    r["hops_per_commit"] = (after["thread_hops"] - before["thread_hops"]) / commits
+    return r
+
+
+async def rmw_aiosqlite(d: str, n: int, docs: int) -> Result:
+    """One shared connection, one transaction at a time: BEGIN IMMEDIATE; SELECT; UPDATE;
+    COMMIT (WAL, synchronous=FULL)."""
+    import aiosqlite
+
+    async with aiosqlite.connect(os.path.join(d, "db.sqlite"), isolation_level=None) as db:
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT)")
+        await db.executemany(
+            "INSERT INTO kv VALUES (?, ?)", [(f"doc{k}", json.dumps(_doc(0))) for k in range(docs)]
+        )
+        lock = asyncio.Lock()
+
+        async def one(key: str) -> None:
+            async with lock:
+                await db.execute("BEGIN IMMEDIATE")
+                async with db.execute("SELECT v FROM kv WHERE k = ?", (key,)) as cur:
+                    row = await cur.fetchone()
+                assert row is not None
+                await db.execute("UPDATE kv SET v = ? WHERE k = ?", (_bumped(row[0]), key))
+                await db.execute("COMMIT")
+
+        return await _drive_rmw(n, docs, one)
+
+
+async def rmw_lmdb(d: str, n: int, docs: int) -> Result:
+    import lmdb
+
+    env = lmdb.open(d, map_size=1 << 30, sync=True, metasync=True)
+    with env.begin(write=True) as t:
+        for k in range(docs):
+            t.put(f"doc{k}".encode(), json.dumps(_doc(0)).encode())
+    lock = anyio.Lock()
+
+    def txn(key: str) -> None:
+        with env.begin(write=True) as t:
+            t.put(key.encode(), _bumped(t.get(key.encode())))
+
+    async def one(key: str) -> None:
+        async with lock:  # one writer at a time, as LMDB requires
+            await anyio.to_thread.run_sync(txn, key)
+
+    try:
+        return await _drive_rmw(n, docs, one)
+    finally:
+        env.close()
+
+
+RMW_SYSTEMS: dict[str, Callable[[str, int, int], Awaitable[Result]]] = {
+    "walstore": rmw_walstore,
+    "aiosqlite": rmw_aiosqlite,
+    "lmdb": rmw_lmdb,
+}
+
+RMW_WORKLOADS = {  # name: (hot documents, transactions)
+    "W7 RMW 1 hot doc, 64 tasks": (1, 3000),
+    "W8 RMW 16 hot docs, 64 tasks": (16, 6000),
+}
+
+
 # -- walstore alone: recovery speed, open time, streaming memory ----------------------------
 
 _CRASH_AFTER_WRITES = """
@@ -600,6 +722,11 @@ def run_all(
             count = max(10, int(n * scale))
             for sname, fn in rotated(systems, r):
                 _run(results, base, wname, sname, fn, count, tasks, files)
+        for wname, (docs, n) in RMW_WORKLOADS.items():
+            if not wanted(wname):
+                continue
+            for sname, fn7 in rotated(RMW_SYSTEMS, r):
+                _run(results, base, wname, sname, fn7, max(100, int(n * scale)), docs)
         if wanted("W5"):
             count = max(2, int(20 * scale))
             for sname, fn5 in rotated(W5_SYSTEMS, r):
@@ -652,6 +779,13 @@ def print_table(results: dict[str, dict[str, Result]]) -> None:
                 f"  {sname:16} {m[1]:9.0f} {unit:7}  p50 {r['p50_ms']:6.2f} ms"
                 f"  p99 {r['p99_ms']:6.2f} ms"
             )
+            if "cpu_user_ms" in r:
+                line += f"  cpu/tx {r['cpu_user_ms']:.3f}+{r['cpu_sys_ms']:.3f} ms"
+            if "conflicts_per_commit" in r:
+                line += (
+                    f"  conflicts/commit {r['conflicts_per_commit']:.2f}"
+                    f"  hops/commit {r['hops_per_commit']:.2f}"
+                )
             if sname.startswith("walstore") and best:
                 line += f"  walstore/best peer {m[1] / best:.2f}x"
                 if best_p50:

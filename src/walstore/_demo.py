@@ -64,7 +64,7 @@ async def child(root: str, first: int) -> None:
             rng = random.Random(seed)
             while True:
                 n = next(counter)
-                await store.atomic(_transfer, n, rng, attempts=100)
+                await store.atomic(_transfer, n, rng)
                 print(f"ACK {n}", flush=True)
 
         async def writer() -> None:

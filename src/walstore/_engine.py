@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from . import _journal_format as fmt
 from ._apply import SYNCFS_MIN, Applier, remove_tree
+from ._conflicts import Conflict, ConflictIndex, GroupEffects, Reads
 from ._errors import (
     ConflictError,
     InvalidPathError,
@@ -83,15 +84,18 @@ TxOp = fmt.Put | fmt.PutStaged | fmt.Delete | fmt.DeleteDir | Move | PendingRepl
 
 @dataclass(frozen=True)
 class PreparedTx:
-    """A transaction handed to the committer: its ops and what it read."""
+    """A transaction handed to the committer: its ops and what it read, each read with the
+    LSN visible when it was made (``_conflicts.py``)."""
 
     txid: int
     begin_lsn: int
     ops: tuple[TxOp, ...]
     staged: bool = False  # has files under staging/<txid>/
-    reads: frozenset[str] = frozenset()  # files read, or found missing
-    listed: frozenset[str] = frozenset()  # directories listed
-    subtrees: frozenset[str] = frozenset()  # directories read as a whole (replace_dir keep)
+    reads: Reads = field(default_factory=dict)  # files read, or found missing
+    listed: Reads = field(default_factory=dict)  # directories listed
+    subtrees: Reads = field(default_factory=dict)  # directories read as a whole
+    # Files read as a transaction ahead in the group wrote them, by path -> its txid.
+    deps: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -160,9 +164,7 @@ class _Validation:
     """Effects of the transactions validated so far in a group."""
 
     overlay: _Overlay = field(default_factory=_Overlay)
-    modified: set[str] = field(default_factory=set)  # files written or deleted
-    listing_changed: set[str] = field(default_factory=set)  # directories gaining/losing names
-    trees: set[str] = field(default_factory=set)  # directories deleted or replaced
+    effects: GroupEffects = field(default_factory=GroupEffects)  # for conflict checks
     disk_dirs: set[str] = field(default_factory=set)  # seen on disk as directories
     # (txid, op index) of the puts whose target is a file when they are applied: apply
     # exchanges those into place without looking the target up again.
@@ -219,10 +221,7 @@ class Engine:
         self._real_root = self.root
         self._dev = 0  # the device of the root and .walstore/ (every rename starts there)
         self._mounts: frozenset[str] = frozenset()  # mount points below the root, at open
-        # Conflict detection: LSN of the last commit that changed a file / a directory listing.
-        self._modified: dict[str, int] = {}
-        self._listing_modified: dict[str, int] = {}
-        self._tree_modified: dict[str, int] = {}  # directories deleted or replaced
+        self.conflicts = ConflictIndex()  # what each commit changed, for validation
 
     # -- open and close ------------------------------------------------------------------
 
@@ -470,13 +469,8 @@ class Engine:
                         self._applier.garbage.add(os.path.join(self.staging_dir, str(txid)))
                     self.last_lsn = lsn
                     # Still under the gate: whoever saw this group's files sees it here too
-                    # (``validate_reads`` relies on it).
-                    for p in state.modified:
-                        self._modified[p] = lsn
-                    for d in state.listing_changed:
-                        self._listing_modified[d] = lsn
-                    for d in state.trees:
-                        self._tree_modified[d] = lsn
+                    # (the early check on the event loop relies on it).
+                    self.conflicts.observe(lsn, state.effects)
                 applied = True
                 self._applier.drop_replaced()
             except OSError as exc:
@@ -491,7 +485,7 @@ class Engine:
                 )
                 err.__cause__ = exc
                 return self._fill(results, Result(Outcome.COMMITTED, lsn, err))
-            self._prune(oldest_begin)
+            self.conflicts.prune(oldest_begin)
             self.counters.groups += 1
             self.counters.commits += len(writers)
             self.counters.journal_bytes = journal.bytes_written
@@ -571,14 +565,6 @@ class Engine:
         self.failed = StoreFailedError(message)
         self.failed.__cause__ = exc
 
-    def _prune(self, oldest_begin: int) -> None:
-        tables = (self._modified, self._listing_modified, self._tree_modified)
-        if sum(len(t) for t in tables) < 4096:
-            return
-        for table in tables:
-            for key in [k for k, v in table.items() if v <= oldest_begin]:
-                del table[key]
-
     def _kind(self, path: str, state: _Validation, local: _Overlay) -> str | None:
         """What ``path`` is once the group so far (and this transaction so far) applied."""
         for layer in (local, state.overlay):
@@ -598,61 +584,10 @@ class Engine:
             state.disk_dirs.add(path)
         return st.kind if st is not None else None
 
-    def _tree_changed(self, path: str, begin: int, state: _Validation) -> bool:
-        if not self._tree_modified and not state.trees:
-            return False
-        for a in (path, *parents(path)):
-            if self._tree_modified.get(a, 0) > begin or a in state.trees:
-                return True
-        return False
-
-    def validate_reads(self, tx: PreparedTx) -> None:
-        """Validate a transaction that changes nothing (its reads and listings only), on the
-        event-loop thread: raise ConflictError if a commit changed what it read. The conflict
-        tables are updated under the apply gate, so any change the transaction could have
-        seen is in them; lookups of single keys are safe beside the committer thread."""
-        assert not tx.ops and not tx.subtrees
-        try:
-            self._check_reads(tx, _Validation())
-        except ConflictError:
-            self.counters.conflicts += 1
-            raise
-
-    def stale(self, begin_lsn: int, reads: set[str], listed: set[str]) -> bool:
-        """Whether a commit since ``begin_lsn`` changed one of these files or directory
-        listings: the reader's view is stale. Event-loop safe, as ``validate_reads``."""
-        probe = PreparedTx(0, begin_lsn, (), reads=frozenset(reads), listed=frozenset(listed))
-        try:
-            self._check_reads(probe, _Validation())
-        except ConflictError:
-            return True
-        return False
-
     def _check_reads(self, tx: PreparedTx, state: _Validation) -> None:
-        begin = tx.begin_lsn
-        for p in tx.reads:
-            if (
-                self._modified.get(p, 0) > begin
-                or p in state.modified
-                or self._tree_changed(p, begin, state)
-            ):
-                raise ConflictError(f"txid={tx.txid}: {p!r} was changed by another commit")
-        for d in tx.listed:
-            if (
-                self._listing_modified.get(d, 0) > begin
-                or d in state.listing_changed
-                or self._tree_changed(d, begin, state)
-            ):
-                raise ConflictError(f"txid={tx.txid}: directory {d!r} changed")
-        for d in tx.subtrees:
-            prefix = d + "/"
-            changed = [k for k, v in self._modified.items() if v > begin and k.startswith(prefix)]
-            changed += [k for k in state.modified if k.startswith(prefix)]
-            changed += [
-                k for k, v in self._tree_modified.items() if v > begin and k.startswith(prefix)
-            ]
-            if changed or self._tree_changed(d, begin, state):
-                raise ConflictError(f"txid={tx.txid}: files under {d!r} changed")
+        conflict = self.conflicts.check(tx.reads, tx.listed, tx.subtrees, state.effects, tx.deps)
+        if conflict is not None:
+            raise conflict_error(tx.txid, conflict)
 
     def _validate(self, tx: PreparedTx, state: _Validation) -> None:
         """Step 1 for one transaction: raise ConflictError, InvalidPathError or
@@ -714,9 +649,10 @@ class Engine:
             trees.add(op.path)
         state.overlay.kinds.update(local.kinds)
         state.overlay.cleared |= local.cleared
-        state.modified |= modified
-        state.listing_changed |= listing
-        state.trees |= trees
+        state.effects.modified |= modified
+        state.effects.writer.update(dict.fromkeys(modified, tx.txid))
+        state.effects.listing_changed |= listing
+        state.effects.trees |= trees
         state.replacing |= replacing
 
     def _check_parents(
@@ -860,6 +796,10 @@ class Engine:
                 raise NotADirectoryError(20, "Not a directory", path)
             names = self.fs.listdir(full)
         return sorted(n for n in names if path or n != RESERVED)
+
+
+def conflict_error(txid: int, conflict: Conflict) -> ConflictError:
+    return ConflictError(f"txid={txid}: {conflict.what}", paths=(conflict.key,), lsn=conflict.lsn)
 
 
 def _across_mounts(path: str) -> str:

@@ -55,7 +55,15 @@ class TransactionError(StoreError):
 
 class ConflictError(TransactionError):
     """Raised at commit when something the transaction read was changed by another commit
-    since it began; nothing was changed and retrying may succeed."""
+    since it read it; nothing was changed and retrying may succeed (``Store.atomic`` does).
+
+    ``paths`` names what changed: a file's path, or ``dir/`` for a directory listed or read
+    as a whole."""
+
+    def __init__(self, message: str, *, paths: tuple[str, ...] = (), lsn: int = 0) -> None:
+        super().__init__(message)
+        self.paths = paths
+        self._lsn = lsn  # the commit that changed them (0: in the same group)
 
 
 class TransactionClosedError(TransactionError):

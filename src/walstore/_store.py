@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import random
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Generator
@@ -27,7 +26,18 @@ import anyio.lowlevel
 from . import _journal_format as fmt
 from ._apply import SYNCFS_MIN
 from ._cache import ReadCache
-from ._engine import Durability, Engine, Move, Outcome, PendingReplace, PreparedTx, Result
+from ._conflicts import Conflict, listing_key
+from ._contention import Claim, DeadlinePassed, PathLocks
+from ._engine import (
+    Durability,
+    Engine,
+    Move,
+    Outcome,
+    PendingReplace,
+    PreparedTx,
+    Result,
+    conflict_error,
+)
 from ._errors import (
     ConflictError,
     StoreClosedError,
@@ -46,6 +56,9 @@ T = TypeVar("T")
 
 DEFAULT_INLINE_THRESHOLD = 128 * 1024
 DEFAULT_CACHE_BYTES = 32 << 20
+# Store.atomic retries a transaction that conflicted until this many seconds have passed.
+# Conflicting retries take turns (_contention.py), so contention alone does not reach it.
+DEFAULT_ATOMIC_TIMEOUT = 60.0
 
 
 class _WaiterState(enum.Enum):
@@ -62,6 +75,16 @@ class _Waiter:
     event: anyio.Event
     state: _WaiterState = _WaiterState.QUEUED
     result: Result | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class PendingWrite:
+    """A queued transaction's write of a hot file, handed on to the next holder of its key
+    before the transaction commits (``_contention.py`` rule 5)."""
+
+    tx: Transaction
+    op: fmt.Put | fmt.Delete
+    waiter: _Waiter
 
 
 class Store:
@@ -102,8 +125,14 @@ class Store:
         # wait for it (``_read_raw``).
         self._committing: anyio.Event | None = None
         # The LSN of the last group whose changes readers on the event loop may see (the
-        # cache is updated with it): transactions begin there.
+        # cache is updated with it): transactions begin there, and reads are tagged with it.
         self._visible_lsn = engine.last_lsn
+        self._published = anyio.Event()  # set (and replaced) whenever a group is published
+        self._locks = PathLocks()  # queues on hot paths
+        # Writes of hot files by queued transactions, in queue order, by path; and the paths
+        # of each transaction's entries.
+        self._pending: dict[str, list[PendingWrite]] = {}
+        self._pending_of: dict[Transaction, list[str]] = {}
 
     @property
     def root(self) -> str:
@@ -152,20 +181,124 @@ class Store:
 
     def transaction(self) -> Transaction:
         """A new transaction; use it as ``async with store.transaction() as tx:``."""
+        return self._transaction(self._locks.claim())
+
+    def _transaction(self, claim: Claim) -> Transaction:
         self._check_writable()
         engine = self._engine
-        tx = Transaction(self, engine.next_txid, self._visible_lsn)
+        tx = Transaction(self, engine.next_txid, self._visible_lsn, claim)
         engine.next_txid += 1
         self._active[tx.begin_lsn] += 1
         self._open_txs.add(tx)
         return tx
 
     def _forget(self, tx: Transaction) -> None:
+        """The transaction is over and its outcome published: let go of its hot paths."""
         if tx in self._open_txs:
             self._open_txs.discard(tx)
             self._active[tx.begin_lsn] -= 1
             if not self._active[tx.begin_lsn]:
                 del self._active[tx.begin_lsn]
+        self._locks.release_all(tx._claim)
+
+    async def _admit(self, claim: Claim, key: str) -> None:
+        """Before a transaction reads ``key``: wait for its turn if the key is hot."""
+        if self._locks:
+            await self._locks.admit(claim, key)
+
+    def _pending_write(self, claim: Claim, path: str) -> PendingWrite | None:
+        """The newest queued write of ``path``, if ``claim`` holds its key: that is what the
+        holder reads (rule 5)."""
+        chain = self._pending.get(path)
+        return chain[-1] if chain and path in claim.held else None
+
+    def _hand_on(self, w: _Waiter) -> None:
+        """Rule 5: a transaction just queued for commit lets go of its hot keys, handing on
+        the small values and deletes it writes as pending writes."""
+        claim = w.tx._claim
+        if not claim.held:
+            return
+        tx = w.tx
+        if any(
+            k not in claim.held and self._locks.hot(k)
+            for k in (*tx._reads, *map(listing_key, tx._listed), *map(listing_key, tx._subtrees))
+        ):
+            return  # it read a hot key out of turn: it may well fail, so hand nothing on
+        ops = w.prepared.ops
+        for key in sorted(claim.held):
+            if key.endswith("/"):  # a listing or a tree: kept if this commit changes it
+                if any(_covers(op.path, key) for op in ops):
+                    continue
+            else:
+                changed = [op for op in ops if _covers(op.path, key + "/")]
+                if len(changed) == 1 and isinstance(changed[0], fmt.Put | fmt.Delete):
+                    if changed[0].path != key:
+                        continue  # a directory above it, changed as a whole: kept
+                    self._pending.setdefault(key, []).append(PendingWrite(w.tx, changed[0], w))
+                    self._pending_of.setdefault(w.tx, []).append(key)
+                    self._locks.pin(key)
+                elif changed:  # a staged value, a move or a directory op: kept
+                    continue
+            self._locks.release(claim, key)
+
+    def _drop_pending(self, tx: Transaction) -> None:
+        for path in self._pending_of.pop(tx, ()):
+            chain = [pw for pw in self._pending.get(path, ()) if pw.tx is not tx]
+            if chain:
+                self._pending[path] = chain
+            else:
+                self._pending.pop(path, None)
+            self._locks.unpin(path)
+
+    def _resolve_deps(self, group: list[_Waiter]) -> dict[_Waiter, Result]:
+        """As a group forms: a read of a pending write (rule 5) whose writer committed in an
+        earlier group becomes a read at that group's LSN; one whose writer is ahead in this
+        group stays a dependency for validation; one whose writer failed is a conflict."""
+        rejected: dict[_Waiter, Result] = {}
+        ahead: set[_Waiter] = set()
+        for w in group:
+            for path, pw in w.tx._deps.items():
+                r = pw.waiter.result
+                if r is not None and r.outcome is Outcome.COMMITTED:
+                    w.tx._reads[path] = r.lsn
+                elif pw.waiter in ahead:
+                    w.prepared.deps[path] = pw.tx.txid
+                else:
+                    conflict = Conflict(path, 0, f"{path!r} was read before its writer failed")
+                    self._engine.counters.conflicts += 1
+                    error = conflict_error(w.tx.txid, conflict)
+                    rejected[w] = Result(Outcome.REJECTED, error=error)
+                    break
+            ahead.add(w)
+        return rejected
+
+    async def _await_deps(self, tx: Transaction) -> None:
+        """A read-only transaction that read pending writes returns once they committed
+        (else ConflictError), so it never shows what was not committed. Cancellation:
+        propagates (the caller rolls back)."""
+        for path, pw in tx._deps.items():
+            while pw.waiter.result is None and pw.tx.state is TxState.COMMITTING:
+                await self._published.wait()
+            r = pw.waiter.result
+            if r is None or r.outcome is not Outcome.COMMITTED:
+                self._engine.counters.conflicts += 1
+                raise conflict_error(tx.txid, Conflict(path, 0, f"{path!r}: its writer failed"))
+            tx._reads[path] = r.lsn
+        conflict = self._stale(tx._reads, tx._listed)
+        if conflict is not None:
+            self._engine.counters.conflicts += 1
+            raise conflict_error(tx.txid, conflict)
+
+    def _stale(self, reads: dict[str, int], listed: dict[str, int]) -> Conflict | None:
+        """Whether a commit changed one of these files or listings since they were read.
+        On the event loop: single-key lookups of the conflict index (``_conflicts.py``)."""
+        return self._engine.conflicts.check(reads, listed, {})
+
+    async def _wait_visible(self, lsn: int) -> None:
+        """Wait until the group that committed ``lsn`` is published (a retry then reads what
+        it wrote), or nothing more will be."""
+        while self._visible_lsn < lsn and self._leading and not self._closed:
+            await self._published.wait()
 
     async def _stage(self, tx: Transaction, index: int, data: bytes) -> fmt.PutStaged:
         self._check_writable()
@@ -230,6 +363,7 @@ class Store:
     async def _end(self, tx: Transaction, state: TxState) -> None:
         """Roll back: drop the transaction and whatever it staged (shielded)."""
         tx.state = state
+        self._drop_pending(tx)
         self._forget(tx)
         if tx._staged:
             with anyio.CancelScope(shield=True):
@@ -254,21 +388,25 @@ class Store:
             tx.begin_lsn,
             tx._prepared(),
             staged=tx._staged > 0,
-            reads=frozenset(tx._reads),
-            listed=frozenset(tx._listed),
-            subtrees=frozenset(tx._subtrees),
+            reads=tx._reads,
+            listed=tx._listed,
+            subtrees=tx._subtrees,
         )
-        if not prepared.ops and not prepared.subtrees:  # read only: no journal, no thread
-            try:
-                self._engine.validate_reads(prepared)
-            except ConflictError:
-                await self._end(tx, TxState.ROLLED_BACK)
-                raise
+        try:
+            await self._check_early(tx, prepared)
+            read_only = not prepared.ops and not prepared.subtrees
+            if read_only and tx._deps:
+                await self._await_deps(tx)
+        except BaseException:
+            await self._end(tx, TxState.ROLLED_BACK)
+            raise
+        if read_only:  # no journal, no thread
             tx.state = TxState.COMMITTED
             self._forget(tx)
             return
         w = _Waiter(tx, prepared, anyio.Event())
         self._queue.append(w)
+        self._hand_on(w)
         cancelled: BaseException | None = None
         if self._leading:
             try:
@@ -299,6 +437,30 @@ class Store:
             raise cancelled
         await anyio.lowlevel.checkpoint()  # deliver a cancellation that arrived while shielded
 
+    async def _check_early(self, tx: Transaction, prepared: PreparedTx) -> None:
+        """Before queueing, on the event loop: a transaction whose reads are stale already
+        fails here (ConflictError), with no thread hop and no journal work. One that writes
+        a hot path it does not hold (rule 3 of ``_contention.py``) fails if it read the
+        path out of turn, and takes its turn if it wrote blindly (a blind write never
+        conflicts: where it cannot wait, say for its own task, it goes ahead). Cancellation:
+        propagates (the caller rolls back)."""
+        conflict = self._stale(tx._reads, tx._listed)
+        claim = tx._claim
+        if conflict is None and self._locks:
+            for op in prepared.ops:
+                if op.path in claim.held or not self._locks.hot(op.path):
+                    continue
+                if op.path in tx._reads:
+                    conflict = Conflict(op.path, 0, f"{op.path!r} is being changed in turn")
+                    break
+                if await self._locks.admit(claim, op.path):  # it may have waited
+                    conflict = self._stale(tx._reads, tx._listed)
+                    if conflict is not None:
+                        break
+        if conflict is not None:
+            self._engine.counters.conflicts += 1
+            raise conflict_error(tx.txid, conflict)
+
     async def _lead(self) -> None:
         """Commit one group: every transaction queued now. Requires: self._leading is ours."""
         # One turn of the event loop first: the tasks the last group just released run their
@@ -308,12 +470,14 @@ class Store:
         group, self._queue = self._queue, []
         for w in group:
             w.state = _WaiterState.TAKEN
+        rejected = self._resolve_deps(group)
         oldest = min(self._active, default=self._engine.last_lsn)
         committing = self._committing = anyio.Event()
         try:
             try:
-                results = await self._run_committer(
-                    self._engine.commit_group, [w.prepared for w in group], oldest
+                sent = [w for w in group if w not in rejected]
+                done = await self._run_committer(
+                    self._engine.commit_group, [w.prepared for w in sent], oldest
                 )
             except BaseException as exc:
                 if self._cache is not None:
@@ -321,10 +485,13 @@ class Store:
                 err = StoreFailedError(f"commit outcome unknown: {exc!r}")
                 err.__cause__ = exc
                 for w in group:
-                    w.result = Result(Outcome.UNKNOWN, error=err)
+                    w.result = rejected.get(w) or Result(Outcome.UNKNOWN, error=err)
                     w.state = _WaiterState.DONE
+                    self._drop_pending(w.tx)
                     w.event.set()
                 raise
+            by_waiter = dict(zip(sent, done, strict=True))
+            results = [rejected.get(w) or by_waiter[w] for w in group]
             self._publish(group, results)
             for w, r in zip(group, results, strict=True):
                 w.result = r
@@ -338,6 +505,8 @@ class Store:
         finally:
             self._committing = None
             committing.set()
+            self._published.set()
+            self._published = anyio.Event()
             if self._queue:
                 head = self._queue[0]
                 head.state = _WaiterState.LEADING
@@ -348,7 +517,10 @@ class Store:
 
     def _publish(self, group: list[_Waiter], results: list[Result]) -> None:
         """Show a group's changes to event-loop readers, in one step: update the read cache,
-        then the LSN new transactions begin at."""
+        then the LSN new transactions begin at; the group's pending writes are now committed
+        (or never will be)."""
+        for w in group:
+            self._drop_pending(w.tx)
         cache = self._cache
         if cache is not None:
             for w, r in zip(group, results, strict=True):
@@ -442,26 +614,76 @@ class Store:
         self,
         fn: Callable[..., Awaitable[T]],
         *args: Any,
-        attempts: int = 10,
+        attempts: int | None = None,
+        timeout: float | None = DEFAULT_ATOMIC_TIMEOUT,
         **kwargs: Any,
     ) -> T:
-        """Run ``await fn(tx, *args, **kwargs)`` in a transaction and commit it, retrying on
-        ConflictError with jittered exponential backoff; after ``attempts`` tries the last
-        ConflictError propagates. ``fn`` may run several times: keep its side effects in
-        ``tx``. Returns what ``fn`` returned. Cancellation: as ``Transaction.commit``."""
-        if attempts < 1:
-            raise ValueError(f"attempts must be >= 1, not {attempts}")
-        for attempt in range(attempts):
-            try:
-                async with self.transaction() as tx:
-                    result = await fn(tx, *args, **kwargs)
-                return result
-            except ConflictError:
-                if attempt == attempts - 1:
-                    raise
-                log.debug("txid=%d conflicted; retry %d", tx.txid, attempt + 1)
-                await anyio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
-        raise AssertionError("unreachable")
+        """Run ``await fn(tx, *args, **kwargs)`` in a transaction and commit it, retrying it
+        while it fails with ConflictError. Returns what ``fn`` returned. ``fn`` may run
+        several times: keep its side effects in ``tx``.
+
+        Under contention the retries take turns: a retry waits until the commit that beat
+        it is visible, then queues, oldest caller first, on the paths it conflicted on, and
+        a transaction that reads a path others queue on waits there for its turn too. So
+        with the defaults (no limit on ``attempts``, a ``timeout`` of 60 s) contention alone
+        never makes it raise, however many tasks contend; the cost is that transactions on
+        a hot path commit one at a time, as in SQLite. Give ``attempts`` (tries in all) or
+        ``timeout`` (seconds, or None for no deadline) to bound it: reaching either raises
+        ConflictError, saying how many attempts ran for how long. Cancellation: as
+        ``Transaction.commit``; a wait for a turn is abandoned."""
+        if attempts is not None and attempts < 1:
+            raise ValueError(f"attempts must be >= 1 or None, not {attempts}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, not {timeout}")
+        start = anyio.current_time()
+        claim = self._locks.claim(math.inf if timeout is None else start + timeout)
+        hot: set[str] = set()  # keys it conflicted on: taken, in turn, before each retry
+        tries = 0
+        last: ConflictError | None = None
+        try:
+            while True:
+                try:
+                    if hot:
+                        await self._locks.acquire_all(claim, hot)
+                    tries += 1
+                    async with self._transaction(claim) as tx:
+                        result = await fn(tx, *args, **kwargs)
+                    return result
+                except DeadlinePassed:
+                    raise self._gave_up(tries, attempts, timeout, start, last) from last
+                except ConflictError as exc:
+                    last = exc
+                    if (attempts is not None and tries >= attempts) or (
+                        anyio.current_time() >= claim.deadline
+                    ):
+                        raise self._gave_up(tries, attempts, timeout, start, exc) from exc
+                    log.debug("txid=%d conflicted (%s); retry %d", tx.txid, exc, tries)
+                    hot.update(exc.paths)
+                    await self._wait_visible(exc._lsn)
+        finally:
+            self._locks.release_all(claim)
+
+    @staticmethod
+    def _gave_up(
+        tries: int,
+        attempts: int | None,
+        timeout: float | None,
+        start: float,
+        last: ConflictError | None,
+    ) -> ConflictError:
+        limit = (
+            f"attempts={attempts}"
+            if attempts is not None and tries >= attempts
+            else (f"timeout={timeout} s")
+        )
+        why = f"; the last conflict: {last}" if last is not None else ""
+        return ConflictError(
+            f"Store.atomic gave up after {tries} attempt(s) in "
+            f"{anyio.current_time() - start:.3f} s, its limit {limit} reached{why}. "
+            "Other commits kept changing what it read: raise the limit, or leave attempts "
+            "and timeout at their defaults to wait for a turn",
+            paths=last.paths if last is not None else (),
+        )
 
     # -- maintenance -------------------------------------------------------------------------
 
@@ -476,7 +698,8 @@ class Store:
     def stats(self) -> dict[str, float]:
         """Counters since open: commits, groups, mean_group_size, conflicts, checkpoints,
         journal_bytes, journal_syncs, fsyncs (every fsync/fdatasync the store made, directory
-        syncs and syncfs included) and thread_hops."""
+        syncs and syncfs included), thread_hops and turn_waits (times a transaction waited
+        for its turn on a hot path)."""
         c = self._engine.counters
         calls = self._engine.fs.calls
         return {
@@ -489,6 +712,7 @@ class Store:
             "journal_syncs": c.journal_syncs,
             "fsyncs": calls["fsync"] + calls["fdatasync"] + calls["fsync_dir"] + calls["syncfs"],
             "thread_hops": self._hops,
+            "turn_waits": self._locks.waits,
         }
 
     async def aclose(self) -> None:
@@ -522,6 +746,12 @@ class Store:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _covers(path: str, key: str) -> bool:
+    """Whether a change at ``path`` can change what ``key`` (``a/b`` or ``dir/``, with a
+    slash) covers: a path at or below the directory, or a directory above it."""
+    return key == "/" or (path + "/").startswith(key) or key.startswith(path + "/")
 
 
 async def _open(

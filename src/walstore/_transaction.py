@@ -15,8 +15,12 @@ Invariants:
   memory; large values (over ``inline_threshold``) are written and fsynced to the staging
   directory as they arrive, so memory stays flat.
 * A transaction reads its own writes; every other read goes to the store and is remembered
-  (files read, files found missing, directories listed) so that the committer can refuse the
-  transaction with ConflictError if any of it changed since the transaction began.
+  (files read, files found missing, directories listed), each with the LSN visible when it
+  was made, so that the committer can refuse the transaction with ConflictError if any of it
+  changed since it was read (``_conflicts.py``).
+* A read of a hot path (one that transactions recently conflicted on) first waits for its
+  turn in that path's queue (``_contention.py``), so that it reads the value the previous
+  holder committed instead of one about to change.
 * Ops are kept in order of last touch, one per path; an op on a directory (``delete_dir``,
   ``replace_dir``) drops the ops below it. A move, a delete_dir and a replace_dir's ``keep``
   read what is on disk at commit time: the move's source and the kept files are hard-linked
@@ -42,13 +46,15 @@ import anyio
 import anyio.lowlevel
 
 from . import _journal_format as fmt
+from ._conflicts import listing_key
 from ._engine import Keep, Move, PendingReplace, TxOp
 from ._errors import ConflictError, InvalidPathError, StoreClosedError, TransactionClosedError
 from ._paths import check_path, parents
 
 if TYPE_CHECKING:
+    from ._contention import Claim
     from ._fs import AsyncWriter
-    from ._store import Store
+    from ._store import PendingWrite, Store
 
 Path = str | os.PathLike[str]
 
@@ -95,16 +101,21 @@ class Transaction:
     back on an exception or cancellation, which then propagates unchanged.
     """
 
-    def __init__(self, store: Store, txid: int, begin_lsn: int) -> None:
+    def __init__(self, store: Store, txid: int, begin_lsn: int, claim: Claim) -> None:
         self._store = store
         self.txid = txid  # unique and increasing across reopens; names staging/<txid>/
         self.begin_lsn = begin_lsn
         self.state = TxState.ACTIVE
         self.lsn: int | None = None  # LSN of the COMMIT record, once committed
+        self._claim = claim  # its place in the queues of hot paths
         self._ops: dict[str, TxOp] = {}  # path -> last op on it, in order of last touch
-        self._reads: set[str] = set()
-        self._listed: set[str] = set()
-        self._subtrees: set[str] = set()
+        # What it read, each with the LSN visible when it read it (the oldest, if twice):
+        self._reads: dict[str, int] = {}  # files read, or found missing
+        self._listed: dict[str, int] = {}  # directories listed
+        self._subtrees: dict[str, int] = {}  # directories read as a whole
+        # Hot files read as a transaction queued ahead wrote them (``_contention.py`` rule 5):
+        # path -> that transaction's pending write.
+        self._deps: dict[str, PendingWrite] = {}
         self._staged = 0  # values staged (or being staged): names staging/<txid>/<n>
         self._staging_made = False  # staging/<txid>/ exists
         self._closed_with_store = False  # rolled back by Store.aclose()
@@ -150,16 +161,32 @@ class Transaction:
 
     def _missing(self, exc: OSError) -> Exception:
         """What to raise when the store lacks what an op needs: ConflictError if something
-        this transaction read has changed since it began (its view is stale, and a retry in
-        ``Store.atomic`` may well succeed), else ``exc`` itself."""
-        if self._store._engine.stale(self.begin_lsn, self._reads, self._listed):
+        this transaction read has changed since it read it (its view is stale, and a retry
+        in ``Store.atomic`` may well succeed), else ``exc`` itself."""
+        conflict = self._store._stale(self._reads, self._listed)
+        if conflict is not None:
             err = ConflictError(
                 f"txid={self.txid}: {exc.filename!r}: {exc.strerror}, after another commit "
-                "changed what this transaction had read"
+                f"changed what this transaction had read ({conflict.what})",
+                paths=(conflict.key,),
+                lsn=conflict.lsn,
             )
             err.__cause__ = exc
             return err
         return exc
+
+    async def _note(self, reads: dict[str, int], path: str, key: str) -> None:
+        """Remember a read of ``path`` (under lock key ``key``), after waiting for its turn
+        if it is hot. Cancellation: propagates; nothing is remembered."""
+        if path in reads or path in self._deps:
+            return
+        await self._store._admit(self._claim, key)
+        if reads is self._reads:
+            pending = self._store._pending_write(self._claim, path)
+            if pending is not None:
+                self._deps[path] = pending
+                return
+        reads.setdefault(path, self._store._visible_lsn)
 
     async def _content(self, p: str) -> bytes:
         found = self._lookup(p)
@@ -168,7 +195,7 @@ class Transaction:
         if isinstance(found, fmt.PutStaged):
             return await self._store._read_staged(found.staged)
         if isinstance(found, Move):
-            self._reads.add(found.src)
+            await self._note(self._reads, found.src, found.src)
             return await self._read_disk(found.src)
         if isinstance(found, tuple):
             replace, rel = found
@@ -181,14 +208,19 @@ class Transaction:
                     )
             if not self._keeps(replace, rel):
                 raise FileNotFoundError(2, "No such file or directory", p)
-            self._subtrees.add(replace.path)
+            await self._note(self._subtrees, replace.path, listing_key(replace.path))
             return await self._read_disk(p)
         if found is not None:
             raise FileNotFoundError(2, "No such file or directory", p)
-        self._reads.add(p)
+        await self._note(self._reads, p, p)
         return await self._read_disk(p)
 
     async def _read_disk(self, p: str) -> bytes:
+        dep = self._deps.get(p)
+        if dep is not None:  # the value a transaction queued ahead of this one writes
+            if isinstance(dep.op, fmt.Put):
+                return dep.op.data
+            raise FileNotFoundError(2, "No such file or directory", p)
         try:
             return await self._store._read_raw(p)
         except FileNotFoundError as exc:
@@ -306,7 +338,7 @@ class Transaction:
         self._ops.pop(p, None)
         if await self._kind(p) is not None:  # not only this transaction's own making
             self._set(fmt.DeleteDir(p))
-        self._subtrees.add(p)
+        await self._note(self._subtrees, p, listing_key(p))
 
     @asynccontextmanager
     async def replace_dir(
@@ -336,9 +368,9 @@ class Transaction:
         yield writer
         self._check_active()
         self._drop_below(p)
-        self._set(PendingReplace(p, tuple(writer._entries.values()), kept))
         if kept is not None:
-            self._subtrees.add(p)
+            await self._note(self._subtrees, p, listing_key(p))
+        self._set(PendingReplace(p, tuple(writer._entries.values()), kept))
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -387,9 +419,12 @@ class Transaction:
                 return "dir"
             if not self._keeps(replace, rel):
                 return None
-            self._subtrees.add(replace.path)
+            await self._note(self._subtrees, replace.path, listing_key(replace.path))
         else:
-            self._reads.add(p)
+            await self._note(self._reads, p, p)
+            dep = self._deps.get(p)
+            if dep is not None:
+                return "file" if isinstance(dep.op, fmt.Put) else None
         st = await self._store._lstat_raw(p)
         if st is None:
             return None
@@ -427,12 +462,12 @@ class Transaction:
                         if e.path.startswith(sub)
                     }
                     if base.keep is not None:
-                        self._subtrees.add(base.path)
+                        await self._note(self._subtrees, base.path, listing_key(base.path))
                         on_disk = await self._disk_names(p)
                         names |= {n for n in on_disk if rel or self._keeps(base, n)}
                 break
         else:
-            self._listed.add(p)
+            await self._note(self._listed, p, listing_key(p))
             names = set(await self._disk_names(p))
         for k in keys[start:]:
             if not k.startswith(prefix):

@@ -84,7 +84,7 @@ async def bank(root: str) -> None:
             rng = random.Random(seed)
             while True:
                 n = next(counter)
-                await store.atomic(_transfer, n, rng, attempts=1000)
+                await store.atomic(_transfer, n, rng)
                 print(f"ACK {n}", flush=True)
 
         async def conversation() -> None:

@@ -136,20 +136,10 @@ async def test_atomic_retries_a_conflict(tmp_path: Path) -> None:
             await tx.write_json("n.json", n + by)
             return int(n + by)
 
-        assert await store.atomic(bump, 5, attempts=3) == 15
+        assert await store.atomic(bump, 5) == 15
         assert calls == 2
         assert await store.read_json("n.json") == 15
-
-        async def always_conflicts(tx: walstore.Transaction) -> None:
-            await tx.read("n.json")
-            await store.write_json("n.json", 0)
-            await tx.write("x", b"")
-
-        with pytest.raises(walstore.ConflictError):
-            await store.atomic(always_conflicts, attempts=2)
-        assert not await store.exists("x")
-        with pytest.raises(ValueError):
-            await store.atomic(bump, 1, attempts=0)
+        # A user-given limit: tests/concurrency/test_contention.py.
 
 
 async def test_concurrent_round_trips_in_one_store(tmp_path: Path) -> None:

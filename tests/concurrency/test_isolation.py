@@ -50,7 +50,7 @@ async def test_no_lost_update(
 
         async def worker() -> None:
             for _ in range(rounds):
-                seen.append(await store.atomic(increment, "counter", attempts=100_000))
+                seen.append(await store.atomic(increment, "counter"))
 
         async with anyio.create_task_group() as tg:
             for _ in range(tasks):
@@ -209,6 +209,7 @@ async def test_a_directory_made_on_the_way_is_a_change_of_its_path(grouping: str
     )
     assert isinstance(out["first"], walstore.Transaction), out
     assert isinstance(out["second"], ConflictError), out
+
     def ledger() -> dict[str, bytes]:
         return {k: v for k, v in user_files(fs).items() if k.startswith("ledger/")}
 

@@ -57,7 +57,7 @@ async def test_readers_never_see_half_a_transfer(tmp_path: Path, anyio_backend: 
         async def writer(i: int) -> None:
             rng = random.Random(i)
             for _ in range(transfers):
-                seq = await store.atomic(transfer, rng, attempts=100_000)
+                seq = await store.atomic(transfer, rng)
                 committed.append(seq)
                 # Visible at once: a store read after commit sees it (or something newer).
                 assert (await store.read_json("a.json"))["seq"] >= seq
@@ -80,7 +80,7 @@ async def test_readers_never_see_half_a_transfer(tmp_path: Path, anyio_backend: 
         async def tx_reader() -> None:
             """Read-only transactions: one that commits saw one state of both files."""
             while not writers_done.is_set():
-                a, b = await store.atomic(read_pair, attempts=100_000)
+                a, b = await store.atomic(read_pair)
                 assert a["seq"] == b["seq"], (a, b)
                 assert a["amount"] + b["amount"] == 100, (a, b)
                 stats["tx pairs"] += 1

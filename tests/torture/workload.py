@@ -126,7 +126,7 @@ async def run(root: str, tasks: int, durability: walstore.Durability) -> None:
 
         async def worker(i: int) -> None:
             while True:
-                n = await store.atomic(step, i, attempts=100_000)
+                n = await store.atomic(step, i)
                 print(f"ACK {i} {n}", flush=True)
 
         print("READY", flush=True)

@@ -6,11 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import anyio
-import pytest
-
-import walstore
-
 
 def test_demo_survives_sigkills(tmp_path: Path) -> None:
     out = subprocess.run(
@@ -66,43 +61,3 @@ def test_cli_reports_store_errors_in_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert out.stderr.startswith("walstore: ") and "Traceback" not in out.stderr
     assert out.stderr.count("\n") == 1
-
-
-@pytest.mark.asyncio
-async def test_atomic_retries_conflicts_so_no_update_is_lost(tmp_path: Path) -> None:
-    async def bump(tx: walstore.Transaction) -> int:
-        n = int(await tx.read_text("counter"))
-        await tx.write_text("counter", str(n + 1))
-        return n + 1
-
-    async with walstore.open(tmp_path / "s") as store:
-        await store.write_text("counter", "0")
-
-        async def worker() -> None:
-            for _ in range(10):
-                await store.atomic(bump, attempts=1000)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(16):
-                tg.start_soon(worker)
-        assert await store.read_text("counter") == "160"
-        assert store.stats()["conflicts"] > 0  # they did collide, and were retried
-
-
-@pytest.mark.asyncio
-async def test_atomic_gives_up_after_attempts(tmp_path: Path) -> None:
-    async with walstore.open(tmp_path / "s") as store:
-        await store.write_text("x", "0")
-        calls = 0
-
-        async def always_conflicts(tx: walstore.Transaction) -> None:
-            nonlocal calls
-            calls += 1
-            await tx.read("x")
-            await store.write_text("x", str(calls))  # another commit changes what tx read
-            await tx.write_text("y", "never")
-
-        with pytest.raises(walstore.ConflictError):
-            await store.atomic(always_conflicts, attempts=3)
-        assert calls == 3
-        assert not await store.exists("y")

@@ -156,7 +156,7 @@ async def test_transactions_begin_at_what_the_cache_shows() -> None:
 
         async with anyio.create_task_group() as tg:
             for _ in range(32):
-                tg.start_soon(lambda: store.atomic(incr, attempts=1000))
+                tg.start_soon(lambda: store.atomic(incr))
         assert await store.read("n") == b"32"
         assert fs.read_file(ROOT + "/n") == b"32"
 
