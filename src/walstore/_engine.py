@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -38,7 +40,15 @@ from ._errors import (
     StoreLockedError,
 )
 from ._fs import FileStat, FileSystem, write_all
-from ._journal_writer import AppendFailed, JournalWriter
+from ._journal_writer import (
+    NO_SPACE,
+    AppendFailed,
+    FailStop,
+    JournalWriter,
+    new_segment,
+    retire,
+    synced,
+)
 from ._paths import RESERVED, parent, parents
 from ._recovery import RecoveryReport, recover
 
@@ -178,6 +188,45 @@ def _collides(rel: str, names: set[str]) -> bool:
 
 # A checkpoint is due once old versions and staged values kept until it hold this much.
 GARBAGE_BYTES = 256 << 20
+# A checkpoint that found no space is tried again after this many seconds (or when called).
+CHECKPOINT_RETRY = 1.0
+_BLOCK = 4096  # what a new file or directory entry may cost on disk, beyond its data
+
+
+def reserve_for(total: int) -> int:
+    """Free bytes that commits and staging leave to recovery, checkpoints and deletes: 1/64
+    of the file system, at least 1 MiB, at most 64 MiB."""
+    return min(64 << 20, max(1 << 20, total // 64))
+
+
+def _space_needed(ops: tuple[TxOp, ...]) -> int:
+    """About what applying ``ops`` allocates on disk after the commit point: a block per new
+    file or directory entry and the inline values' data. Deletes need nothing."""
+    need = 0
+    for op in ops:
+        if isinstance(op, fmt.Put):
+            need += _BLOCK + -(-len(op.data) // _BLOCK) * _BLOCK
+        elif isinstance(op, fmt.ReplaceDir | PendingReplace):
+            need += _BLOCK + sum(
+                _BLOCK + (-(-len(e.data) // _BLOCK) * _BLOCK if isinstance(e, fmt.Put) else 0)
+                for e in op.entries
+            )
+        elif not isinstance(op, fmt.Delete | fmt.DeleteDir):
+            need += _BLOCK
+    return need
+
+
+def _no_space(exc: OSError) -> bool:
+    return exc.errno in NO_SPACE and not isinstance(exc, FailStop)
+
+
+def no_space_error(what: str, free: int, need: int, reserve: int) -> OSError:
+    return OSError(
+        errno.ENOSPC,
+        f"no space for {what}: {free} bytes free on the store's file system, it needs about "
+        f"{need} and {reserve} stay in reserve for recovery, checkpoints and deletes; delete "
+        "files (and checkpoint) or free space on the disk",
+    )
 
 
 class Engine:
@@ -222,6 +271,11 @@ class Engine:
         self._dev = 0  # the device of the root and .walstore/ (every rename starts there)
         self._mounts: frozenset[str] = frozenset()  # mount points below the root, at open
         self.conflicts = ConflictIndex()  # what each commit changed, for validation
+        self.free: int | None = None  # free bytes at the last look (free_space), None: not yet
+        self.reserve = 1 << 20  # reserve_for() the file system's size, at the last look
+        self._spare_dirty: int | None = None  # how far old records in journal/spare reach
+        self._stale: list[str] = []  # retired segments a checkpoint failed to rename or unlink
+        self._checkpoint_retry = 0.0  # monotonic time before which no checkpoint is due
 
     # -- open and close ------------------------------------------------------------------
 
@@ -261,6 +315,7 @@ class Engine:
         self._applier = rec.applier
         self.next_txid = rec.next_txid
         self.last_lsn = rec.last_lsn
+        self._spare_dirty = rec.spare_dirty
         if not rec.report.clean:
             log.info("recovered %s: %s", self.root, rec.report)
         return rec.report
@@ -339,7 +394,14 @@ class Engine:
             try:
                 j = self._journal
                 if j is not None and self.failed is None and j.next_lsn > j.checkpoint_lsn + 1:
-                    self._checkpoint_locked()
+                    try:
+                        self._checkpoint_locked()
+                    except OSError as exc:
+                        if not _no_space(exc):
+                            raise
+                        # Nothing is at risk: the journal holds every commit and the next
+                        # open recovers from it, without new space (journal/spare).
+                        log.warning("store %s closed without a checkpoint: %s", self.root, exc)
             finally:
                 if self._journal is not None:
                     self._journal.close()
@@ -352,7 +414,9 @@ class Engine:
 
     def stage(self, txid: int, index: int, data: bytes, make_dir: bool) -> fmt.PutStaged:
         """Write a large value to ``staging/<txid>/<index>`` and fsync it (outside the commit
-        lock, so many transactions stage in parallel). Returns the op without its path."""
+        lock, so many transactions stage in parallel). Returns the op without its path. Raises
+        OSError ENOSPC if it would eat into the reserve (nothing written)."""
+        self.check_space(len(data))
         if make_dir:
             self.make_staging_dir(txid)
         name = f"{txid}/{index}"
@@ -364,6 +428,19 @@ class Engine:
         finally:
             self.fs.close(fd)
         return fmt.PutStaged("", name, len(data), zlib.crc32(data))
+
+    def look_at_space(self) -> tuple[int, int]:
+        """(free bytes, reserve) of the store's file system now; remembered for the checkpoint
+        triggers and ``walstore info``."""
+        free, total = self.fs.free_space(self.meta)
+        self.free, self.reserve = free, reserve_for(total)
+        return free, self.reserve
+
+    def check_space(self, size: int, what: str = "this value") -> None:
+        """Raise OSError ENOSPC if writing ``size`` bytes would leave less than the reserve."""
+        free, reserve = self.look_at_space()
+        if free - size - _BLOCK < reserve:
+            raise no_space_error(what, free, size + _BLOCK, reserve)
 
     def make_staging_dir(self, txid: int) -> str:
         """``staging/<txid>/`` (made if missing); returns its path."""
@@ -401,6 +478,8 @@ class Engine:
                     if isinstance(exc, ConflictError):
                         self.counters.conflicts += 1
                     results[i] = Result(Outcome.REJECTED, error=exc)
+
+            self._check_group_space(group, results, journal)
 
             # Step 2: sync_staged (moved and kept files are linked into staging first)
             resolved: dict[int, tuple[fmt.Op, ...]] = {}
@@ -492,6 +571,36 @@ class Engine:
             for txid, ops in writers:
                 log.debug("txid=%d committed lsn=%d ops=%d", txid, lsn, len(ops))
             return self._fill(results, Result(Outcome.COMMITTED, lsn))
+
+    def _check_group_space(
+        self, group: list[PreparedTx], results: list[Result | None], journal: JournalWriter
+    ) -> None:
+        """Step 1, space: refuse (ENOSPC, rolled back) each transaction whose apply would eat
+        into the reserve, so that nothing after the commit point runs out of space and every
+        replay of the journal finds the space its puts need. Deletes always pass; the journal
+        appends into its preallocated segment, and past it counts the record too."""
+        needs = [(i, _space_needed(tx.ops)) for i, tx in enumerate(group) if results[i] is None]
+        if not any(n for _, n in needs):
+            return
+        try:
+            free, reserve = self.look_at_space()
+        except OSError as exc:
+            for i, n in needs:
+                if n:
+                    results[i] = Result(Outcome.REJECTED, error=exc)
+            return
+        left = free - reserve
+        room = journal.size - journal.offset  # preallocated journal bytes left
+        for i, n in needs:
+            if not n:
+                continue
+            room -= n
+            cost = n if room >= 0 else 2 * n  # past the preallocation the record takes space
+            if cost > left:
+                err = no_space_error("this transaction", free, cost, reserve)
+                results[i] = Result(Outcome.REJECTED, error=err)
+            else:
+                left -= cost
 
     def _link_sources(self, tx: PreparedTx) -> tuple[fmt.Op, ...]:
         """Step 2 for one transaction: hard-link the source of each move and each file a
@@ -676,24 +785,44 @@ class Engine:
 
     def checkpoint_due(self) -> bool:
         j = self._journal
+        if j is None or self.failed is not None:
+            return False
+        if self._checkpoint_retry and time.monotonic() < self._checkpoint_retry:
+            return False
+        a = self._applier
+        garbage_limit = GARBAGE_BYTES
+        if self.free is not None:
+            # Staged values (and trees moved away) hold their space until the checkpoint:
+            # free them once they hold a quarter of what is left above the reserve.
+            spare = max(0, self.free - self.reserve)
+            garbage_limit = min(GARBAGE_BYTES, spare // 4)
+            if spare < self.reserve and a.garbage:
+                return True
         return (
-            j is not None
-            and self.failed is None
-            and (
-                j.offset > self.checkpoint_bytes
-                or len(self._applier.dirty_files) > self.checkpoint_files
-                or self._applier.garbage_bytes > GARBAGE_BYTES
-            )
+            j.offset > self.checkpoint_bytes
+            or len(a.dirty_files) > self.checkpoint_files
+            or a.garbage_bytes > garbage_limit
         )
 
     def checkpoint(self) -> None:
-        """Make everything applied durable in place and start a new journal segment."""
+        """Make everything applied durable in place and start a new journal segment. Raises
+        OSError ENOSPC/EDQUOT if there was no space for the segment or for removing what it
+        frees: nothing committed is at risk, the store carries on and the checkpoint is tried
+        again later. Any other error fails the store (StoreFailedError)."""
         with self._lock:
             if self.failed is not None:
                 raise StoreFailedError(f"store failed earlier: {self.failed}")
             try:
                 self._checkpoint_locked()
             except OSError as exc:
+                if _no_space(exc):
+                    self._checkpoint_retry = time.monotonic() + CHECKPOINT_RETRY
+                    log.warning("checkpoint of %s postponed: %s", self.root, exc)
+                    raise OSError(
+                        exc.errno,
+                        f"checkpoint postponed, no space: {exc}; nothing committed is at risk "
+                        "and the store carries on",
+                    ) from exc
                 self._fail(f"checkpoint failed: {exc}", exc)
                 raise StoreFailedError(f"checkpoint failed: {exc}") from exc
 
@@ -702,22 +831,39 @@ class Engine:
         old = self._journal
         # Step 1: checkpoint_sync: applied files and directories, so the journal can go.
         if self.sync:
-            self._applier.sync(self._lock_fd)
+            lock_fd = self._lock_fd
+            synced(lambda: self._applier.sync(lock_fd))
         else:
             self._applier.dirty_files.clear()
             self._applier.dirty_dirs.clear()
-        # Step 2: checkpoint_new_segment: HEADER + CHECKPOINT, synced with its dir entry.
+        # Step 2: checkpoint_new_segment: HEADER + CHECKPOINT, synced with its dir entry, in
+        # the blocks of journal/spare (recycled: no space needed) or, without one, allocated.
         cp = fmt.Checkpoint(old.next_lsn, self.next_txid)
-        self._journal = JournalWriter.create(
-            self.fs, self.journal_dir, cp, sync=self.sync, preallocate=self.preallocate
+        dirty, self._spare_dirty = self._spare_dirty, None  # unknown if it fails half-way
+        self._journal = new_segment(
+            self.fs,
+            self.journal_dir,
+            cp,
+            sync=self.sync,
+            preallocate=self.preallocate,
+            dirty_end=dirty,
         )
         self._journal.bytes_written = old.bytes_written
         self.last_lsn = cp.lsn
         old.close()
-        # Step 3: checkpoint_drop_segments, step 4: checkpoint_drop_garbage
-        self.fs.unlink(old.path)
+        # Step 3: checkpoint_drop_segments: the old segment becomes the spare (or goes).
+        self._stale.append(old.path)
+        while self._stale:
+            if retire(self.fs, self.journal_dir, self._stale[-1], keep=bool(self.preallocate)):
+                self._spare_dirty = old.high if self._stale[-1] == old.path else None
+            self._stale.pop()
+        # Step 4: checkpoint_drop_garbage
         self._applier.drop_garbage()
         self.counters.checkpoints += 1
+        if self.free is not None:  # what the checkpoint freed, for the next triggers
+            with contextlib.suppress(OSError):
+                self.look_at_space()
+        self._checkpoint_retry = 0.0
         log.debug("checkpoint lsn=%d", cp.lsn)
 
     # -- reads ---------------------------------------------------------------------------
