@@ -10,6 +10,7 @@ store written before version 2, a spare lost), ``create`` allocates a new segmen
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -289,8 +290,6 @@ def retire(fs: FileSystem, journal_dir: str, path: str, *, keep: bool) -> bool:
         if st is not None and st.kind == "file" and st.size >= MIN_SPARE:
             fs.rename(path, spare)  # unsynced: if lost, recovery finds an old segment
             return True
-    try:
+    with contextlib.suppress(FileNotFoundError):  # gone: a retry after its rename happened
         fs.unlink(path)
-    except FileNotFoundError:
-        pass  # gone already (a retry of one whose rename did happen)
     return False

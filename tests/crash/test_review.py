@@ -17,7 +17,17 @@ import anyio
 import pytest
 
 import walstore
-from tests.support import ROOT, Model, Ops, applied, fresh, open_store, run_tx, user_files
+from tests.support import (
+    ROOT,
+    Model,
+    Ops,
+    applied,
+    fresh,
+    open_store,
+    run_tx,
+    segment_files,
+    user_files,
+)
 from walstore.testing import MemoryFileSystem
 
 FULL, OFF = walstore.Durability.FULL, walstore.Durability.OFF
@@ -54,7 +64,7 @@ def reopen(fs: MemoryFileSystem, allowed: list[Model], what: str, *, close: bool
     found = user_files(fs)
     assert found in allowed, f"{what}: {sorted(found)} not in {[sorted(m) for m in allowed]}"
     assert fs.files(STAGING, skip=()) == {}, f"{what}: staging leftovers"
-    assert len(fs.files(JOURNAL, skip=())) == 1, f"{what}: segments"
+    assert len(segment_files(fs.files(JOURNAL, skip=()))) == 1, f"{what}: segments"
     if close:
         anyio.run(store.aclose)
     return found
