@@ -865,9 +865,9 @@ class Engine:
         )
         self._journal.bytes_written = old.bytes_written
         self.last_lsn = cp.lsn
+        self._stale.append(old.path)
         old.close()
         # Step 3: checkpoint_drop_segments: the old segment becomes the spare (or goes).
-        self._stale.append(old.path)
         while self._stale:
             if retire(self.fs, self.journal_dir, self._stale[-1], keep=bool(self.preallocate)):
                 self._spare_dirty = old.high if self._stale[-1] == old.path else None
