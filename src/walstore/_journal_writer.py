@@ -128,7 +128,8 @@ class JournalWriter:
             if sync:
                 synced(lambda: fs.fsync_dir(journal_dir))
         except BaseException as exc:
-            fs.close(fd)
+            with contextlib.suppress(OSError):  # the error that matters is the first one
+                fs.close(fd)
             if isinstance(exc, OSError) and not isinstance(exc, FailStop):
                 _unmake(fs, at, real=not staged, cause=exc)
             raise
@@ -179,7 +180,8 @@ class JournalWriter:
             if sync:
                 synced(lambda: fs.fsync_dir(journal_dir))
         except BaseException:
-            fs.close(fd)
+            with contextlib.suppress(OSError):  # the error that matters is the first one
+                fs.close(fd)
             raise
         return cls(
             fs,
