@@ -13,7 +13,9 @@ process is SIGKILLed while the disk is full.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -27,6 +29,7 @@ import pytest
 import walstore
 from tests.fulldisk.values import value_of
 from tests.powercut.test_powercut import Disk, _unavailable
+from walstore._cli import main as walstore_cli
 from walstore._engine import reserve_for
 
 ROOM = 48 << 20  # bytes left free for the store on each disk
@@ -127,6 +130,13 @@ async def free_half_and_refill(
     return kept + more
 
 
+def cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = walstore_cli(list(argv))
+    return code, out.getvalue()
+
+
 async def scenario(mnt: Path, size: int) -> None:
     root = mnt / "store"
     store = await walstore.open(root)
@@ -135,6 +145,10 @@ async def scenario(mnt: Path, size: int) -> None:
         assert len(names) >= (ROOM // 3) // size, len(names)
         assert_full(mnt, size)
         await check_all(store, names, size)  # reads on the full disk
+        code, out = cli("info", str(root))  # the tools say so, the store open
+        assert code == 0 and "the disk is FULL" in out and "spare segment" in out, out
+        code, out = cli("verify", str(root))
+        assert code == 0 and "note: disk full" in out, out
         names = await free_half_and_refill(store, mnt, names, size)
         await check_all(store, names, size)
     finally:
