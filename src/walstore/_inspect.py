@@ -210,8 +210,9 @@ class Space:
 
     @property
     def full(self) -> bool:
-        """Commits that write are refused (deletes still commit)."""
-        return self.free < self.reserve
+        """Under twice the reserve free: commits that write are refused, or soon will be
+        (deletes still commit)."""
+        return self.free < 2 * self.reserve
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -245,9 +246,9 @@ def space_notes(s: Space) -> list[str]:
         )
     elif s.full:
         notes.append(
-            f"disk full: {s.free} bytes free, under the {s.reserve} kept in reserve; commits "
-            "that write are refused with ENOSPC, deletes and checkpoints still work "
-            "(delete through the store, then checkpoint, to free space)"
+            f"disk full: {s.free} bytes free, {s.reserve} of them kept in reserve; commits "
+            "that would write into the reserve are refused with ENOSPC, deletes and "
+            "checkpoints still work (delete through the store, then checkpoint, to free space)"
         )
     return notes
 
