@@ -117,6 +117,44 @@ class Applier:
             applied += 1
         return applied
 
+    def note_foreign(self, txid: int, ops: Iterable[Op]) -> None:
+        """Another process applied ``ops`` (``_shared.py``): remember what they changed and
+        left in staging as if this process had applied them, so that a checkpoint taken
+        here makes them durable and drops their garbage. Conservative: every directory on
+        the way counts as changed."""
+        for i, op in enumerate(ops):
+            self.dirty_dirs.add("")
+            self.dirty_dirs.update(parents(op.path))
+            if isinstance(op, Put | PutStaged):
+                self.dirty_files.add(op.path)
+                if isinstance(op, PutStaged):
+                    self.garbage.add(os.path.join(self.staging_dir, op.staged.split("/")[0]))
+                    self.garbage_bytes += op.size
+            elif isinstance(op, Delete):
+                self.dirty_files.discard(op.path)
+            else:
+                trash = os.path.join(self.staging_dir, f"{txid}-{i}")
+                self.garbage.update((trash + ".del", trash + ".dir", trash + ".old"))
+                self._forget_under(op.path)
+                if isinstance(op, ReplaceDir):
+                    base = op.path + "/"
+                    self.dirty_dirs.add(op.path)
+                    for e in op.entries:
+                        self.dirty_dirs.update(base + d for d in parents(e.path))
+                        self.dirty_files.add(base + e.path)
+                        if isinstance(e, PutStaged):
+                            staged = e.staged.split("/")[0]
+                            self.garbage.add(os.path.join(self.staging_dir, staged))
+
+    def forget_all(self) -> None:
+        """Another process took a checkpoint: it made everything applied so far durable and
+        dropped its garbage; nothing is left for this one to do about it."""
+        self.dirty_files.clear()
+        self.dirty_dirs.clear()
+        self.garbage.clear()
+        self.garbage_bytes = 0
+        self._known_dirs.clear()
+
     def _rewrite_in_place(self, op: Put) -> bool:
         """Replay of a put whose file already holds the value (the crashed process applied
         it): write the same bytes over it in place, ~5x cheaper than a new file. Rewriting

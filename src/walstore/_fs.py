@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import re
 import stat as stat_mod
@@ -101,15 +102,39 @@ class FileSystem(Protocol):
         """The mount points strictly below the directory ``path`` (a real path), from the
         system's mount table; none where the system has no such table."""
 
-    def lock(self, path: str) -> int | None:
-        """Take an exclusive advisory lock on ``path`` (created if missing) without waiting.
-
-        Returns a handle that holds the lock, or None when another process holds it."""
+    def lock(self, path: str, *, wait: bool = False) -> int | None:
+        """Take an exclusive advisory lock on ``path`` (created if missing): without
+        ``wait``, only if it is free. Returns a handle that holds the lock (``unlock``
+        releases it), or None when another open handle holds it."""
 
     def unlock(self, fd: int) -> None: ...
 
+    def map_file(self, fd: int, size: int) -> MappedFile:
+        """Map the first ``size`` bytes of an open file, for reads that make no system call
+        (the shared header, read on the event loop). The file must be that long."""
+
     async def open_writer(self, path: str) -> AsyncWriter:
         """Create (truncate) ``path`` for a streamed write from async code."""
+
+
+class MappedFile(Protocol):
+    """A file mapped into memory: what other processes write to it shows at once."""
+
+    def read(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class _Mmap:
+    def __init__(self, fd: int, size: int) -> None:
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._size = size
+
+    def read(self) -> bytes:
+        return self._map[: self._size]
+
+    def close(self) -> None:
+        self._map.close()
 
 
 class AsyncWriter(Protocol):
@@ -289,11 +314,13 @@ class OsFileSystem:
                     out.append(point)
         return out
 
-    def lock(self, path: str) -> int | None:
+    def lock(self, path: str, *, wait: bool = False) -> int | None:
         self.calls["lock"] += 1
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # flock, not fcntl record locks: those are dropped when any handle of the file
+            # closes. flock is shared with a fork()ed child: a store refuses use after fork.
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -304,6 +331,10 @@ class OsFileSystem:
     def unlock(self, fd: int) -> None:
         self.calls["unlock"] += 1
         os.close(fd)  # closing the descriptor releases the flock
+
+    def map_file(self, fd: int, size: int) -> MappedFile:
+        self.calls["map_file"] += 1
+        return _Mmap(fd, size)
 
     async def open_writer(self, path: str) -> AsyncWriter:
         self.calls["open_writer"] += 1

@@ -82,8 +82,9 @@ class Layout:
 
 @dataclass(frozen=True)
 class LockState:
-    held: bool  # another open file holds the flock (a process has the store open to write)
-    pid: int | None  # the pid written in LOCK by the last process that opened the store
+    held: bool  # a process has the store open to write
+    pid: int | None  # exclusive: the pid in LOCK; shared: the first process that has it open
+    pids: tuple[int, ...] = ()  # every process that has it open (shared: .walstore/procs/)
 
     @property
     def holder(self) -> int | None:
@@ -91,16 +92,14 @@ class LockState:
         return self.pid if self.held else None
 
 
-def probe_lock(layout: Layout) -> LockState:
-    """Whether the store is open for writing, and by whom, without disturbing the holder.
-
-    A shared, non-blocking flock on our own descriptor of LOCK: it fails while a writer holds
-    its exclusive lock, and is released at once. (An opener racing these few microseconds would
-    find the store locked; ``walstore.open(..., lock_timeout=...)`` waits that out.)"""
+def _held_by_another(path: str) -> tuple[bool, bytes] | None:
+    """(whether another open file holds ``path``'s flock, its first bytes); None if the
+    file does not exist. A shared, non-blocking flock on our own descriptor: it fails while
+    an owner holds its exclusive lock, and is released at once."""
     try:
-        fd = os.open(layout.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return LockState(False, None)  # never opened for writing
+        return None
     try:
         raw = os.read(fd, 64)
         try:
@@ -108,16 +107,43 @@ def probe_lock(layout: Layout) -> LockState:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            held = True
-        else:
-            held = False
+            return True, raw
+        return False, raw
     finally:
         os.close(fd)  # releases our shared lock, if we got it
+
+
+def _pid(raw: bytes) -> int | None:
     try:
-        pid: int | None = int(raw.decode().strip())
+        return int(raw.decode().strip())
     except ValueError:
-        pid = None
-    return LockState(held, pid)
+        return None
+
+
+def probe_lock(layout: Layout) -> LockState:
+    """Whether the store is open for writing, and by whom, without disturbing the holders:
+    a process that opened it exclusive holds LOCK for life; processes that share it each
+    hold a file of ``.walstore/procs/`` for life (LOCK only while they commit). (An opener
+    racing these few microseconds would find the store locked; ``lock_timeout`` waits that
+    out.)"""
+    pids: list[int] = []
+    procs = os.path.join(os.path.dirname(layout.lock_path), "procs")
+    try:
+        names = sorted(os.listdir(procs), key=lambda n: (len(n), n))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        probe = _held_by_another(os.path.join(procs, name))
+        if probe is not None and probe[0]:
+            pid = _pid(probe[1])
+            if pid is not None:
+                pids.append(pid)
+    lock = _held_by_another(layout.lock_path)
+    if pids:
+        return LockState(True, pids[0], tuple(pids))
+    if lock is None:
+        return LockState(False, None)  # never opened for writing
+    return LockState(lock[0], _pid(lock[1]), ())
 
 
 # -- the journal -------------------------------------------------------------------------------
@@ -262,7 +288,7 @@ def info(layout: Layout) -> dict[str, Any]:
     return {
         "root": layout.root,
         "in_use_by": lock.holder,
-        "lock": {"held": lock.held, "pid": lock.pid},
+        "lock": {"held": lock.held, "pid": lock.pid, "processes": list(lock.pids)},
         "journal_bytes": journal.bytes,
         "segments": [{"name": n, "bytes": s} for n, s in journal.segments],
         "live_segment": live.name if live else None,

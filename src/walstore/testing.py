@@ -107,6 +107,7 @@ class MemoryFileSystem:
         self._fd_names: dict[int, str] = {}  # handle -> path it was opened by
         self._next_fd = 3
         self._locks: dict[int, int] = {}  # inode -> fd holding its flock
+        self._unlocked = threading.Condition(self._lock)  # notified when a flock is released
         self._mounts: dict[str, int] = {}  # mount point -> the device its paths report
 
     # -- the call gate ---------------------------------------------------------------------
@@ -513,15 +514,17 @@ class MemoryFileSystem:
             self._durable[da][na] = ib
             self._durable[db][nb] = ia
 
-    def lock(self, path: str) -> int | None:
+    def lock(self, path: str, *, wait: bool = False) -> int | None:
         with self._lock:
             self._call("lock", path)
             d, name, ino = self._walk(path)
             if ino is None:
                 ino = self._new("file")
                 self._link(d, name, ino)
-            if ino in self._locks:
-                return None
+            while ino in self._locks:
+                if not wait:
+                    return None
+                self._unlocked.wait()
             fd = self._next_fd
             self._next_fd += 1
             self._fds[fd] = ino
@@ -536,6 +539,12 @@ class MemoryFileSystem:
             self._fd_names.pop(fd, None)
             if ino is not None and self._locks.get(ino) == fd:
                 del self._locks[ino]
+                self._unlocked.notify_all()
+
+    def map_file(self, fd: int, size: int) -> _MemoryMap:
+        with self._lock:
+            self._call("map_file", self._fd_path(fd))
+            return _MemoryMap(self, self._fds[fd], size)
 
     # -- simulation control (not file-system calls: never counted, never crash) -------------
 
@@ -563,6 +572,7 @@ class MemoryFileSystem:
             self._fds.clear()
             self._fd_names.clear()
             self._locks.clear()
+            self._unlocked.notify_all()
 
     @staticmethod
     def _damage(rng: random.Random, cur: bytes, synced: bytes) -> bytes:
@@ -640,6 +650,20 @@ class MemoryFileSystem:
     def open_fds(self) -> int:
         """How many handles are open (a leak check)."""
         return len(self._fds)
+
+
+class _MemoryMap:
+    """MemoryFileSystem's mapped file: reads of memory, not calls (never counted)."""
+
+    def __init__(self, fs: MemoryFileSystem, ino: int, size: int) -> None:
+        self._fs, self._ino, self._size = fs, ino, size
+
+    def read(self) -> bytes:
+        with self._fs._lock:
+            return bytes(self._fs._inodes[self._ino].data[: self._size])
+
+    def close(self) -> None:
+        pass
 
 
 class _MemoryWriter:
