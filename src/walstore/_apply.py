@@ -103,6 +103,11 @@ class Applier:
                     self.fs.unlink(self.full(op.path))
                 except (FileNotFoundError, NotADirectoryError):
                     pass  # nothing there (a parent is gone, or is a file now)
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    # A parent became a symlink (another process, after the commit): the
+                    # path names nothing in the store, and the link is never followed.
                 except IsADirectoryError:
                     if not replay:
                         raise
@@ -196,8 +201,13 @@ class Applier:
 
     def _delete_dir(self, path: str, trash: str) -> None:
         target = self.full(path)
-        if self.fs.lstat(target) is None:
-            return  # replay: already gone
+        try:
+            if self.fs.lstat(target) is None:
+                return  # replay: already gone
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            return  # a parent became a symlink: nothing of the store there, never followed
         # Whatever is there goes: in a replay that skips superseded ops the path may hold a
         # file that a skipped op would have removed.
         remove_tree(self.fs, trash)  # replay: left by an apply that crashed

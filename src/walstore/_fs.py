@@ -5,6 +5,17 @@
 unsynced writes in a simulated power cut and raise chosen errors (LevelDB's ``Env``/memenv).
 
 All methods are blocking; the store calls them from worker threads. Paths are absolute strings.
+
+Resolution rule. A store confines its root (``confine``): from then on every path under that root is
+resolved beneath it at the moment of the call, never from a string checked earlier, and never
+through a symlink. Each call walks from a descriptor of the root (``openat2`` with
+``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` where Linux has it, 5.6+; elsewhere component by
+component with ``O_NOFOLLOW | O_DIRECTORY``) to the directory that holds the last name, and
+acts on that name with an ``*at`` call. A symlink on the way raises ``OSError(ELOOP)``; the
+last name is never followed either (``open`` and ``read_file`` of a symlink raise ELOOP,
+``unlink`` removes the link itself, ``lstat`` reports it). ``read_file`` refuses anything but a
+regular file (``NotRegularFileError``) without blocking on it: it opens with ``O_NONBLOCK``
+and checks ``fstat`` before reading.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import fcntl
 import os
 import re
 import stat as stat_mod
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -37,6 +49,16 @@ class FileStat:
     dev: int = 0
 
 
+class NotRegularFileError(OSError):
+    """``read_file`` of something that is not a regular file: a FIFO, a device, a socket or a
+    directory (errno EINVAL, or EISDIR for a directory). Nothing was read from it."""
+
+
+def symlink_on_path(path: str) -> OSError:
+    """The error for a symlink met while resolving ``path`` under a confined root."""
+    return OSError(errno.ELOOP, "a symlink on the way (walstore never follows one)", path)
+
+
 _BIG_READ = 1 << 30  # a read this long that comes back short may have hit Linux's cap
 
 
@@ -44,6 +66,13 @@ class FileSystem(Protocol):
     """The operations walstore needs; each call is one step a crash test can stop at."""
 
     calls: Counter[str]
+
+    def confine(self, root: str) -> None:
+        """From now on resolve every path under ``root`` (a directory) beneath it, never
+        through a symlink (the module's resolution rule). Paths elsewhere are unaffected."""
+
+    def release(self, root: str) -> None:
+        """Undo ``confine(root)`` (the store closed)."""
 
     def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
         """Open for reading and writing; returns a handle."""
@@ -65,7 +94,9 @@ class FileSystem(Protocol):
     def close(self, fd: int) -> None: ...
 
     def read_file(self, path: str) -> bytes:
-        """Read a whole file, following symlinks."""
+        """Read a whole regular file; anything else raises ``NotRegularFileError`` without
+        being read or waited on. Under a confined root a symlink raises ELOOP; elsewhere a
+        final symlink is followed."""
 
     def rename(self, src: str, dst: str) -> None: ...
 
@@ -151,6 +182,89 @@ class OsFileSystem:
         # Cap on how far journal segments are zero-filled ahead; None: about checkpoint_bytes.
         # 0 turns preallocation off (the benchmarks measure what it buys).
         self.journal_preallocation: int | None = None
+        # False: resolve by the component walk even where openat2 exists (tests run both).
+        self.use_openat2 = _openat2 is not None
+        self._roots: dict[str, int] = {}  # confined root -> a descriptor of it
+        self._roots_lock = threading.Lock()
+
+    # -- resolution beneath a confined root ------------------------------------------------
+
+    def confine(self, root: str) -> None:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        with self._roots_lock:
+            old = self._roots.get(root)
+            self._roots = {**self._roots, root.rstrip("/") or "/": fd}
+        if old is not None:
+            os.close(old)
+
+    def release(self, root: str) -> None:
+        with self._roots_lock:
+            roots = dict(self._roots)
+            fd = roots.pop(root.rstrip("/") or "/", None)
+            self._roots = roots
+        if fd is not None:
+            os.close(fd)
+
+    def _split(self, path: str) -> tuple[int, str] | None:
+        """(root descriptor, path relative to it) for a path under a confined root."""
+        for root, fd in self._roots.items():
+            if path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+                return fd, path[len(root) + 1 :]
+            if path == root:
+                return fd, ""
+        return None
+
+    def _open_beneath(self, rootfd: int, rel: str, path: str) -> int:
+        """A new descriptor of the directory ``rel`` beneath ``rootfd``, through no symlink."""
+        if not rel:  # a new open, not dup: a duplicate shares the listing offset
+            return os.open(".", _DIR_FLAGS, dir_fd=rootfd)
+        if self.use_openat2:
+            return _openat2_dir(rootfd, rel, path)
+        fd = rootfd
+        try:
+            for part in rel.split("/"):
+                try:
+                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except NotADirectoryError:
+                    # O_NOFOLLOW | O_DIRECTORY says ENOTDIR for a symlink too: tell them apart.
+                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                    if stat_mod.S_ISLNK(st.st_mode):
+                        raise symlink_on_path(path) from None
+                    raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
+                except FileNotFoundError:
+                    raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from None
+                if fd != rootfd:
+                    os.close(fd)
+                fd = nxt
+        except BaseException:
+            if fd != rootfd:
+                os.close(fd)
+            raise
+        return fd
+
+    def _at(self, path: str) -> tuple[int | None, str, int | None]:
+        """(dir_fd, name, descriptor to close afterwards) to act on ``path`` with an ``*at``
+        call: under a confined root, its parent resolved beneath the root now."""
+        found = self._split(path)
+        if found is None:
+            return None, path, None
+        rootfd, rel = found
+        if not rel:
+            return rootfd, ".", None
+        head, _, name = rel.rpartition("/")
+        if not head:
+            return rootfd, name, None
+        fd = self._open_beneath(rootfd, head, path)
+        return fd, name, fd
+
+    def _open_dir(self, path: str) -> int:
+        """A new descriptor of the directory ``path`` (not through a symlink when confined)."""
+        found = self._split(path)
+        if found is None:
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._open_beneath(found[0], found[1], path)
+
+    # -- calls -----------------------------------------------------------------------------
 
     def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
         self.calls["open"] += 1
@@ -159,7 +273,16 @@ class OsFileSystem:
             flags |= os.O_CREAT
         if truncate:
             flags |= os.O_TRUNC
-        return os.open(path, flags, 0o644)
+        d, name, c = self._at(path)
+        if d is None:
+            return os.open(path, flags, 0o644)
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW, 0o644, dir_fd=d)
+        except OSError as exc:
+            raise _named(exc, path) from None
+        finally:
+            if c is not None:
+                os.close(c)
 
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         self.calls["pwrite"] += 1
@@ -197,9 +320,25 @@ class OsFileSystem:
 
     def read_file(self, path: str) -> bytes:
         self.calls["read_file"] += 1
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO waits for a writer without it; the fstat below refuses it
+        # (and devices) before any read could block or never end.
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+        d, name, c = self._at(path)
         try:
-            size = os.fstat(fd).st_size
+            if d is None:
+                fd = os.open(path, flags)
+            else:
+                fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=d)
+        except OSError as exc:
+            raise _named(exc, path) from None
+        finally:
+            if c is not None:
+                os.close(c)
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise _not_regular(st.st_mode, path)
+            size = st.st_size
             chunks = []
             while True:
                 chunk = os.read(fd, max(size, 65536))
@@ -212,44 +351,108 @@ class OsFileSystem:
 
     def rename(self, src: str, dst: str) -> None:
         self.calls["rename"] += 1
-        os.rename(src, dst)
+        sd, sn, sc = self._at(src)
+        try:
+            dd, dn, dc = self._at(dst)
+            try:
+                os.rename(sn, dn, src_dir_fd=sd, dst_dir_fd=dd)
+            finally:
+                if dc is not None:
+                    os.close(dc)
+        finally:
+            if sc is not None:
+                os.close(sc)
 
     def exchange(self, a: str, b: str) -> None:
         self.calls["exchange"] += 1
         if _renameat2 is None:
             raise OSError(errno.ENOSYS, "renameat2 is not available", a)
-        if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE):
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), a, None, b)
+        ad, an, ac = self._at(a)
+        try:
+            bd, bn, bc = self._at(b)
+            try:
+                if _renameat2(
+                    _AT_FDCWD if ad is None else ad,
+                    os.fsencode(an),
+                    _AT_FDCWD if bd is None else bd,
+                    os.fsencode(bn),
+                    _RENAME_EXCHANGE,
+                ):
+                    code = ctypes.get_errno()
+                    raise OSError(code, os.strerror(code), a, None, b)
+            finally:
+                if bc is not None:
+                    os.close(bc)
+        finally:
+            if ac is not None:
+                os.close(ac)
 
     def link(self, src: str, dst: str) -> None:
         self.calls["link"] += 1
-        os.link(src, dst, follow_symlinks=False)
+        sd, sn, sc = self._at(src)
+        try:
+            dd, dn, dc = self._at(dst)
+            try:
+                os.link(sn, dn, src_dir_fd=sd, dst_dir_fd=dd, follow_symlinks=False)
+            finally:
+                if dc is not None:
+                    os.close(dc)
+        finally:
+            if sc is not None:
+                os.close(sc)
 
     def unlink(self, path: str) -> None:
         self.calls["unlink"] += 1
-        os.unlink(path)
+        d, name, c = self._at(path)
+        try:
+            os.unlink(name, dir_fd=d)
+        finally:
+            if c is not None:
+                os.close(c)
 
     def mkdir(self, path: str) -> None:
         self.calls["mkdir"] += 1
-        os.mkdir(path, 0o755)
+        d, name, c = self._at(path)
+        try:
+            os.mkdir(name, 0o755, dir_fd=d)
+        finally:
+            if c is not None:
+                os.close(c)
 
     def rmdir(self, path: str) -> None:
         self.calls["rmdir"] += 1
-        os.rmdir(path)
+        d, name, c = self._at(path)
+        try:
+            os.rmdir(name, dir_fd=d)
+        finally:
+            if c is not None:
+                os.close(c)
 
     def listdir(self, path: str) -> list[str]:
         self.calls["listdir"] += 1
-        return os.listdir(path)
+        if self._split(path) is None:
+            return os.listdir(path)
+        fd = self._open_dir(path)
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
 
     def lstat(self, path: str) -> FileStat | None:
         self.calls["lstat"] += 1
         try:
-            st = os.lstat(path)
+            d, name, c = self._at(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # a parent is missing or a file; a symlink on the way raises ELOOP
+        try:
+            st = os.stat(name, dir_fd=d, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except NotADirectoryError:
             return None
+        finally:
+            if c is not None:
+                os.close(c)
         return FileStat(_kind(st.st_mode), st.st_size, st.st_mtime_ns, st.st_dev)
 
     def realpath(self, path: str) -> str:
@@ -258,7 +461,7 @@ class OsFileSystem:
 
     def fsync_dir(self, path: str) -> None:
         self.calls["fsync_dir"] += 1
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self._open_dir(path)
         try:
             os.fsync(fd)
         finally:
@@ -291,7 +494,7 @@ class OsFileSystem:
 
     def lock(self, path: str) -> int | None:
         self.calls["lock"] += 1
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open_file(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -301,19 +504,54 @@ class OsFileSystem:
             raise
         return fd
 
+    def _open_file(self, path: str, flags: int) -> int:
+        flags |= os.O_CLOEXEC
+        d, name, c = self._at(path)
+        if d is None:
+            return os.open(path, flags, 0o644)
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW, 0o644, dir_fd=d)
+        except OSError as exc:
+            raise _named(exc, path) from None
+        finally:
+            if c is not None:
+                os.close(c)
+
     def unlock(self, fd: int) -> None:
         self.calls["unlock"] += 1
         os.close(fd)  # closing the descriptor releases the flock
 
     async def open_writer(self, path: str) -> AsyncWriter:
         self.calls["open_writer"] += 1
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = await anyio.to_thread.run_sync(self._open_file, path, flags)
         if on_asyncio():
-            return _AiofilesWriter(await aiofiles.open(path, "wb", buffering=0), self)
+            return _AiofilesWriter(await aiofiles.open(fd, "wb", buffering=0), self)
         # aiofiles needs an asyncio loop; on trio the same calls go through anyio's threads.
-        fd = await anyio.to_thread.run_sync(
-            lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        )
         return _ThreadWriter(fd, self)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _named(exc: OSError, path: str) -> OSError:
+    """``exc`` naming the whole path (an ``*at`` call names only the last part); a symlink
+    as the last name (O_NOFOLLOW's ELOOP) said so."""
+    if exc.errno == errno.ELOOP:
+        return symlink_on_path(path)
+    return OSError(exc.errno, exc.strerror, path)
+
+
+def _not_regular(mode: int, path: str) -> NotRegularFileError:
+    if stat_mod.S_ISDIR(mode):
+        return NotRegularFileError(errno.EISDIR, "Is a directory", path)
+    what = {
+        stat_mod.S_IFIFO: "a FIFO",
+        stat_mod.S_IFCHR: "a character device",
+        stat_mod.S_IFBLK: "a block device",
+        stat_mod.S_IFSOCK: "a socket",
+    }.get(stat_mod.S_IFMT(mode), "not a regular file")
+    return NotRegularFileError(errno.EINVAL, f"not a regular file: {what}", path)
 
 
 class _AiofilesWriter:
@@ -404,3 +642,60 @@ _renameat2: Any = _libc_function(
 # syncfs(2) reports write-back errors (through the super block's errseq) only since Linux 5.8;
 # before, it could return 0 after losing data, so it is not used there.
 _syncfs: Any = _libc_function("syncfs", ctypes.c_int) if _kernel_at_least(5, 8) else None
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [  # noqa: RUF012 (ctypes wants a plain list)
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture (new syscalls are unified)
+# No O_NOFOLLOW: with O_DIRECTORY it reports a symlink as ENOTDIR; RESOLVE_NO_SYMLINKS says ELOOP.
+_HOW = _OpenHow(
+    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS
+)
+
+
+def _find_openat2() -> Any:
+    """libc's ``syscall`` if the kernel has openat2 (Linux 5.6+), else None."""
+    if not _kernel_at_least(5, 6):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    return fn
+
+
+_openat2: Any = _find_openat2()
+
+
+def _openat2_dir(rootfd: int, rel: str, path: str) -> int:
+    """openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) of the directory ``rel``: the kernel
+    walks it in one call, refusing a symlink anywhere (ELOOP) and any way out (EXDEV)."""
+    name = os.fsencode(rel)
+    for _ in range(8):
+        fd = int(
+            _openat2(
+                ctypes.c_long(_SYS_OPENAT2),
+                ctypes.c_int(rootfd),
+                ctypes.c_char_p(name),
+                ctypes.byref(_HOW),
+                ctypes.c_size_t(ctypes.sizeof(_HOW)),
+            )
+        )
+        if fd >= 0:
+            return fd
+        code = ctypes.get_errno()
+        if code in (errno.EAGAIN, errno.EINTR):
+            continue  # a concurrent rename the kernel could not rule out: try again
+        if code == errno.ELOOP:
+            raise symlink_on_path(path)
+        raise OSError(code, os.strerror(code), path)
+    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)

@@ -15,6 +15,7 @@ Every step only redoes idempotent work, so a crash during recovery is recovered 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from dataclasses import dataclass, field
 
@@ -178,6 +179,14 @@ def recover(
                 raise CorruptionError(
                     f"cannot replay transaction {tx.txid}: {exc} "
                     "(was the store changed outside walstore?)"
+                ) from exc
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise CorruptionError(
+                    f"cannot replay transaction {tx.txid}: {exc}: another process put a "
+                    "symlink where the store has a directory; walstore never follows one. "
+                    "Replace it with the directory (or remove it) and open the store again"
                 ) from exc
             rolled_forward.append(tx.txid)
             next_txid = max(next_txid, tx.txid + 1)
