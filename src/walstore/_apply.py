@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from ._fs import FileSystem, write_all
+from ._fs import FileSystem, symlink_on_path, write_all
 from ._journal_format import Delete, DeleteDir, Op, Put, PutStaged, ReplaceDir
 from ._paths import parent, parents
 
@@ -280,6 +280,8 @@ class Applier:
                 self.fs.mkdir(self.full(d))
                 self.dirty_dirs.add(parent(d))
                 self.dirty_dirs.add(d)
+            elif st.kind == "symlink":  # put there after the commit: never followed
+                raise symlink_on_path(self.full(d))
             elif st.kind != "dir":
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.full(d))
             self._known_dirs.add(d)

@@ -536,7 +536,10 @@ class Engine:
         if st.kind != "file":
             raise InvalidPathError(f"cannot move or keep {src!r}: not a regular file")
         staged = os.path.join(self.staging_dir, name)
-        self.fs.link(full, staged)
+        try:  # resolved again: it may have moved behind a symlink since the lstat
+            self.fs.link(full, staged)
+        except OSError as exc:
+            raise _refused(exc, src) from None
         if self.sync:  # it may hold data applied since the last checkpoint, not yet synced
             fd = self.fs.open(staged)
             try:

@@ -223,16 +223,7 @@ class OsFileSystem:
         fd = rootfd
         try:
             for part in rel.split("/"):
-                try:
-                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except NotADirectoryError:
-                    # O_NOFOLLOW | O_DIRECTORY says ENOTDIR for a symlink too: tell them apart.
-                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
-                    if stat_mod.S_ISLNK(st.st_mode):
-                        raise symlink_on_path(path) from None
-                    raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
-                except FileNotFoundError:
-                    raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from None
+                nxt = _open_part(fd, part, path)
                 if fd != rootfd:
                     os.close(fd)
                 fd = nxt
@@ -532,6 +523,28 @@ class OsFileSystem:
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_part(fd: int, part: str, path: str) -> int:
+    """openat of the directory ``part`` in ``fd``, not through a symlink (one step of the
+    walk). O_NOFOLLOW | O_DIRECTORY says ENOTDIR for a symlink and for a file alike; an lstat
+    tells them apart, and if what it finds is a directory again (swapped back meanwhile) the
+    open is tried again."""
+    for _ in range(100):
+        try:
+            return os.open(part, _DIR_FLAGS, dir_fd=fd)
+        except NotADirectoryError:
+            try:
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat_mod.S_ISLNK(st.st_mode):
+                raise symlink_on_path(path) from None
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from None
+    raise symlink_on_path(path)  # changing under every try: not a directory to go through
 
 
 def _named(exc: OSError, path: str) -> OSError:

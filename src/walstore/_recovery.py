@@ -110,6 +110,14 @@ def _superseded(commits: list[fmt.Commit]) -> set[tuple[int, int, int]]:
     return out
 
 
+def _symlink_met(what: str, exc: OSError) -> str:
+    return (
+        f"{what}: {exc}: something other than walstore put a symlink where the store has a "
+        "directory, and walstore never follows one. Put the directory back (or remove the "
+        "symlink) and open the store again"
+    )
+
+
 def recover(
     fs: FileSystem,
     root: str,
@@ -184,9 +192,7 @@ def recover(
                 if exc.errno != errno.ELOOP:
                     raise
                 raise CorruptionError(
-                    f"cannot replay transaction {tx.txid}: {exc}: another process put a "
-                    "symlink where the store has a directory; walstore never follows one. "
-                    "Replace it with the directory (or remove it) and open the store again"
+                    _symlink_met(f"cannot replay transaction {tx.txid}", exc)
                 ) from exc
             rolled_forward.append(tx.txid)
             next_txid = max(next_txid, tx.txid + 1)
@@ -201,7 +207,14 @@ def recover(
 
     # Step 4: recover_checkpoint
     if sync:
-        applier.sync(fs_fd)
+        try:
+            applier.sync(fs_fd)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            # A file replayed above is now behind a symlink: it cannot be made durable
+            # through it, so the journal that holds it must stay.
+            raise CorruptionError(_symlink_met("cannot make the replayed files durable", exc))
     journal = JournalWriter.create(
         fs,
         journal_dir,
