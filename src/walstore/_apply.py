@@ -103,15 +103,15 @@ class Applier:
                     self.fs.unlink(self.full(op.path))
                 except (FileNotFoundError, NotADirectoryError):
                     pass  # nothing there (a parent is gone, or is a file now)
+                except IsADirectoryError:
+                    if not replay:
+                        raise
+                    # A later op (skipped as superseded, or not) made the name a directory.
                 except OSError as exc:
                     if exc.errno != errno.ELOOP:
                         raise
                     # A parent became a symlink (another process, after the commit): the
                     # path names nothing in the store, and the link is never followed.
-                except IsADirectoryError:
-                    if not replay:
-                        raise
-                    # A later op (skipped as superseded, or not) made the name a directory.
                 self.dirty_files.discard(op.path)
                 self._changed_dir(op.path, replay)
             elif isinstance(op, DeleteDir):
