@@ -682,7 +682,7 @@ _syncfs: Any = _libc_function("syncfs", ctypes.c_int) if _kernel_at_least(5, 8) 
 
 
 class _OpenHow(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 (ctypes wants a plain list)
+    _fields_ = [
         ("flags", ctypes.c_uint64),
         ("mode", ctypes.c_uint64),
         ("resolve", ctypes.c_uint64),

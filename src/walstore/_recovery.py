@@ -214,7 +214,8 @@ def recover(
                 raise
             # A file replayed above is now behind a symlink: it cannot be made durable
             # through it, so the journal that holds it must stay.
-            raise CorruptionError(_symlink_met("cannot make the replayed files durable", exc))
+            msg = _symlink_met("cannot make the replayed files durable", exc)
+            raise CorruptionError(msg) from exc
     journal = JournalWriter.create(
         fs,
         journal_dir,

@@ -74,7 +74,7 @@ def make_outside(top: Path) -> None:
 class Run:
     """The store under the race, reopened whenever an apply failed after its commit point."""
 
-    def __init__(self, root: Path, resolver: str, cache_bytes: int | None = None) -> None:
+    def __init__(self, root: Path, resolver: str, cache_bytes: int = 1 << 20) -> None:
         self.root = root
         self.resolver = resolver
         self.cache_bytes = cache_bytes
@@ -91,8 +91,9 @@ class Run:
     async def open(self) -> walstore.Store:
         for _ in range(100_000):
             try:
-                kw = {} if self.cache_bytes is None else {"cache_bytes": self.cache_bytes}
-                self.store = await walstore.open(self.root, fs=self.fs(), create=False, **kw)
+                self.store = await walstore.open(
+                    self.root, fs=self.fs(), create=False, cache_bytes=self.cache_bytes
+                )
                 return self.store
             except CorruptionError as exc:  # replay met the symlink: never followed it
                 assert "symlink" in str(exc)
@@ -194,7 +195,7 @@ async def test_swapped_directory_never_leads_out(tmp_path: Path, op: str, resolv
     root, outside = arrange(tmp_path)
     await seed(root)
     before = tree_hash(outside)
-    run = Run(root, resolver, cache_bytes=0 if op == "read" else None)  # reads go to the disk
+    run = Run(root, resolver, cache_bytes=0 if op == "read" else 1 << 20)  # reads: the disk
     await run.open()
     i = 0
     with start_swapping(root, outside) as swapper:
@@ -206,8 +207,10 @@ async def test_swapped_directory_never_leads_out(tmp_path: Path, op: str, resolv
     assert run.refused > 0, "no op ever met the symlink: the race did not run"
     store = run.store or await run.open()
     await store.aclose()
-    print(f"{op}/{resolver}: {i} ops, {swaps} swaps, {run.refused} refused, "
-          f"{run.failed} failed after commit, {run.replays_refused} replays refused")
+    print(
+        f"{op}/{resolver}: {i} ops, {swaps} swaps, {run.refused} refused, "
+        f"{run.failed} failed after commit, {run.replays_refused} replays refused"
+    )
 
 
 CRASHING_WRITER = textwrap.dedent(
@@ -252,16 +255,15 @@ async def test_recovery_replay_never_leads_out(tmp_path: Path, resolver: str) ->
     rounds = 40 if SLOW else 4
     with start_swapping(root, outside) as swapper:
         for _ in range(rounds):
-            subprocess.run(
-                [sys.executable, "-c", CRASHING_WRITER, str(root), resolver], check=True
-            )
+            subprocess.run([sys.executable, "-c", CRASHING_WRITER, str(root), resolver], check=True)
             store = await run.open()  # the replay, raced
             await store.aclose()
             run.store = None
         swaps = swapper.swaps
     assert tree_hash(outside) == before
-    print(f"replay/{resolver}: {rounds} crashes, {swaps} swaps, "
-          f"{run.replays_refused} replays refused")
+    print(
+        f"replay/{resolver}: {rounds} crashes, {swaps} swaps, {run.replays_refused} replays refused"
+    )
 
 
 def backup_holds_outside(top: Path) -> bool:
