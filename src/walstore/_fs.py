@@ -35,6 +35,8 @@ from typing import Any, Literal, Protocol
 import aiofiles
 import anyio
 
+from ._paths import RESERVED
+
 Kind = Literal["file", "dir", "symlink", "other"]
 
 
@@ -184,34 +186,35 @@ class OsFileSystem:
         self.journal_preallocation: int | None = None
         # False: resolve by the component walk even where openat2 exists (tests run both).
         self.use_openat2 = _openat2 is not None
-        self._roots: dict[str, int] = {}  # confined root -> a descriptor of it
+        self._roots: dict[str, _Root] = {}  # confined root -> its descriptors
         self._roots_lock = threading.Lock()
 
     # -- resolution beneath a confined root ------------------------------------------------
 
     def confine(self, root: str) -> None:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        new = _Root(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        key = root.rstrip("/") or "/"
         with self._roots_lock:
-            old = self._roots.get(root)
-            self._roots = {**self._roots, root.rstrip("/") or "/": fd}
+            old = self._roots.get(key)
+            self._roots = {**self._roots, key: new}
         if old is not None:
-            os.close(old)
+            old.close()
 
     def release(self, root: str) -> None:
         with self._roots_lock:
             roots = dict(self._roots)
-            fd = roots.pop(root.rstrip("/") or "/", None)
+            old = roots.pop(root.rstrip("/") or "/", None)
             self._roots = roots
-        if fd is not None:
-            os.close(fd)
+        if old is not None:
+            old.close()
 
-    def _split(self, path: str) -> tuple[int, str] | None:
-        """(root descriptor, path relative to it) for a path under a confined root."""
-        for root, fd in self._roots.items():
+    def _split(self, path: str) -> tuple[_Root, str] | None:
+        """(the confined root, path relative to it) for a path under a confined root."""
+        for root, r in self._roots.items():
             if path.startswith(root) and path[len(root) : len(root) + 1] == "/":
-                return fd, path[len(root) + 1 :]
+                return r, path[len(root) + 1 :]
             if path == root:
-                return fd, ""
+                return r, ""
         return None
 
     def _open_beneath(self, rootfd: int, rel: str, path: str) -> int:
@@ -239,13 +242,18 @@ class OsFileSystem:
         found = self._split(path)
         if found is None:
             return None, path, None
-        rootfd, rel = found
+        root, rel = found
         if not rel:
-            return rootfd, ".", None
+            return root.fd, ".", None
         head, _, name = rel.rpartition("/")
         if not head:
-            return rootfd, name, None
-        fd = self._open_beneath(rootfd, head, path)
+            return root.fd, name, None
+        if head in _PINNED:
+            fd = root.pinned.get(head)
+            if fd is None:
+                fd = root.pin(head, self._open_beneath(root.fd, head, path))
+            return fd, name, None
+        fd = self._open_beneath(root.fd, head, path)
         return fd, name, fd
 
     def _open_dir(self, path: str) -> int:
@@ -253,7 +261,7 @@ class OsFileSystem:
         found = self._split(path)
         if found is None:
             return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        return self._open_beneath(found[0], found[1], path)
+        return self._open_beneath(found[0].fd, found[1], path)
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -547,6 +555,33 @@ class OsFileSystem:
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# The store's own directories, which it needs to be real directories and never removes or
+# renames: each is resolved once per confine and its descriptor kept (every commit names
+# staging/ two or three times). The user's directories are resolved at every call: a kept
+# descriptor would go on acting in a directory another process had since moved away.
+_PINNED = frozenset({RESERVED, f"{RESERVED}/staging", f"{RESERVED}/journal"})
+
+
+class _Root:
+    """A confined root: its descriptor and those of the store's own directories below it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pinned: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def pin(self, rel: str, fd: int) -> int:
+        with self._lock:
+            kept = self.pinned.setdefault(rel, fd)
+        if kept != fd:
+            os.close(fd)  # another thread pinned it first
+        return kept
+
+    def close(self) -> None:
+        for fd in (self.fd, *self.pinned.values()):
+            os.close(fd)
+        self.pinned.clear()
 
 
 def _open_part(fd: int, part: str, path: str) -> int:
