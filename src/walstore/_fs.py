@@ -192,21 +192,26 @@ class OsFileSystem:
     # -- resolution beneath a confined root ------------------------------------------------
 
     def confine(self, root: str) -> None:
-        new = _Root(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         key = root.rstrip("/") or "/"
         with self._roots_lock:
-            old = self._roots.get(key)
-            self._roots = {**self._roots, key: new}
-        if old is not None:
-            old.close()
+            found = self._roots.get(key)
+            if found is not None:  # a second store on the same root (a readonly reader)
+                found.users += 1
+                return
+            new = _Root(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            self._roots = {**self._roots, key: new}  # replaced, not changed: read unlocked
 
     def release(self, root: str) -> None:
+        key = root.rstrip("/") or "/"
         with self._roots_lock:
-            roots = dict(self._roots)
-            old = roots.pop(root.rstrip("/") or "/", None)
-            self._roots = roots
-        if old is not None:
-            old.close()
+            found = self._roots.get(key)
+            if found is None:
+                return
+            found.users -= 1
+            if found.users:
+                return
+            self._roots = {k: v for k, v in self._roots.items() if k != key}
+        found.close()
 
     def _split(self, path: str) -> tuple[_Root, str] | None:
         """(the confined root, path relative to it) for a path under a confined root."""
@@ -568,6 +573,7 @@ class _Root:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.users = 1  # confine calls not yet released
         self.pinned: dict[str, int] = {}
         self._lock = threading.Lock()
 

@@ -108,7 +108,8 @@ class MemoryFileSystem:
         self._next_fd = 3
         self._locks: dict[int, int] = {}  # inode -> fd holding its flock
         self._mounts: dict[str, int] = {}  # mount point -> the device its paths report
-        self._confined: set[str] = set()  # roots whose paths never go through a symlink
+        self._confined: Counter[str] = Counter()  # roots (and how many confined each) whose
+        # paths never go through a symlink
 
     # -- the call gate ---------------------------------------------------------------------
 
@@ -207,11 +208,14 @@ class MemoryFileSystem:
     def confine(self, root: str) -> None:
         with self._lock:
             self._get(root)  # as OsFileSystem opens it: the root must be there
-            self._confined.add(os.path.normpath(root))
+            self._confined[os.path.normpath(root)] += 1
 
     def release(self, root: str) -> None:
         with self._lock:
-            self._confined.discard(os.path.normpath(root))
+            key = os.path.normpath(root)
+            self._confined[key] -= 1
+            if self._confined[key] <= 0:
+                del self._confined[key]
 
     def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
         with self._lock:

@@ -210,3 +210,26 @@ def test_special_files_are_refused_at_once(tmp_path: Path, kind: str, cache: int
     ).stdout
     assert out.startswith("InvalidPathError"), out
     assert "not a regular file" in out and "cancelled" not in out
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["os", "memory"])
+async def test_two_stores_on_one_file_system_share_the_confinement(
+    tmp_path: Path, kind: str
+) -> None:
+    """A readonly reader and the writer on one root through one FileSystem: closing the
+    reader must not close the descriptors the writer resolves through, nor lift the rule."""
+    fs: Any = MemoryFileSystem() if kind == "memory" else walstore.OsFileSystem()
+    root = "/s" if kind == "memory" else str(tmp_path / "s")
+    async with walstore.open(root, fs=fs) as writer:
+        await writer.write("d/a", b"1")
+        async with walstore.open(root, fs=fs, readonly=True) as reader:
+            assert await reader.read("d/a") == b"1"
+        await writer.write("d/b", b"2")  # resolves d/ from the root's descriptor
+        assert await writer.read("d/b") == b"2"
+        if kind == "memory":
+            fs.symlink("d", f"{root}/l")
+        else:
+            os.symlink("d", f"{root}/l")
+        with pytest.raises(InvalidPathError, match="symlink"):
+            await writer.read("l/a")
