@@ -737,6 +737,8 @@ _SYS_OPENAT2 = 437  # the same number on every Linux architecture (new syscalls 
 _HOW = _OpenHow(
     os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS
 )
+_HOW_ADDRESS = ctypes.addressof(_HOW)  # module-level: lives as long as the calls using it
+_HOW_SIZE = ctypes.sizeof(_HOW)
 
 
 def _find_openat2() -> Any:
@@ -748,6 +750,8 @@ def _find_openat2() -> Any:
     except (OSError, AttributeError):
         return None
     fn.restype = ctypes.c_long
+    # syscall(2) is variadic; these are the types openat2 takes, all passed in registers.
+    fn.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
     return fn
 
 
@@ -759,15 +763,7 @@ def _openat2_dir(rootfd: int, rel: str, path: str) -> int:
     walks it in one call, refusing a symlink anywhere (ELOOP) and any way out (EXDEV)."""
     name = os.fsencode(rel)
     for _ in range(8):
-        fd = int(
-            _openat2(
-                ctypes.c_long(_SYS_OPENAT2),
-                ctypes.c_int(rootfd),
-                ctypes.c_char_p(name),
-                ctypes.byref(_HOW),
-                ctypes.c_size_t(ctypes.sizeof(_HOW)),
-            )
-        )
+        fd = int(_openat2(_SYS_OPENAT2, rootfd, name, _HOW_ADDRESS, _HOW_SIZE))
         if fd >= 0:
             return fd
         code = ctypes.get_errno()
