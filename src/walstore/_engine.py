@@ -391,8 +391,12 @@ class Engine:
 
     def commit_group(self, group: list[PreparedTx], oldest_begin: int) -> list[Result]:
         """Run steps 1-4 for a group, in one worker call. ``oldest_begin`` is the smallest
-        begin LSN of any open transaction (older conflict records are dropped)."""
-        with self._lock:
+        begin LSN of any open transaction (older conflict records are dropped).
+
+        Under ``fs.hold()``: each directory the group's paths go through is resolved
+        (beneath the root, through no symlink) once for the group instead of at every call;
+        dropped when the group renames or removes it, closed when the group ends."""
+        with self._lock, self.fs.hold():
             if self.failed is not None:
                 err = StoreFailedError(f"store failed earlier: {self.failed}")
                 return [Result(Outcome.REJECTED, error=err) for _ in group]

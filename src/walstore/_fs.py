@@ -29,6 +29,8 @@ import re
 import stat as stat_mod
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -75,6 +77,11 @@ class FileSystem(Protocol):
 
     def release(self, root: str) -> None:
         """Undo ``confine(root)`` (the store closed)."""
+
+    def hold(self) -> AbstractContextManager[None]:
+        """A stretch of calls from this thread (one commit group, under the store's commit
+        lock) in which a directory under a confined root may be resolved once and its
+        descriptor kept, until the block ends or this thread renames or removes it."""
 
     def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
         """Open for reading and writing; returns a handle."""
@@ -188,6 +195,7 @@ class OsFileSystem:
         self.use_openat2 = _openat2 is not None
         self._roots: dict[str, _Root] = {}  # confined root -> its descriptors
         self._roots_lock = threading.Lock()
+        self._held = threading.local()  # .dirs: (root fd, dir) -> descriptor, inside hold()
 
     # -- resolution beneath a confined root ------------------------------------------------
 
@@ -212,6 +220,35 @@ class OsFileSystem:
                 return
             self._roots = {k: v for k, v in self._roots.items() if k != key}
         found.close()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        outer = getattr(self._held, "dirs", None)
+        if outer is not None:  # nested: the outer block keeps them
+            yield
+            return
+        dirs: dict[tuple[int, str], int] = {}
+        self._held.dirs = dirs
+        try:
+            yield
+        finally:
+            self._held.dirs = None
+            for fd in dirs.values():
+                os.close(fd)
+
+    def _forget(self, *paths: str) -> None:
+        """Drop held descriptors of ``paths`` and of directories below them (this thread is
+        renaming or removing them)."""
+        dirs = getattr(self._held, "dirs", None)
+        if not dirs:
+            return
+        for path in paths:
+            found = self._split(path)
+            if found is None:
+                continue
+            rel = found[1]
+            for key in [k for k in dirs if k[1] == rel or k[1].startswith(rel + "/")]:
+                os.close(dirs.pop(key))
 
     def _split(self, path: str) -> tuple[_Root, str] | None:
         """(the confined root, path relative to it) for a path under a confined root."""
@@ -258,6 +295,15 @@ class OsFileSystem:
             if fd is None:
                 fd = root.pin(head, self._open_beneath(root.fd, head, path))
             return fd, name, None
+        dirs = getattr(self._held, "dirs", None)
+        if dirs is not None:
+            key = (root.fd, head)
+            held = dirs.get(key)
+            if held is None:
+                if len(dirs) >= _HELD_MAX:
+                    os.close(dirs.pop(next(iter(dirs))))
+                held = dirs[key] = self._open_beneath(root.fd, head, path)
+            return held, name, None
         fd = self._open_beneath(root.fd, head, path)
         return fd, name, fd
 
@@ -379,6 +425,7 @@ class OsFileSystem:
 
     def rename(self, src: str, dst: str) -> None:
         self.calls["rename"] += 1
+        self._forget(src, dst)
         sd, sn, sc = self._at(src)
         try:
             dd, dn, dc = self._at(dst)
@@ -395,6 +442,7 @@ class OsFileSystem:
         self.calls["exchange"] += 1
         if _renameat2 is None:
             raise OSError(errno.ENOSYS, "renameat2 is not available", a)
+        self._forget(a, b)
         ad, an, ac = self._at(a)
         try:
             bd, bn, bc = self._at(b)
@@ -449,6 +497,7 @@ class OsFileSystem:
 
     def rmdir(self, path: str) -> None:
         self.calls["rmdir"] += 1
+        self._forget(path)
         d, name, c = self._at(path)
         try:
             os.rmdir(name, dir_fd=d)
@@ -560,6 +609,7 @@ class OsFileSystem:
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_HELD_MAX = 64  # directory descriptors one hold() keeps at most
 
 # The store's own directories, which it needs to be real directories and never removes or
 # renames: each is resolved once per confine and its descriptor kept (every commit names

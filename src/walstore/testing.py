@@ -19,6 +19,7 @@ durable (a rename is durable once either of its directories is synced).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -209,6 +210,9 @@ class MemoryFileSystem:
         with self._lock:
             self._get(root)  # as OsFileSystem opens it: the root must be there
             self._confined[os.path.normpath(root)] += 1
+
+    def hold(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # every call resolves its path anew
 
     def release(self, root: str) -> None:
         with self._lock:

@@ -233,3 +233,37 @@ async def test_two_stores_on_one_file_system_share_the_confinement(
             os.symlink("d", f"{root}/l")
         with pytest.raises(InvalidPathError, match="symlink"):
             await writer.read("l/a")
+
+
+@pytest.mark.parametrize("resolver", ["openat2", "walk"])
+@pytest.mark.parametrize("how", ["rename", "exchange", "rmdir"])
+def test_a_held_directory_is_dropped_when_renamed_or_removed(
+    tmp_path: Path, resolver: str, how: str
+) -> None:
+    """Inside ``hold()`` (one commit group) a directory is resolved once; once this thread
+    renames, exchanges or removes it, the next call resolves the path anew, so a write to
+    ``d/y`` lands in what is now ``d``, not in the directory that moved away."""
+    if resolver == "openat2" and _openat2 is None:
+        pytest.skip("no openat2 (Linux 5.6+)")
+    fs = walstore.OsFileSystem()
+    fs.use_openat2 = resolver == "openat2"
+    root = str(tmp_path / "r")
+    os.makedirs(f"{root}/p/d")
+    os.makedirs(f"{root}/p/other")
+    fs.confine(root)
+    try:
+        with fs.hold():
+            fs.close(fs.open(f"{root}/p/d/x", create=True))  # p/d now held
+            if how == "rename":
+                fs.rename(f"{root}/p/d", f"{root}/p/gone")
+                fs.mkdir(f"{root}/p/d")
+            elif how == "exchange":
+                fs.exchange(f"{root}/p/d", f"{root}/p/other")
+            else:
+                fs.unlink(f"{root}/p/d/x")
+                fs.rmdir(f"{root}/p/d")
+                fs.mkdir(f"{root}/p/d")
+            fs.close(fs.open(f"{root}/p/d/y", create=True))
+        assert sorted(os.listdir(f"{root}/p/d")) == ["y"]
+    finally:
+        fs.release(root)
