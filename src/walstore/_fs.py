@@ -6,16 +6,18 @@ unsynced writes in a simulated power cut and raise chosen errors (LevelDB's ``En
 
 All methods are blocking; the store calls them from worker threads. Paths are absolute strings.
 
-Resolution rule. A store confines its root (``confine``): from then on every path under that root is
-resolved beneath it at the moment of the call, never from a string checked earlier, and never
-through a symlink. Each call walks from a descriptor of the root (``openat2`` with
-``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` where Linux has it, 5.6+; elsewhere component by
-component with ``O_NOFOLLOW | O_DIRECTORY``) to the directory that holds the last name, and
-acts on that name with an ``*at`` call. A symlink on the way raises ``OSError(ELOOP)``; the
-last name is never followed either (``open`` and ``read_file`` of a symlink raise ELOOP,
-``unlink`` removes the link itself, ``lstat`` reports it). ``read_file`` refuses anything but a
-regular file (``NotRegularFileError``) without blocking on it: it opens with ``O_NONBLOCK``
-and checks ``fstat`` before reading.
+Resolution rule. A store confines its root (``confine``): from then on every path under
+that root is resolved beneath it at the moment of the call, never from a string checked
+earlier, and never through a symlink. Each call walks from a descriptor of the root
+(``openat2`` with ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` where Linux has it, 5.6+;
+elsewhere component by component with ``O_NOFOLLOW | O_DIRECTORY``) to the directory that
+holds the last name, and acts on that name with an ``*at`` call (inside ``hold()``, one
+commit group, a directory's descriptor is reused until the group renames or removes it). A
+symlink on the way raises ``OSError(ELOOP)``; the last name is never followed either
+(``open`` and ``read_file`` of a symlink raise ELOOP, ``unlink`` removes the link itself,
+``lstat`` reports it). ``read_file`` refuses anything but a regular file
+(``NotRegularFileError``) without blocking on it: it opens with ``O_NONBLOCK`` and checks
+``fstat`` before reading.
 """
 
 from __future__ import annotations
