@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from ._fs import FileSystem, write_all
+from ._fs import FileSystem, symlink_on_path, write_all
 from ._journal_format import Delete, DeleteDir, Op, Put, PutStaged, ReplaceDir
 from ._paths import parent, parents
 
@@ -107,6 +107,11 @@ class Applier:
                     if not replay:
                         raise
                     # A later op (skipped as superseded, or not) made the name a directory.
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    # A parent became a symlink (another process, after the commit): the
+                    # path names nothing in the store, and the link is never followed.
                 self.dirty_files.discard(op.path)
                 self._changed_dir(op.path, replay)
             elif isinstance(op, DeleteDir):
@@ -234,8 +239,13 @@ class Applier:
 
     def _delete_dir(self, path: str, trash: str) -> None:
         target = self.full(path)
-        if self.fs.lstat(target) is None:
-            return  # replay: already gone
+        try:
+            if self.fs.lstat(target) is None:
+                return  # replay: already gone
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            return  # a parent became a symlink: nothing of the store there, never followed
         # Whatever is there goes: in a replay that skips superseded ops the path may hold a
         # file that a skipped op would have removed.
         remove_tree(self.fs, trash)  # replay: left by an apply that crashed
@@ -308,6 +318,8 @@ class Applier:
                 self.fs.mkdir(self.full(d))
                 self.dirty_dirs.add(parent(d))
                 self.dirty_dirs.add(d)
+            elif st.kind == "symlink":  # put there after the commit: never followed
+                raise symlink_on_path(self.full(d))
             elif st.kind != "dir":
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.full(d))
             self._known_dirs.add(d)

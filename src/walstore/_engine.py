@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 import os
 import threading
@@ -38,7 +39,7 @@ from ._errors import (
     StoreFailedError,
     StoreLockedError,
 )
-from ._fs import FileStat, FileSystem, write_all
+from ._fs import FileStat, FileSystem, NotRegularFileError, write_all
 from ._journal_reader import TornSegment, read_tail, scan_segment
 from ._journal_writer import AppendFailed, JournalWriter, segment_lsn, segment_name
 from ._paths import RESERVED, parent, parents
@@ -274,13 +275,21 @@ class Engine:
         else:
             self._make_layout()
         self._real_root = fs.realpath(self.root)
+        # From here every path under the root is resolved beneath it, through no symlink
+        # (the resolution rule, _fs.py): commits, apply, recovery, checkpoints and reads.
+        fs.confine(self.root)
         if readonly:
             return RecoveryReport()
-        self._check_mounts_at_open()
-        if not self.exclusive:
-            return self._open_shared()
-        lock_fd = fs.lock(self.lock_path)
+        try:
+            self._check_mounts_at_open()
+            if not self.exclusive:
+                return self._open_shared()
+            lock_fd = fs.lock(self.lock_path)
+        except BaseException:
+            fs.release(self.root)
+            raise
         if lock_fd is None:
+            fs.release(self.root)
             raise StoreLockedError(self._holder_message())
         try:
             alive = self._live_slots()
@@ -303,6 +312,7 @@ class Engine:
             )
         except BaseException:
             fs.unlock(lock_fd)
+            fs.release(self.root)
             raise
         self._lock_fd = lock_fd
         self._adopt(rec)
@@ -737,6 +747,7 @@ class Engine:
                     self._shared = None
                 if shared:
                     self.xlock_release()
+                self.fs.release(self.root)
 
     # -- staging -------------------------------------------------------------------------
 
@@ -770,8 +781,12 @@ class Engine:
 
     def commit_group(self, group: list[PreparedTx], oldest_begin: int) -> list[Result]:
         """Run steps 1-4 for a group, in one worker call. ``oldest_begin`` is the smallest
-        begin LSN of any open transaction (older conflict records are dropped)."""
-        with self._lock:
+        begin LSN of any open transaction (older conflict records are dropped).
+
+        Under ``fs.hold()``: each directory the group's paths go through is resolved
+        (beneath the root, through no symlink) once for the group instead of at every call;
+        dropped when the group renames or removes it, closed when the group ends."""
+        with self._lock, self.fs.hold():
             if self.failed is not None:
                 err = StoreFailedError(f"store failed earlier: {self.failed}")
                 return [Result(Outcome.REJECTED, error=err) for _ in group]
@@ -919,13 +934,16 @@ class Engine:
 
     def _link(self, src: str, name: str, as_path: str) -> fmt.PutStaged:
         full = self._applier.full(src)
-        st = self.fs.lstat(full)
+        st = self._lstat(src)
         if st is None:
             raise FileNotFoundError(2, "No such file or directory", src)
         if st.kind != "file":
             raise InvalidPathError(f"cannot move or keep {src!r}: not a regular file")
         staged = os.path.join(self.staging_dir, name)
-        self.fs.link(full, staged)
+        try:  # resolved again: it may have moved behind a symlink since the lstat
+            self.fs.link(full, staged)
+        except OSError as exc:
+            raise _refused(exc, src) from None
         if self.sync:  # it may hold data applied since the last checkpoint, not yet synced
             fd = self.fs.open(staged)
             try:
@@ -939,7 +957,7 @@ class Engine:
         if op.keep is None:
             return []
         base = self._applier.full(op.path)
-        st = self.fs.lstat(base)
+        st = self._lstat(op.path)
         if st is None or st.kind != "dir":
             return []
         out: list[str] = []
@@ -975,7 +993,7 @@ class Engine:
                 return None
         if path in state.disk_dirs:  # seen on disk in this group, under the commit lock
             return "dir"
-        st = self.fs.lstat(self._applier.full(path))
+        st = self._lstat(path)
         if st is not None and st.kind == "dir":
             if st.dev != self._dev:  # a file system mounted after the open
                 # Refused here, before the commit point: a rename from staging into it would
@@ -1007,7 +1025,11 @@ class Engine:
                 self._kind(parent(op.path), state, local)  # syncs (a mount above: the same)
             kind = self._kind(op.path, state, local)
             if isinstance(op, fmt.Put | fmt.PutStaged | fmt.Delete | Move):
-                if kind not in (None, "file"):
+                # A symlink is a plain entry: a delete removes the link itself (never what it
+                # points to); anything else refuses to replace it.
+                if kind not in (None, "file") and not (
+                    kind == "symlink" and isinstance(op, fmt.Delete)
+                ):
                     what = {"dir": "a directory", "symlink": "a symlink"}.get(kind, "not a file")
                     raise InvalidPathError(f"cannot change {op.path!r}: it is {what}")
                 # The source is linked at step 2, before anything of this transaction is
@@ -1130,16 +1152,13 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def _resolve(self, path: str) -> str:
-        """The file a store path names, following symlinks only inside the root."""
-        full = self._applier.full(path)
-        real = self.fs.realpath(full)
-        if real != full and real != self._real_root and not real.startswith(self._real_root + "/"):
-            raise InvalidPathError(f"{path!r} leads out of the store through a symlink")
-        meta = os.path.join(self._real_root, RESERVED)
-        if real == meta or real.startswith(meta + "/"):
-            raise InvalidPathError(f"{path!r} leads into {RESERVED}/ through a symlink")
-        return real
+    def _lstat(self, path: str) -> FileStat | None:
+        """lstat of a store path, resolved beneath the root now; a symlink on the way is
+        InvalidPathError (a symlink as the last name is reported, not followed)."""
+        try:
+            return self.fs.lstat(self._applier.full(path))
+        except OSError as exc:
+            raise _refused(exc, path) from None
 
     def _check_whole(self) -> None:
         if self.partial:
@@ -1151,38 +1170,46 @@ class Engine:
     def read(self, path: str) -> bytes:
         with self._gate.read():
             self._check_whole()
-            try:
-                return self.fs.read_file(self._resolve(path))
-            except NotADirectoryError:
-                raise self._blocked(path) from None
-            except FileNotFoundError:
-                raise FileNotFoundError(2, "No such file or directory", path) from None
+            return self._read(path)
 
     def read_cacheable(self, path: str) -> tuple[bytes, bool]:
-        """``read``, and whether its content may be cached under ``path``: no symlink on the
-        way, so that a later change of the file is a change of ``path`` itself."""
+        """``read``, and whether its content may be cached under ``path``: always, as no
+        symlink is followed, so a path names one file and a change of it is a change of
+        ``path`` itself (what isolation records too)."""
         with self._gate.read():
             self._check_whole()
-            try:
-                real = self._resolve(path)
-                return self.fs.read_file(real), real == os.path.join(self._real_root, path)
-            except NotADirectoryError:
-                raise self._blocked(path) from None
-            except FileNotFoundError:
-                raise FileNotFoundError(2, "No such file or directory", path) from None
+            return self._read(path), True
+
+    def _read(self, path: str) -> bytes:
+        """One regular file, resolved beneath the root now, through no symlink; a FIFO or a
+        device is refused without being opened for a blocking read."""
+        try:
+            return self.fs.read_file(self._applier.full(path))
+        except NotRegularFileError as exc:
+            if exc.errno == errno.EISDIR:
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", path) from None
+            raise InvalidPathError(
+                f"cannot read {path!r}: {exc.strerror} (walstore reads regular files only)"
+            ) from None
+        except NotADirectoryError:
+            raise self._blocked(path) from None
+        except FileNotFoundError:
+            raise FileNotFoundError(2, "No such file or directory", path) from None
+        except OSError as exc:
+            raise _refused(exc, path) from None
 
     def _blocked(self, path: str) -> InvalidPathError:
         for anc in parents(path):
-            st = self.fs.lstat(self._applier.full(anc))
+            st = self._lstat(anc)
             if st is not None and st.kind != "dir":
-                return InvalidPathError(f"{path!r}: {anc!r} is a file, not a directory")
+                return InvalidPathError(f"{path!r}: {anc!r} is a {st.kind}, not a directory")
         return InvalidPathError(f"{path!r}: a parent is not a directory")
 
     def check_parents(self, path: str) -> None:
         """Raise InvalidPathError if an existing parent of ``path`` is not a directory."""
         with self._gate.read():
             for anc in parents(path):
-                st = self.fs.lstat(self._applier.full(anc))
+                st = self._lstat(anc)
                 if st is None:
                     return
                 if st.kind != "dir":
@@ -1191,23 +1218,38 @@ class Engine:
     def lstat(self, path: str) -> FileStat | None:
         with self._gate.read():
             self._check_whole()
-            return self.fs.lstat(self._resolve(path))
+            return self._lstat(path)
 
     def listdir(self, path: str) -> list[str]:
         with self._gate.read():
             self._check_whole()
-            full = self._resolve(path)
-            st = self.fs.lstat(full)
+            st = self._lstat(path)
             if st is None:
                 raise FileNotFoundError(2, "No such file or directory", path)
+            if st.kind == "symlink":
+                raise _refused(OSError(errno.ELOOP, "a symlink"), path)
             if st.kind != "dir":
                 raise NotADirectoryError(20, "Not a directory", path)
-            names = self.fs.listdir(full)
+            try:  # resolved again: it may have become a symlink since the lstat
+                names = self.fs.listdir(self._applier.full(path))
+            except OSError as exc:
+                raise _refused(exc, path) from None
         return sorted(n for n in names if path or n != RESERVED)
 
 
 def conflict_error(txid: int, conflict: Conflict) -> ConflictError:
     return ConflictError(f"txid={txid}: {conflict.what}", paths=(conflict.key,), lsn=conflict.lsn)
+
+
+def _refused(exc: OSError, path: str) -> Exception:
+    """InvalidPathError for a symlink met on the way to ``path`` (ELOOP from the file
+    system's resolution rule); any other error as it is."""
+    if exc.errno == errno.ELOOP:
+        return InvalidPathError(
+            f"{path!r} goes through a symlink, or is one: walstore never follows a symlink "
+            "inside the store (delete removes one as a plain entry)"
+        )
+    return exc
 
 
 def _across_mounts(path: str) -> str:

@@ -662,16 +662,21 @@ def _check_paths(
     problems: list[Problem] = []
     advance = progress.task("files", len(files) + len(trees))
     hint = "" if in_use else "; if the writer crashed, `walstore recover` redoes it"
+    links = _Symlinks(layout.root)
     for path, exp in sorted(files.items()):
         advance(1)
         result.paths_checked += 1
-        detail = _check_file(layout, path, exp)
+        detail = links.on_the_way(path) or _check_file(layout, path, exp)
         if detail:
             problems.append(Problem("file", path, f"{detail} (transaction {exp.txid}{hint})"))
     for path, (txid, exists) in sorted(trees.items()):
         advance(1)
         result.paths_checked += 1
         full = os.path.join(layout.root, path)
+        detail = links.on_the_way(path)
+        if detail:
+            problems.append(Problem("dir", path, f"{detail} (transaction {txid})"))
+            continue
         if not exists:
             if os.path.lexists(full):
                 problems.append(
@@ -692,6 +697,28 @@ def _check_paths(
                     )
                 )
     return problems
+
+
+class _Symlinks:
+    """Which directories on the way to a store path are symlinks (looked up once each):
+    walstore never follows one, so what lies behind it is not the store's."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._kinds: dict[str, bool] = {}
+
+    def on_the_way(self, path: str) -> str | None:
+        for anc in parents(path):
+            link = self._kinds.get(anc)
+            if link is None:
+                link = os.path.islink(os.path.join(self.root, anc))
+                self._kinds[anc] = link
+            if link:
+                return (
+                    f"behind the symlink {anc!r}, which walstore never follows (put there by "
+                    "another process? put the directory back)"
+                )
+        return None
 
 
 def _check_file(layout: Layout, path: str, exp: _Expect) -> str | None:

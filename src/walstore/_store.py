@@ -854,6 +854,8 @@ class Store:
             try:
                 if not self._readonly:
                     await self._run(self._engine.close)
+                else:
+                    self._engine.fs.release(self._engine.root)  # only a descriptor to close
             finally:
                 self._committer.stop()
                 self._finalizer.detach()
