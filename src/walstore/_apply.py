@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from ._fs import FileSystem, write_all
+from ._fs import FileSystem, symlink_on_path, write_all
 from ._journal_format import Delete, DeleteDir, Op, Put, PutStaged, ReplaceDir
 from ._paths import parent, parents
 
@@ -107,6 +107,11 @@ class Applier:
                     if not replay:
                         raise
                     # A later op (skipped as superseded, or not) made the name a directory.
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    # A parent became a symlink (another process, after the commit): the
+                    # path names nothing in the store, and the link is never followed.
                 self.dirty_files.discard(op.path)
                 self._changed_dir(op.path, replay)
             elif isinstance(op, DeleteDir):
@@ -116,6 +121,44 @@ class Applier:
                 self._replace_dir(op, os.path.join(self.staging_dir, f"{txid}-{i}.dir"), replay)
             applied += 1
         return applied
+
+    def note_foreign(self, txid: int, ops: Iterable[Op]) -> None:
+        """Another process applied ``ops`` (``_shared.py``): remember what they changed and
+        left in staging as if this process had applied them, so that a checkpoint taken
+        here makes them durable and drops their garbage. Conservative: every directory on
+        the way counts as changed."""
+        for i, op in enumerate(ops):
+            self.dirty_dirs.add("")
+            self.dirty_dirs.update(parents(op.path))
+            if isinstance(op, Put | PutStaged):
+                self.dirty_files.add(op.path)
+                if isinstance(op, PutStaged):
+                    self.garbage.add(os.path.join(self.staging_dir, op.staged.split("/")[0]))
+                    self.garbage_bytes += op.size
+            elif isinstance(op, Delete):
+                self.dirty_files.discard(op.path)
+            else:
+                trash = os.path.join(self.staging_dir, f"{txid}-{i}")
+                self.garbage.update((trash + ".del", trash + ".dir", trash + ".old"))
+                self._forget_under(op.path)
+                if isinstance(op, ReplaceDir):
+                    base = op.path + "/"
+                    self.dirty_dirs.add(op.path)
+                    for e in op.entries:
+                        self.dirty_dirs.update(base + d for d in parents(e.path))
+                        self.dirty_files.add(base + e.path)
+                        if isinstance(e, PutStaged):
+                            staged = e.staged.split("/")[0]
+                            self.garbage.add(os.path.join(self.staging_dir, staged))
+
+    def forget_all(self) -> None:
+        """Another process took a checkpoint: it made everything applied so far durable and
+        dropped its garbage; nothing is left for this one to do about it."""
+        self.dirty_files.clear()
+        self.dirty_dirs.clear()
+        self.garbage.clear()
+        self.garbage_bytes = 0
+        self._known_dirs.clear()
 
     def _rewrite_in_place(self, op: Put) -> bool:
         """Replay of a put whose file already holds the value (the crashed process applied
@@ -196,8 +239,13 @@ class Applier:
 
     def _delete_dir(self, path: str, trash: str) -> None:
         target = self.full(path)
-        if self.fs.lstat(target) is None:
-            return  # replay: already gone
+        try:
+            if self.fs.lstat(target) is None:
+                return  # replay: already gone
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            return  # a parent became a symlink: nothing of the store there, never followed
         # Whatever is there goes: in a replay that skips superseded ops the path may hold a
         # file that a skipped op would have removed.
         remove_tree(self.fs, trash)  # replay: left by an apply that crashed
@@ -270,6 +318,8 @@ class Applier:
                 self.fs.mkdir(self.full(d))
                 self.dirty_dirs.add(parent(d))
                 self.dirty_dirs.add(d)
+            elif st.kind == "symlink":  # put there after the commit: never followed
+                raise symlink_on_path(self.full(d))
             elif st.kind != "dir":
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.full(d))
             self._known_dirs.add(d)

@@ -59,6 +59,7 @@ from typing import Any
 
 from . import _journal_format as fmt
 from ._errors import CorruptionError, StoreError
+from ._fs import OsFileSystem
 from ._inspect import (
     CHUNK,
     JournalView,
@@ -143,15 +144,19 @@ def backup(
     if real_dest == real_root or real_dest.startswith(real_root + os.sep):
         raise UsageError(f"the backup destination {dest} must be outside the store {layout.root}")
     os.makedirs(dest, exist_ok=True)
+    # The store's tree is read beneath its root, through no symlink (the resolution rule,
+    # _fs.py): a directory swapped for a symlink meanwhile is never followed out of it.
     name, partial = _reserve(dest)
     result = BackupResult(layout.root, os.path.join(dest, name), name)
+    fs = OsFileSystem()
+    fs.confine(layout.root)
     try:
         for attempt in range(1, attempts + 1):
             result.attempts = attempt
             if attempt > 1:
                 shutil.rmtree(partial)
                 os.mkdir(partial)
-            copier = _Copier(copy)
+            copier = _Copier(copy, fs)
             journal = _attempt(layout, partial, copier, result, progress)
             if journal is not None:
                 break
@@ -170,6 +175,8 @@ def backup(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        fs.release(layout.root)
     result.in_use_by = probe_lock(layout).holder
     if keep is not None:
         result.pruned = prune(dest, keep)
@@ -233,42 +240,60 @@ def _copy_tree(
     advance: Callable[[int], None],
 ) -> None:
     """Link (or copy) the tree ``src`` (store path ``rel``) into ``dst``, skipping
-    ``.walstore/`` at the top."""
+    ``.walstore/`` at the top. Every name is looked up beneath the store's root when it is
+    used; one that became a symlink on the way is skipped (listed), never followed."""
+    fs = copier.fs
     try:
-        entries = sorted(os.scandir(src), key=lambda e: e.name)
+        names = sorted(fs.listdir(src))
     except (FileNotFoundError, NotADirectoryError):
         return  # removed or replaced meanwhile: a commit in the journal did it
-    for e in entries:
-        if not rel and e.name == RESERVED:
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        result.skipped.append(rel)  # swapped for a symlink since it was seen a directory
+        return
+    for name in names:
+        if not rel and name == RESERVED:
             continue
-        target = os.path.join(dst, e.name)
-        path = f"{rel}/{e.name}" if rel else e.name
+        target = os.path.join(dst, name)
+        path = f"{rel}/{name}" if rel else name
+        full = os.path.join(src, name)
         try:
-            if e.is_dir(follow_symlinks=False):
+            st = fs.lstat(full)
+            if st is None:
+                continue
+            if st.kind == "dir":
                 os.mkdir(target)
-                _copy_tree(e.path, target, path, copier, result, advance)
-            elif e.is_symlink():
-                os.symlink(os.readlink(e.path), target)
-            elif e.is_file(follow_symlinks=False):
-                copier.put(e.path, target)
+                _copy_tree(full, target, path, copier, result, advance)
+            elif st.kind == "symlink":
+                os.symlink(fs.readlink(full), target)
+            elif st.kind == "file":
+                copier.put(full, target)
                 advance(1)
             else:
                 result.skipped.append(path)  # a socket, fifo or device: not a store file
         except FileNotFoundError:
             continue  # gone meanwhile: a commit in the journal did it
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EINVAL):
+                raise
+            # A symlink on the way, or the file became something else: never followed.
+            result.skipped.append(path)
 
 
 class _Copier:
-    """Hard-links files, or copies them where linking cannot work."""
+    """Hard-links files, or copies them where linking cannot work. Sources are named by
+    paths under a root ``fs`` confines."""
 
-    def __init__(self, copy_all: bool) -> None:
+    def __init__(self, copy_all: bool, fs: OsFileSystem) -> None:
         self.copy_all = copy_all
+        self.fs = fs
         self.linked = self.copied = self.bytes = 0
 
     def put(self, src: str, dst: str) -> None:
         if not self.copy_all:
             try:
-                os.link(src, dst, follow_symlinks=False)
+                self.fs.link(src, dst)
                 self.linked += 1
                 return
             except OSError as exc:
@@ -279,7 +304,7 @@ class _Copier:
         self._copy(src, dst)
 
     def _copy(self, src: str, dst: str) -> None:
-        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        fd = self.fs.open_regular(src)
         try:
             mode = os.fstat(fd).st_mode & 0o7777
             out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)

@@ -289,6 +289,12 @@ def cmd_recover(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
                 "process stopped now"
             )
         return EXIT_OK, d, lines + _report_lines(d, "plan")
+    lock = _inspect.probe_lock(layout)
+    if lock.held:  # the processes that have it open recover it as they go
+        raise StoreLockedError(
+            f"store {layout.root} is {_in_use(lock.pid)}: recover runs on a store no process "
+            "has open (the processes sharing it finish what a dead one left, as they go)"
+        )
     rec, _ = anyio.run(_open_and, layout.root, False)
     d = {"root": layout.root, "dry_run": False, **rec}
     return EXIT_OK, d, [f"recovered {layout.root}", *_report_lines(d, "done")]

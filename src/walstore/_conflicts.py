@@ -64,6 +64,9 @@ class ConflictIndex:
         self._modified: dict[str, int] = {}
         self._listing: dict[str, int] = {}
         self._trees: dict[str, int] = {}
+        # Everything read before this LSN counts as changed: commits of other processes
+        # this one could not see (``_shared.py``: a checkpoint it did not follow in time).
+        self.barrier = 0
 
     def __len__(self) -> int:
         return len(self._modified) + len(self._listing) + len(self._trees)
@@ -100,6 +103,11 @@ class ConflictIndex:
         wrote them, before it committed (``_contention.py``, rule 5), by path -> its txid:
         valid if that transaction is the last one ahead to have changed them."""
         modified, listing, trees = self._modified, self._listing, self._trees
+        if self.barrier:
+            for p, seen in (*reads.items(), *listed.items(), *subtrees.items()):
+                if seen < self.barrier:
+                    what = f"{p!r} may have been changed by another process"
+                    return Conflict(p, self.barrier, what)
         for p, txid in (deps or {}).items():
             if group.writer.get(p) != txid or self._tree_changed(p, 1 << 62, group) is not None:
                 return Conflict(p, 0, f"{p!r} was read before its writer committed, which failed")

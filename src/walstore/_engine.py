@@ -33,13 +33,15 @@ from ._apply import SYNCFS_MIN, Applier, remove_tree
 from ._conflicts import Conflict, ConflictIndex, GroupEffects, Reads
 from ._errors import (
     ConflictError,
+    CorruptionError,
     InvalidPathError,
     StoreClosedError,
     StoreError,
     StoreFailedError,
     StoreLockedError,
 )
-from ._fs import FileStat, FileSystem, write_all
+from ._fs import FileStat, FileSystem, NotRegularFileError, write_all
+from ._journal_reader import TornSegment, read_tail, scan_segment
 from ._journal_writer import (
     NO_SPACE,
     AppendFailed,
@@ -47,12 +49,36 @@ from ._journal_writer import (
     JournalWriter,
     new_segment,
     retire,
+    segment_lsn,
+    segment_name,
     synced,
 )
 from ._paths import RESERVED, parent, parents
-from ._recovery import RecoveryReport, recover
+from ._recovery import Recovered, RecoveryReport, recover
+from ._shared import (
+    SLOT_SHIFT,
+    SharedFile,
+    SharedHeader,
+    boot_id,
+    effects_of,
+    slot_of,
+    staged_dirs,
+    touched,
+)
 
 log = logging.getLogger("walstore")
+
+_forks = [0]  # bumped in every child of os.fork(): a store opened before it refuses use
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
+
+
+@dataclass
+class LockTicket:
+    """One wait for the commit lock (``Engine.xlock_acquire``); abandoned if the waiter is
+    cancelled or times out, in which case the thread releases what it then gets."""
+
+    abandoned: bool = False
+    fd: int | None = None
 
 
 class Durability(enum.Enum):
@@ -245,6 +271,7 @@ class Engine:
         checkpoint_bytes: int = 8 << 20,
         checkpoint_files: int = 20_000,
         syncfs_min: int | None = SYNCFS_MIN,
+        exclusive: bool = True,
     ) -> None:
         self.fs = fs
         self.root = os.path.abspath(root)
@@ -282,6 +309,21 @@ class Engine:
         self._spare_dirty: int | None = None  # how far old records in journal/spare reach
         self._stale: list[str] = []  # retired segments a checkpoint failed to rename or unlink
         self._checkpoint_retry = 0.0  # monotonic time before which no checkpoint is due
+        # Several processes (``_shared.py``); exclusive: the LOCK is held for life instead.
+        self.exclusive = exclusive
+        self.lock_path = os.path.join(self.meta, "LOCK")
+        self.gate_path = os.path.join(self.meta, "GATE")
+        self._shared: SharedFile | None = None
+        self._header: SharedHeader | None = None
+        self._slot_fd: int | None = None
+        self._slot_path = ""
+        self._xlock_fd: int | None = None  # the commit lock, while this process holds it
+        self._xmutex = threading.Lock()
+        self._forks = _forks[0]
+        # Paths other processes changed, for the Store to drop from its read cache (files,
+        # trees); cache_stale: drop everything.
+        self.foreign: list[tuple[set[str], set[str]]] = []
+        self.cache_stale = False
 
     # -- open and close ------------------------------------------------------------------
 
@@ -294,13 +336,29 @@ class Engine:
         else:
             self._make_layout()
         self._real_root = fs.realpath(self.root)
+        # From here every path under the root is resolved beneath it, through no symlink
+        # (the resolution rule, _fs.py): commits, apply, recovery, checkpoints and reads.
+        fs.confine(self.root)
         if readonly:
             return RecoveryReport()
-        self._check_mounts_at_open()
-        lock_fd = fs.lock(os.path.join(self.meta, "LOCK"))
+        try:
+            self._check_mounts_at_open()
+            if not self.exclusive:
+                return self._open_shared()
+            lock_fd = fs.lock(self.lock_path)
+        except BaseException:
+            fs.release(self.root)
+            raise
         if lock_fd is None:
+            fs.release(self.root)
             raise StoreLockedError(self._holder_message())
         try:
+            alive = self._live_slots()
+            if alive:
+                raise StoreLockedError(
+                    f"store {self.root} is open in {len(alive)} other process(es) (shared): "
+                    "exclusive=True needs it to itself"
+                )
             fs.truncate(lock_fd, 0)
             write_all(fs, lock_fd, f"{os.getpid()}\n".encode(), 0)
             rec = recover(
@@ -315,8 +373,13 @@ class Engine:
             )
         except BaseException:
             fs.unlock(lock_fd)
+            fs.release(self.root)
             raise
         self._lock_fd = lock_fd
+        self._adopt(rec)
+        return rec.report
+
+    def _adopt(self, rec: Recovered) -> None:
         self._journal = rec.journal
         self._applier = rec.applier
         self.next_txid = rec.next_txid
@@ -324,7 +387,329 @@ class Engine:
         self._spare_dirty = rec.spare_dirty
         if not rec.report.clean:
             log.info("recovered %s: %s", self.root, rec.report)
-        return rec.report
+
+    # -- several processes (``_shared.py``) -------------------------------------------------
+
+    def check_fork(self) -> None:
+        if _forks[0] != self._forks:
+            raise StoreError(
+                f"store {self.root} was opened before os.fork(): a child process must open "
+                "the store itself (with gunicorn --preload, open it after the fork)"
+            )
+
+    # Fairness: a process waiting for the commit lock holds GATE while it waits, and a
+    # process takes GATE before LOCK, so one that just released LOCK cannot take it again
+    # before the waiter (flock hands a released lock to whoever asks first, not in order).
+
+    def xlock_try(self) -> bool:
+        """Take the commit lock if it and its gate are free, without waiting (on the event
+        loop)."""
+        gate = self.fs.lock(self.gate_path)
+        if gate is None:
+            return False
+        try:
+            fd = self.fs.lock(self.lock_path)
+        finally:
+            self.fs.unlock(gate)
+        if fd is None:
+            return False
+        self._xlock_fd = fd
+        return True
+
+    def xlock_acquire(self, ticket: LockTicket) -> None:
+        """Wait for the commit lock, in turn (in a worker thread the waiter may abandon)."""
+        gate = self.fs.lock(self.gate_path, wait=True)
+        try:
+            fd = self.fs.lock(self.lock_path, wait=True)
+        finally:
+            if gate is not None:
+                self.fs.unlock(gate)
+        assert fd is not None
+        with self._xmutex:
+            if ticket.abandoned:
+                self.fs.unlock(fd)
+                return
+            ticket.fd = self._xlock_fd = fd
+
+    def xlock_abandon(self, ticket: LockTicket) -> None:
+        with self._xmutex:
+            ticket.abandoned = True
+            if ticket.fd is not None and self._xlock_fd == ticket.fd:
+                self._xlock_fd = None
+                self.fs.unlock(ticket.fd)
+
+    def xlock_release(self) -> None:
+        fd, self._xlock_fd = self._xlock_fd, None
+        if fd is not None:
+            self.fs.unlock(fd)
+
+    def _assert_xlock(self) -> None:
+        assert self.exclusive or self._xlock_fd is not None, "REQUIRES: commit lock held"
+
+    def holder_message(self) -> str:
+        header = self._shared.read() if self._shared is not None else None
+        pid = header.holder_pid if header is not None else "?"
+        return (
+            f"store {self.root}: the commit lock is held by another process (last holder: "
+            f"pid {pid}) past lock_timeout"
+        )
+
+    def shared_applied(self) -> int:
+        """The last LSN applied by any process (0 if unknown); read outside the lock."""
+        header = self._shared.read() if self._shared is not None else None
+        return header.applied_lsn if header is not None else 0
+
+    def _live_slots(self) -> set[int]:
+        """Slots of the processes that have the store open (shared), from the files of
+        ``procs/`` whose lock is held. Requires: commit lock held."""
+        fs = self.fs
+        procs = os.path.join(self.meta, "procs")
+        alive: set[int] = set()
+        if fs.lstat(procs) is None:
+            return alive
+        for name in fs.listdir(procs):
+            if not name.isdigit():
+                continue
+            fd = fs.lock(os.path.join(procs, name))
+            if fd is None:
+                alive.add(int(name))
+            else:
+                fs.unlock(fd)
+        return alive
+
+    def _drop_dead_slots(self, alive: set[int]) -> None:
+        """Remove the ``procs/`` files of processes that died with the store open."""
+        procs = os.path.join(self.meta, "procs")
+        for name in self.fs.listdir(procs):
+            if name.isdigit() and int(name) not in alive:
+                path = os.path.join(procs, name)
+                if path != self._slot_path:
+                    with suppress(FileNotFoundError):
+                        self.fs.unlink(path)
+
+    def _open_shared(self) -> RecoveryReport:
+        """Open beside other processes: under the commit lock, recover in full if no other
+        process has the store open (or the shared header is from another boot), else join
+        the live segment. Then take a slot for life."""
+        fs = self.fs
+        procs = os.path.join(self.meta, "procs")
+        if fs.lstat(procs) is None:
+            with suppress(FileExistsError):
+                fs.mkdir(procs)
+        if self._xlock_fd is None and not self.xlock_try():  # Store's open waits for it
+            raise StoreLockedError(self.holder_message())
+        lock_fd = self._xlock_fd
+        assert lock_fd is not None
+        shared: SharedFile | None = None
+        try:
+            # The last opener's pid, for `walstore info` (and a holder the open waits for).
+            fs.truncate(lock_fd, 0)
+            write_all(fs, lock_fd, f"{os.getpid()}\n".encode(), 0)
+            shared = self._shared = SharedFile(fs, os.path.join(self.meta, "shared"))
+            header = shared.read()
+            alive = self._live_slots()
+            boot = boot_id()
+            if header is None or header.boot != boot or not alive:
+                rec = recover(
+                    fs,
+                    self.root,
+                    self.journal_dir,
+                    self.staging_dir,
+                    sync=self.sync,
+                    preallocate=self.preallocate,
+                    fs_fd=shared.fd,
+                    syncfs_min=self.syncfs_min,
+                )
+                self._adopt(rec)
+                report = rec.report
+                slot = rec.next_txid >> SLOT_SHIFT
+                next_slot = slot + 1
+                if header is not None and header.boot == boot:
+                    next_slot = max(next_slot, header.next_slot)
+                assert self._journal is not None
+                header = SharedHeader(
+                    boot, self._journal.checkpoint_lsn, self.last_lsn, next_slot, os.getpid()
+                )
+            else:
+                slot = header.next_slot
+                report = self._join(header, alive)
+                self.next_txid = (slot << SLOT_SHIFT) | 1
+                header = self._header or header
+                header = header.advanced(next_slot=slot + 1, applied_lsn=self.last_lsn)
+            self._slot_path = os.path.join(procs, str(slot))
+            slot_fd = fs.lock(self._slot_path)
+            if slot_fd is None:
+                raise StoreError(f"slot {slot} of {self.root} is taken: {procs} was changed")
+            self._slot_fd = slot_fd
+            write_all(fs, slot_fd, f"{os.getpid()}\n".encode(), 0)
+            self._write_header(header)
+            self._drop_dead_slots(alive)
+        except BaseException:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+            if shared is not None:
+                shared.close()
+                self._shared = None
+            self.xlock_release()
+            raise
+        self.xlock_release()
+        if not report.clean:
+            log.info("opened %s beside other processes: %s", self.root, report)
+        return report
+
+    def _write_header(self, header: SharedHeader) -> None:
+        assert self._shared is not None
+        self._header = header
+        self._shared.write(header)
+
+    def _live_segment(self, header: SharedHeader) -> tuple[str, bytes]:
+        """The live segment's name and content: the one the header names, or (a checkpoint
+        that died before creating it) the newest one that parses."""
+        fs = self.fs
+        name = segment_name(header.segment_lsn)
+        try:
+            return name, fs.read_file(os.path.join(self.journal_dir, name))
+        except FileNotFoundError:
+            pass
+        names = sorted(
+            (n for n in fs.listdir(self.journal_dir) if segment_lsn(n) is not None), reverse=True
+        )
+        for n in names:
+            data = fs.read_file(os.path.join(self.journal_dir, n))
+            try:
+                scan_segment(n, data)
+            except TornSegment:
+                continue
+            return n, data
+        raise CorruptionError(f"{self.journal_dir} holds no journal segment")
+
+    def _join(self, header: SharedHeader, alive: set[int]) -> RecoveryReport:
+        """Open the live segment beside the processes in ``alive``: finish the commits a
+        dead holder left unapplied, clear a torn tail and the staging of dead processes.
+        Requires: commit lock held."""
+        fs = self.fs
+        name, data = self._live_segment(header)
+        scan = scan_segment(name, data)
+        path = os.path.join(self.journal_dir, name)
+        fd = fs.open(path)
+        self._journal = JournalWriter(
+            fs,
+            path,
+            fd,
+            salt=scan.header.salt,
+            offset=scan.valid_end,
+            checkpoint_lsn=scan.checkpoint.lsn,
+            next_lsn=scan.next_lsn,
+        )
+        self._header = header
+        unapplied = self._take_in(scan.commits, header.applied_lsn)
+        if scan.torn_bytes:
+            write_all(fs, fd, bytes(scan.torn_bytes), scan.valid_end)
+        keep = {d for c in scan.commits for d in staged_dirs(c)}
+        orphans = 0
+        for entry in fs.listdir(self.staging_dir):
+            slot = slot_of(entry)
+            if slot is None or slot in alive or entry.split("-")[0] in keep:
+                continue
+            orphans += remove_tree(fs, os.path.join(self.staging_dir, entry))
+        self.last_lsn = scan.next_lsn - 1
+        return RecoveryReport(
+            rolled_forward=tuple(tx.txid for c in unapplied for tx in c.txs),
+            torn_bytes=scan.torn_bytes,
+            orphans_removed=orphans,
+        )
+
+    def _take_in(self, commits: list[fmt.Commit], applied: int) -> list[fmt.Commit]:
+        """Records other processes appended: apply those above ``applied`` (their writer
+        died after the commit point), and note all of them as this process's own (conflict
+        index, read cache, what the next checkpoint syncs and drops). Returns the applied."""
+        unapplied = [c for c in commits if c.lsn > applied]
+        if unapplied and self.sync:
+            assert self._journal is not None
+            self._journal.sync()  # its writer may have died before its fdatasync
+        with self._gate.write():
+            for c in commits:
+                for tx in c.txs:
+                    if c.lsn > applied:
+                        self._applier.apply(tx.txid, tx.ops, replay=True)
+                    self._applier.note_foreign(tx.txid, tx.ops)
+                self.conflicts.observe(c.lsn, effects_of(c))
+                self.foreign.append(touched(c))
+                self.last_lsn = c.lsn
+        self._applier.drop_replaced()
+        if unapplied:
+            log.info("applied %d commit(s) a dead process left unapplied", len(unapplied))
+        return unapplied
+
+    def _catch_up(self) -> None:
+        """Take in what other processes committed since this one last held the commit lock.
+        Requires: commit lock held."""
+        self._assert_xlock()
+        if self.exclusive:
+            return
+        assert self._shared is not None and self._journal is not None
+        header = self._shared.read() or self._header
+        assert header is not None
+        j = self._journal
+        self._read_on(j, header)
+        if header.segment_lsn != j.checkpoint_lsn:
+            self._follow(header)
+            j = self._journal
+            header = self._shared.read() or header
+        if self._header is None or header.applied_lsn < self.last_lsn:
+            self._write_header(header.advanced(applied_lsn=self.last_lsn))
+        else:
+            self._header = header
+
+    def _read_on(self, j: JournalWriter, header: SharedHeader) -> None:
+        """Take in the records after ``j.offset`` of ``j``'s segment."""
+        fs = self.fs
+        tail = read_tail(
+            lambda n, off: fs.pread(j.fd, n, off),
+            os.path.basename(j.path),
+            j.offset,
+            j.salt,
+            j.next_lsn,
+        )
+        if tail.commits:
+            # Commits of a segment that a checkpoint has since closed are all applied.
+            same = header.segment_lsn == j.checkpoint_lsn
+            self._take_in(tail.commits, header.applied_lsn if same else 1 << 63)
+            j.next_lsn = tail.commits[-1].lsn + 1
+        j.offset = tail.end
+        if tail.torn_bytes:  # a record torn by a process that died mid-append
+            write_all(fs, j.fd, bytes(tail.torn_bytes), tail.end)
+
+    def _follow(self, header: SharedHeader) -> None:
+        """Another process took a checkpoint: append to its new segment from now on."""
+        fs = self.fs
+        old = self._journal
+        assert old is not None
+        name, data = self._live_segment(header)
+        if os.path.join(self.journal_dir, name) == old.path:
+            return  # the checkpoint died before its segment existed
+        scan = scan_segment(name, data)
+        if scan.checkpoint.lsn > old.next_lsn:
+            # A segment in between came and went: its commits are unknown here.
+            self.conflicts.barrier = scan.checkpoint.lsn
+            self.cache_stale = True
+        self._applier.forget_all()  # the checkpoint made all of it durable, dropped garbage
+        path = os.path.join(self.journal_dir, name)
+        fd = fs.open(path)
+        self._journal = JournalWriter(
+            fs,
+            path,
+            fd,
+            salt=scan.header.salt,
+            offset=scan.checkpoint_end,
+            checkpoint_lsn=scan.checkpoint.lsn,
+            next_lsn=scan.checkpoint.lsn + 1,
+        )
+        self._journal.bytes_written = old.bytes_written
+        old.close()
+        self.last_lsn = max(self.last_lsn, scan.checkpoint.lsn)
+        self._read_on(self._journal, header)
 
     def _check_mounts_at_open(self) -> None:
         """Commits rename from ``staging/`` into place, which works within one mount only: the
@@ -397,7 +782,12 @@ class Engine:
     def close(self) -> None:
         """Checkpoint if anything was committed, release the LOCK. Requires: no group runs."""
         with self._lock:
+            shared = self._shared is not None and self._forks == _forks[0]
             try:
+                if shared and self._journal is not None:
+                    ticket = LockTicket()
+                    self.xlock_acquire(ticket)
+                    self._catch_up()
                 j = self._journal
                 if j is not None and self.failed is None and j.next_lsn > j.checkpoint_lsn + 1:
                     try:
@@ -415,6 +805,18 @@ class Engine:
                 if self._lock_fd is not None:
                     self.fs.unlock(self._lock_fd)
                     self._lock_fd = None
+                if self._slot_fd is not None:
+                    if shared:
+                        with suppress(FileNotFoundError):
+                            self.fs.unlink(self._slot_path)
+                    self.fs.unlock(self._slot_fd)
+                    self._slot_fd = None
+                if self._shared is not None:
+                    self._shared.close()
+                    self._shared = None
+                if shared:
+                    self.xlock_release()
+                self.fs.release(self.root)
 
     # -- staging -------------------------------------------------------------------------
 
@@ -464,14 +866,26 @@ class Engine:
 
     def commit_group(self, group: list[PreparedTx], oldest_begin: int) -> list[Result]:
         """Run steps 1-4 for a group, in one worker call. ``oldest_begin`` is the smallest
-        begin LSN of any open transaction (older conflict records are dropped)."""
-        with self._lock:
+        begin LSN of any open transaction (older conflict records are dropped).
+
+        Under ``fs.hold()``: each directory the group's paths go through is resolved
+        (beneath the root, through no symlink) once for the group instead of at every call;
+        dropped when the group renames or removes it, closed when the group ends."""
+        with self._lock, self.fs.hold():
             if self.failed is not None:
                 err = StoreFailedError(f"store failed earlier: {self.failed}")
                 return [Result(Outcome.REJECTED, error=err) for _ in group]
             if self._journal is None:
                 closed = StoreClosedError(f"store {self.root} is closed")
                 return [Result(Outcome.REJECTED, error=closed) for _ in group]
+            # Step 0: catch_up on what other processes committed (``_shared.py``)
+            try:
+                self._catch_up()
+            except OSError as exc:
+                return [Result(Outcome.REJECTED, error=exc) for _ in group]
+            except CorruptionError as exc:
+                self._fail(f"the journal is damaged: {exc}", exc)
+                return [Result(Outcome.REJECTED, error=exc) for _ in group]
             journal = self._journal
             lsn = journal.next_lsn
             results: list[Result | None] = [None] * len(group)
@@ -561,6 +975,8 @@ class Engine:
                     # Still under the gate: whoever saw this group's files sees it here too
                     # (the early check on the event loop relies on it).
                     self.conflicts.observe(lsn, state.effects)
+                    if self._header is not None:  # other processes: it is applied
+                        self._write_header(self._header.advanced(applied_lsn=lsn))
                 applied = True
                 self._applier.drop_replaced()
             except OSError as exc:
@@ -660,13 +1076,16 @@ class Engine:
 
     def _link(self, src: str, name: str, as_path: str) -> fmt.PutStaged:
         full = self._applier.full(src)
-        st = self.fs.lstat(full)
+        st = self._lstat(src)
         if st is None:
             raise FileNotFoundError(2, "No such file or directory", src)
         if st.kind != "file":
             raise InvalidPathError(f"cannot move or keep {src!r}: not a regular file")
         staged = os.path.join(self.staging_dir, name)
-        self.fs.link(full, staged)
+        try:  # resolved again: it may have moved behind a symlink since the lstat
+            self.fs.link(full, staged)
+        except OSError as exc:
+            raise _refused(exc, src) from None
         if self.sync:  # it may hold data applied since the last checkpoint, not yet synced
             fd = self.fs.open(staged)
             try:
@@ -680,7 +1099,7 @@ class Engine:
         if op.keep is None:
             return []
         base = self._applier.full(op.path)
-        st = self.fs.lstat(base)
+        st = self._lstat(op.path)
         if st is None or st.kind != "dir":
             return []
         out: list[str] = []
@@ -716,7 +1135,7 @@ class Engine:
                 return None
         if path in state.disk_dirs:  # seen on disk in this group, under the commit lock
             return "dir"
-        st = self.fs.lstat(self._applier.full(path))
+        st = self._lstat(path)
         if st is not None and st.kind == "dir":
             if st.dev != self._dev:  # a file system mounted after the open
                 # Refused here, before the commit point: a rename from staging into it would
@@ -748,7 +1167,11 @@ class Engine:
                 self._kind(parent(op.path), state, local)  # syncs (a mount above: the same)
             kind = self._kind(op.path, state, local)
             if isinstance(op, fmt.Put | fmt.PutStaged | fmt.Delete | Move):
-                if kind not in (None, "file"):
+                # A symlink is a plain entry: a delete removes the link itself (never what it
+                # points to); anything else refuses to replace it.
+                if kind not in (None, "file") and not (
+                    kind == "symlink" and isinstance(op, fmt.Delete)
+                ):
                     what = {"dir": "a directory", "symlink": "a symlink"}.get(kind, "not a file")
                     raise InvalidPathError(f"cannot change {op.path!r}: it is {what}")
                 # The source is linked at step 2, before anything of this transaction is
@@ -845,6 +1268,7 @@ class Engine:
             if self.failed is not None:
                 raise StoreFailedError(f"store failed earlier: {self.failed}")
             try:
+                self._catch_up()
                 self._checkpoint_locked()
             except OSError as exc:
                 if _no_space(exc):
@@ -863,13 +1287,18 @@ class Engine:
         old = self._journal
         # Step 1: checkpoint_sync: applied files and directories, so the journal can go.
         if self.sync:
-            lock_fd = self._lock_fd
-            synced(lambda: self._applier.sync(lock_fd))
+            # A handle open since the open, so write-back errors since are reported on it.
+            fd = self._shared.fd if self._shared is not None else self._lock_fd
+            synced(lambda: self._applier.sync(fd))
         else:
             self._applier.dirty_files.clear()
             self._applier.dirty_dirs.clear()
         # Step 2: checkpoint_new_segment: HEADER + CHECKPOINT, synced with its dir entry, in
         # the blocks of journal/spare (recycled: no space needed) or, without one, allocated.
+        if self._header is not None:
+            # Named before it exists: a process that finds it missing (this one died)
+            # goes on with the old segment, which holds every commit.
+            self._write_header(self._header.advanced(segment_lsn=old.next_lsn))
         cp = fmt.Checkpoint(old.next_lsn, self.next_txid)
         dirty, self._spare_dirty = self._spare_dirty, None  # unknown if it fails half-way
         self._journal = new_segment(
@@ -882,11 +1311,16 @@ class Engine:
         )
         self._journal.bytes_written = old.bytes_written
         self.last_lsn = cp.lsn
+        if self._header is not None:
+            self._write_header(self._header.advanced(applied_lsn=cp.lsn))
         self._stale.append(old.path)
         old.close()
         # Step 3: checkpoint_drop_segments: the old segment becomes the spare (or goes).
         while self._stale:
-            if retire(self.fs, self.journal_dir, self._stale[-1], keep=bool(self.preallocate)):
+            # Several processes: others may still read the old segment through their handle,
+            # so it goes as before (no spare to recycle under them).
+            keep = bool(self.preallocate) and self.exclusive
+            if retire(self.fs, self.journal_dir, self._stale[-1], keep=keep):
                 self._spare_dirty = old.high if self._stale[-1] == old.path else None
             self._stale.pop()
         # Step 4: checkpoint_drop_garbage
@@ -900,16 +1334,13 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def _resolve(self, path: str) -> str:
-        """The file a store path names, following symlinks only inside the root."""
-        full = self._applier.full(path)
-        real = self.fs.realpath(full)
-        if real != full and real != self._real_root and not real.startswith(self._real_root + "/"):
-            raise InvalidPathError(f"{path!r} leads out of the store through a symlink")
-        meta = os.path.join(self._real_root, RESERVED)
-        if real == meta or real.startswith(meta + "/"):
-            raise InvalidPathError(f"{path!r} leads into {RESERVED}/ through a symlink")
-        return real
+    def _lstat(self, path: str) -> FileStat | None:
+        """lstat of a store path, resolved beneath the root now; a symlink on the way is
+        InvalidPathError (a symlink as the last name is reported, not followed)."""
+        try:
+            return self.fs.lstat(self._applier.full(path))
+        except OSError as exc:
+            raise _refused(exc, path) from None
 
     def _check_whole(self) -> None:
         if self.partial:
@@ -921,38 +1352,46 @@ class Engine:
     def read(self, path: str) -> bytes:
         with self._gate.read():
             self._check_whole()
-            try:
-                return self.fs.read_file(self._resolve(path))
-            except NotADirectoryError:
-                raise self._blocked(path) from None
-            except FileNotFoundError:
-                raise FileNotFoundError(2, "No such file or directory", path) from None
+            return self._read(path)
 
     def read_cacheable(self, path: str) -> tuple[bytes, bool]:
-        """``read``, and whether its content may be cached under ``path``: no symlink on the
-        way, so that a later change of the file is a change of ``path`` itself."""
+        """``read``, and whether its content may be cached under ``path``: always, as no
+        symlink is followed, so a path names one file and a change of it is a change of
+        ``path`` itself (what isolation records too)."""
         with self._gate.read():
             self._check_whole()
-            try:
-                real = self._resolve(path)
-                return self.fs.read_file(real), real == os.path.join(self._real_root, path)
-            except NotADirectoryError:
-                raise self._blocked(path) from None
-            except FileNotFoundError:
-                raise FileNotFoundError(2, "No such file or directory", path) from None
+            return self._read(path), True
+
+    def _read(self, path: str) -> bytes:
+        """One regular file, resolved beneath the root now, through no symlink; a FIFO or a
+        device is refused without being opened for a blocking read."""
+        try:
+            return self.fs.read_file(self._applier.full(path))
+        except NotRegularFileError as exc:
+            if exc.errno == errno.EISDIR:
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", path) from None
+            raise InvalidPathError(
+                f"cannot read {path!r}: {exc.strerror} (walstore reads regular files only)"
+            ) from None
+        except NotADirectoryError:
+            raise self._blocked(path) from None
+        except FileNotFoundError:
+            raise FileNotFoundError(2, "No such file or directory", path) from None
+        except OSError as exc:
+            raise _refused(exc, path) from None
 
     def _blocked(self, path: str) -> InvalidPathError:
         for anc in parents(path):
-            st = self.fs.lstat(self._applier.full(anc))
+            st = self._lstat(anc)
             if st is not None and st.kind != "dir":
-                return InvalidPathError(f"{path!r}: {anc!r} is a file, not a directory")
+                return InvalidPathError(f"{path!r}: {anc!r} is a {st.kind}, not a directory")
         return InvalidPathError(f"{path!r}: a parent is not a directory")
 
     def check_parents(self, path: str) -> None:
         """Raise InvalidPathError if an existing parent of ``path`` is not a directory."""
         with self._gate.read():
             for anc in parents(path):
-                st = self.fs.lstat(self._applier.full(anc))
+                st = self._lstat(anc)
                 if st is None:
                     return
                 if st.kind != "dir":
@@ -961,23 +1400,38 @@ class Engine:
     def lstat(self, path: str) -> FileStat | None:
         with self._gate.read():
             self._check_whole()
-            return self.fs.lstat(self._resolve(path))
+            return self._lstat(path)
 
     def listdir(self, path: str) -> list[str]:
         with self._gate.read():
             self._check_whole()
-            full = self._resolve(path)
-            st = self.fs.lstat(full)
+            st = self._lstat(path)
             if st is None:
                 raise FileNotFoundError(2, "No such file or directory", path)
+            if st.kind == "symlink":
+                raise _refused(OSError(errno.ELOOP, "a symlink"), path)
             if st.kind != "dir":
                 raise NotADirectoryError(20, "Not a directory", path)
-            names = self.fs.listdir(full)
+            try:  # resolved again: it may have become a symlink since the lstat
+                names = self.fs.listdir(self._applier.full(path))
+            except OSError as exc:
+                raise _refused(exc, path) from None
         return sorted(n for n in names if path or n != RESERVED)
 
 
 def conflict_error(txid: int, conflict: Conflict) -> ConflictError:
     return ConflictError(f"txid={txid}: {conflict.what}", paths=(conflict.key,), lsn=conflict.lsn)
+
+
+def _refused(exc: OSError, path: str) -> Exception:
+    """InvalidPathError for a symlink met on the way to ``path`` (ELOOP from the file
+    system's resolution rule); any other error as it is."""
+    if exc.errno == errno.ELOOP:
+        return InvalidPathError(
+            f"{path!r} goes through a symlink, or is one: walstore never follows a symlink "
+            "inside the store (delete removes one as a plain entry)"
+        )
+    return exc
 
 
 def _across_mounts(path: str) -> str:

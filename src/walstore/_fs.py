@@ -5,6 +5,19 @@
 unsynced writes in a simulated power cut and raise chosen errors (LevelDB's ``Env``/memenv).
 
 All methods are blocking; the store calls them from worker threads. Paths are absolute strings.
+
+Resolution rule. A store confines its root (``confine``): from then on every path under
+that root is resolved beneath it at the moment of the call, never from a string checked
+earlier, and never through a symlink. Each call walks from a descriptor of the root
+(``openat2`` with ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` where Linux has it, 5.6+;
+elsewhere component by component with ``O_NOFOLLOW | O_DIRECTORY``) to the directory that
+holds the last name, and acts on that name with an ``*at`` call (inside ``hold()``, one
+commit group, a directory's descriptor is reused until the group renames or removes it). A
+symlink on the way raises ``OSError(ELOOP)``; the last name is never followed either
+(``open`` and ``read_file`` of a symlink raise ELOOP, ``unlink`` removes the link itself,
+``lstat`` reports it). ``read_file`` refuses anything but a regular file
+(``NotRegularFileError``) without blocking on it: it opens with ``O_NONBLOCK`` and checks
+``fstat`` before reading.
 """
 
 from __future__ import annotations
@@ -13,15 +26,21 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import re
 import stat as stat_mod
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import aiofiles
 import anyio
+
+from ._paths import RESERVED
 
 Kind = Literal["file", "dir", "symlink", "other"]
 
@@ -37,6 +56,16 @@ class FileStat:
     dev: int = 0
 
 
+class NotRegularFileError(OSError):
+    """``read_file`` of something that is not a regular file: a FIFO, a device, a socket or a
+    directory (errno EINVAL, or EISDIR for a directory). Nothing was read from it."""
+
+
+def symlink_on_path(path: str) -> OSError:
+    """The error for a symlink met while resolving ``path`` under a confined root."""
+    return OSError(errno.ELOOP, "a symlink on the way (walstore never follows one)", path)
+
+
 _BIG_READ = 1 << 30  # a read this long that comes back short may have hit Linux's cap
 
 
@@ -44,6 +73,18 @@ class FileSystem(Protocol):
     """The operations walstore needs; each call is one step a crash test can stop at."""
 
     calls: Counter[str]
+
+    def confine(self, root: str) -> None:
+        """From now on resolve every path under ``root`` (a directory) beneath it, never
+        through a symlink (the module's resolution rule). Paths elsewhere are unaffected."""
+
+    def release(self, root: str) -> None:
+        """Undo ``confine(root)`` (the store closed)."""
+
+    def hold(self) -> AbstractContextManager[None]:
+        """A stretch of calls from this thread (one commit group, under the store's commit
+        lock) in which a directory under a confined root may be resolved once and its
+        descriptor kept, until the block ends or this thread renames or removes it."""
 
     def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
         """Open for reading and writing; returns a handle."""
@@ -65,7 +106,9 @@ class FileSystem(Protocol):
     def close(self, fd: int) -> None: ...
 
     def read_file(self, path: str) -> bytes:
-        """Read a whole file, following symlinks."""
+        """Read a whole regular file; anything else raises ``NotRegularFileError`` without
+        being read or waited on. Under a confined root a symlink raises ELOOP; elsewhere a
+        final symlink is followed."""
 
     def rename(self, src: str, dst: str) -> None: ...
 
@@ -105,15 +148,39 @@ class FileSystem(Protocol):
         """The mount points strictly below the directory ``path`` (a real path), from the
         system's mount table; none where the system has no such table."""
 
-    def lock(self, path: str) -> int | None:
-        """Take an exclusive advisory lock on ``path`` (created if missing) without waiting.
-
-        Returns a handle that holds the lock, or None when another process holds it."""
+    def lock(self, path: str, *, wait: bool = False) -> int | None:
+        """Take an exclusive advisory lock on ``path`` (created if missing): without
+        ``wait``, only if it is free. Returns a handle that holds the lock (``unlock``
+        releases it), or None when another open handle holds it."""
 
     def unlock(self, fd: int) -> None: ...
 
+    def map_file(self, fd: int, size: int) -> MappedFile:
+        """Map the first ``size`` bytes of an open file, for reads that make no system call
+        (the shared header, read on the event loop). The file must be that long."""
+
     async def open_writer(self, path: str) -> AsyncWriter:
         """Create (truncate) ``path`` for a streamed write from async code."""
+
+
+class MappedFile(Protocol):
+    """A file mapped into memory: what other processes write to it shows at once."""
+
+    def read(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class _Mmap:
+    def __init__(self, fd: int, size: int) -> None:
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._size = size
+
+    def read(self) -> bytes:
+        return self._map[: self._size]
+
+    def close(self) -> None:
+        self._map.close()
 
 
 class AsyncWriter(Protocol):
@@ -155,6 +222,130 @@ class OsFileSystem:
         # Cap on how far journal segments are zero-filled ahead; None: about checkpoint_bytes.
         # 0 turns preallocation off (the benchmarks measure what it buys).
         self.journal_preallocation: int | None = None
+        # False: resolve by the component walk even where openat2 exists (tests run both).
+        self.use_openat2 = _openat2 is not None
+        self._roots: dict[str, _Root] = {}  # confined root -> its descriptors
+        self._roots_lock = threading.Lock()
+        self._held = threading.local()  # .dirs: (root fd, dir) -> descriptor, inside hold()
+
+    # -- resolution beneath a confined root ------------------------------------------------
+
+    def confine(self, root: str) -> None:
+        key = root.rstrip("/") or "/"
+        with self._roots_lock:
+            found = self._roots.get(key)
+            if found is not None:  # a second store on the same root (a readonly reader)
+                found.users += 1
+                return
+            new = _Root(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            self._roots = {**self._roots, key: new}  # replaced, not changed: read unlocked
+
+    def release(self, root: str) -> None:
+        key = root.rstrip("/") or "/"
+        with self._roots_lock:
+            found = self._roots.get(key)
+            if found is None:
+                return
+            found.users -= 1
+            if found.users:
+                return
+            self._roots = {k: v for k, v in self._roots.items() if k != key}
+        found.close()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        outer = getattr(self._held, "dirs", None)
+        if outer is not None:  # nested: the outer block keeps them
+            yield
+            return
+        dirs: dict[tuple[int, str], int] = {}
+        self._held.dirs = dirs
+        try:
+            yield
+        finally:
+            self._held.dirs = None
+            for fd in dirs.values():
+                os.close(fd)
+
+    def _forget(self, *paths: str) -> None:
+        """Drop held descriptors of ``paths`` and of directories below them (this thread is
+        renaming or removing them)."""
+        dirs = getattr(self._held, "dirs", None)
+        if not dirs:
+            return
+        for path in paths:
+            found = self._split(path)
+            if found is None:
+                continue
+            rel = found[1]
+            for key in [k for k in dirs if k[1] == rel or k[1].startswith(rel + "/")]:
+                os.close(dirs.pop(key))
+
+    def _split(self, path: str) -> tuple[_Root, str] | None:
+        """(the confined root, path relative to it) for a path under a confined root."""
+        for root, r in self._roots.items():
+            if path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+                return r, path[len(root) + 1 :]
+            if path == root:
+                return r, ""
+        return None
+
+    def _open_beneath(self, rootfd: int, rel: str, path: str) -> int:
+        """A new descriptor of the directory ``rel`` beneath ``rootfd``, through no symlink."""
+        if not rel:  # a new open, not dup: a duplicate shares the listing offset
+            return os.open(".", _DIR_FLAGS, dir_fd=rootfd)
+        if self.use_openat2:
+            return _openat2_dir(rootfd, rel, path)
+        fd = rootfd
+        try:
+            for part in rel.split("/"):
+                nxt = _open_part(fd, part, path)
+                if fd != rootfd:
+                    os.close(fd)
+                fd = nxt
+        except BaseException:
+            if fd != rootfd:
+                os.close(fd)
+            raise
+        return fd
+
+    def _at(self, path: str) -> tuple[int | None, str, int | None]:
+        """(dir_fd, name, descriptor to close afterwards) to act on ``path`` with an ``*at``
+        call: under a confined root, its parent resolved beneath the root now."""
+        found = self._split(path)
+        if found is None:
+            return None, path, None
+        root, rel = found
+        if not rel:
+            return root.fd, ".", None
+        head, _, name = rel.rpartition("/")
+        if not head:
+            return root.fd, name, None
+        if head in _PINNED:
+            fd = root.pinned.get(head)
+            if fd is None:
+                fd = root.pin(head, self._open_beneath(root.fd, head, path))
+            return fd, name, None
+        dirs = getattr(self._held, "dirs", None)
+        if dirs is not None:
+            key = (root.fd, head)
+            held = dirs.get(key)
+            if held is None:
+                if len(dirs) >= _HELD_MAX:
+                    os.close(dirs.pop(next(iter(dirs))))
+                held = dirs[key] = self._open_beneath(root.fd, head, path)
+            return held, name, None
+        fd = self._open_beneath(root.fd, head, path)
+        return fd, name, fd
+
+    def _open_dir(self, path: str) -> int:
+        """A new descriptor of the directory ``path`` (not through a symlink when confined)."""
+        found = self._split(path)
+        if found is None:
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._open_beneath(found[0].fd, found[1], path)
+
+    # -- calls -----------------------------------------------------------------------------
 
     def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
         self.calls["open"] += 1
@@ -163,7 +354,16 @@ class OsFileSystem:
             flags |= os.O_CREAT
         if truncate:
             flags |= os.O_TRUNC
-        return os.open(path, flags, 0o644)
+        d, name, c = self._at(path)
+        if d is None:
+            return os.open(path, flags, 0o644)
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW, 0o644, dir_fd=d)
+        except OSError as exc:
+            raise _named(exc, path) from None
+        finally:
+            if c is not None:
+                os.close(c)
 
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         self.calls["pwrite"] += 1
@@ -201,9 +401,25 @@ class OsFileSystem:
 
     def read_file(self, path: str) -> bytes:
         self.calls["read_file"] += 1
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO waits for a writer without it; the fstat below refuses it
+        # (and devices) before any read could block or never end.
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+        d, name, c = self._at(path)
         try:
-            size = os.fstat(fd).st_size
+            if d is None:
+                fd = os.open(path, flags)
+            else:
+                fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=d)
+        except OSError as exc:
+            raise _named(exc, path) from None
+        finally:
+            if c is not None:
+                os.close(c)
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise _not_regular(st.st_mode, path)
+            size = st.st_size
             chunks = []
             while True:
                 chunk = os.read(fd, max(size, 65536))
@@ -214,46 +430,137 @@ class OsFileSystem:
         finally:
             os.close(fd)
 
+    def open_regular(self, path: str) -> int:
+        """A read-only handle on the regular file ``path`` (under a confined root: through no
+        symlink), for streaming reads (backup); NotRegularFileError for anything else."""
+        self.calls["open"] += 1
+        fd = self._open_file(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise _not_regular(st.st_mode, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def readlink(self, path: str) -> str:
+        """The target of the symlink ``path`` (whose parent is resolved as every path is)."""
+        self.calls["readlink"] += 1
+        d, name, c = self._at(path)
+        try:
+            return os.readlink(name, dir_fd=d)
+        finally:
+            if c is not None:
+                os.close(c)
+
     def rename(self, src: str, dst: str) -> None:
         self.calls["rename"] += 1
-        os.rename(src, dst)
+        self._forget(src, dst)
+        sd, sn, sc = self._at(src)
+        try:
+            dd, dn, dc = self._at(dst)
+            try:
+                os.rename(sn, dn, src_dir_fd=sd, dst_dir_fd=dd)
+            finally:
+                if dc is not None:
+                    os.close(dc)
+        finally:
+            if sc is not None:
+                os.close(sc)
 
     def exchange(self, a: str, b: str) -> None:
         self.calls["exchange"] += 1
         if _renameat2 is None:
             raise OSError(errno.ENOSYS, "renameat2 is not available", a)
-        if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE):
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), a, None, b)
+        self._forget(a, b)
+        ad, an, ac = self._at(a)
+        try:
+            bd, bn, bc = self._at(b)
+            try:
+                if _renameat2(
+                    _AT_FDCWD if ad is None else ad,
+                    os.fsencode(an),
+                    _AT_FDCWD if bd is None else bd,
+                    os.fsencode(bn),
+                    _RENAME_EXCHANGE,
+                ):
+                    code = ctypes.get_errno()
+                    raise OSError(code, os.strerror(code), a, None, b)
+            finally:
+                if bc is not None:
+                    os.close(bc)
+        finally:
+            if ac is not None:
+                os.close(ac)
 
     def link(self, src: str, dst: str) -> None:
         self.calls["link"] += 1
-        os.link(src, dst, follow_symlinks=False)
+        sd, sn, sc = self._at(src)
+        try:
+            dd, dn, dc = self._at(dst)
+            try:
+                os.link(sn, dn, src_dir_fd=sd, dst_dir_fd=dd, follow_symlinks=False)
+            finally:
+                if dc is not None:
+                    os.close(dc)
+        finally:
+            if sc is not None:
+                os.close(sc)
 
     def unlink(self, path: str) -> None:
         self.calls["unlink"] += 1
-        os.unlink(path)
+        d, name, c = self._at(path)
+        try:
+            os.unlink(name, dir_fd=d)
+        finally:
+            if c is not None:
+                os.close(c)
 
     def mkdir(self, path: str) -> None:
         self.calls["mkdir"] += 1
-        os.mkdir(path, 0o755)
+        d, name, c = self._at(path)
+        try:
+            os.mkdir(name, 0o755, dir_fd=d)
+        finally:
+            if c is not None:
+                os.close(c)
 
     def rmdir(self, path: str) -> None:
         self.calls["rmdir"] += 1
-        os.rmdir(path)
+        self._forget(path)
+        d, name, c = self._at(path)
+        try:
+            os.rmdir(name, dir_fd=d)
+        finally:
+            if c is not None:
+                os.close(c)
 
     def listdir(self, path: str) -> list[str]:
         self.calls["listdir"] += 1
-        return os.listdir(path)
+        if self._split(path) is None:
+            return os.listdir(path)
+        fd = self._open_dir(path)
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
 
     def lstat(self, path: str) -> FileStat | None:
         self.calls["lstat"] += 1
         try:
-            st = os.lstat(path)
+            d, name, c = self._at(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # a parent is missing or a file; a symlink on the way raises ELOOP
+        try:
+            st = os.stat(name, dir_fd=d, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except NotADirectoryError:
             return None
+        finally:
+            if c is not None:
+                os.close(c)
         return FileStat(_kind(st.st_mode), st.st_size, st.st_mtime_ns, st.st_dev)
 
     def realpath(self, path: str) -> str:
@@ -262,7 +569,7 @@ class OsFileSystem:
 
     def fsync_dir(self, path: str) -> None:
         self.calls["fsync_dir"] += 1
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self._open_dir(path)
         try:
             os.fsync(fd)
         finally:
@@ -298,11 +605,13 @@ class OsFileSystem:
                     out.append(point)
         return out
 
-    def lock(self, path: str) -> int | None:
+    def lock(self, path: str, *, wait: bool = False) -> int | None:
         self.calls["lock"] += 1
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open_file(path, os.O_RDWR | os.O_CREAT)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # flock, not fcntl record locks: those are dropped when any handle of the file
+            # closes. flock is shared with a fork()ed child: a store refuses use after fork.
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -310,19 +619,109 @@ class OsFileSystem:
             raise
         return fd
 
+    def _open_file(self, path: str, flags: int) -> int:
+        flags |= os.O_CLOEXEC
+        d, name, c = self._at(path)
+        if d is None:
+            return os.open(path, flags, 0o644)
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW, 0o644, dir_fd=d)
+        except OSError as exc:
+            raise _named(exc, path) from None
+        finally:
+            if c is not None:
+                os.close(c)
+
     def unlock(self, fd: int) -> None:
         self.calls["unlock"] += 1
         os.close(fd)  # closing the descriptor releases the flock
 
+    def map_file(self, fd: int, size: int) -> MappedFile:
+        self.calls["map_file"] += 1
+        return _Mmap(fd, size)
+
     async def open_writer(self, path: str) -> AsyncWriter:
         self.calls["open_writer"] += 1
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = await anyio.to_thread.run_sync(self._open_file, path, flags)
         if on_asyncio():
-            return _AiofilesWriter(await aiofiles.open(path, "wb", buffering=0), self)
+            return _AiofilesWriter(await aiofiles.open(fd, "wb", buffering=0), self)
         # aiofiles needs an asyncio loop; on trio the same calls go through anyio's threads.
-        fd = await anyio.to_thread.run_sync(
-            lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        )
         return _ThreadWriter(fd, self)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_HELD_MAX = 64  # directory descriptors one hold() keeps at most
+
+# The store's own directories, which it needs to be real directories and never removes or
+# renames: each is resolved once per confine and its descriptor kept (every commit names
+# staging/ two or three times). The user's directories are resolved at every call: a kept
+# descriptor would go on acting in a directory another process had since moved away.
+_PINNED = frozenset({RESERVED, f"{RESERVED}/staging", f"{RESERVED}/journal"})
+
+
+class _Root:
+    """A confined root: its descriptor and those of the store's own directories below it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 1  # confine calls not yet released
+        self.pinned: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def pin(self, rel: str, fd: int) -> int:
+        with self._lock:
+            kept = self.pinned.setdefault(rel, fd)
+        if kept != fd:
+            os.close(fd)  # another thread pinned it first
+        return kept
+
+    def close(self) -> None:
+        for fd in (self.fd, *self.pinned.values()):
+            os.close(fd)
+        self.pinned.clear()
+
+
+def _open_part(fd: int, part: str, path: str) -> int:
+    """openat of the directory ``part`` in ``fd``, not through a symlink (one step of the
+    walk). O_NOFOLLOW | O_DIRECTORY says ENOTDIR for a symlink and for a file alike; an lstat
+    tells them apart, and if what it finds is a directory again (swapped back meanwhile) the
+    open is tried again."""
+    for _ in range(100):
+        try:
+            return os.open(part, _DIR_FLAGS, dir_fd=fd)
+        except NotADirectoryError:
+            try:
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat_mod.S_ISLNK(st.st_mode):
+                raise symlink_on_path(path) from None
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from None
+    raise symlink_on_path(path)  # changing under every try: not a directory to go through
+
+
+def _named(exc: OSError, path: str) -> OSError:
+    """``exc`` naming the whole path (an ``*at`` call names only the last part); a symlink
+    as the last name (O_NOFOLLOW's ELOOP) said so."""
+    if exc.errno == errno.ELOOP:
+        return symlink_on_path(path)
+    return OSError(exc.errno, exc.strerror, path)
+
+
+def _not_regular(mode: int, path: str) -> NotRegularFileError:
+    if stat_mod.S_ISDIR(mode):
+        return NotRegularFileError(errno.EISDIR, "Is a directory", path)
+    what = {
+        stat_mod.S_IFIFO: "a FIFO",
+        stat_mod.S_IFCHR: "a character device",
+        stat_mod.S_IFBLK: "a block device",
+        stat_mod.S_IFSOCK: "a socket",
+    }.get(stat_mod.S_IFMT(mode), "not a regular file")
+    return NotRegularFileError(errno.EINVAL, f"not a regular file: {what}", path)
 
 
 class _AiofilesWriter:
@@ -413,3 +812,56 @@ _renameat2: Any = _libc_function(
 # syncfs(2) reports write-back errors (through the super block's errseq) only since Linux 5.8;
 # before, it could return 0 after losing data, so it is not used there.
 _syncfs: Any = _libc_function("syncfs", ctypes.c_int) if _kernel_at_least(5, 8) else None
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture (new syscalls are unified)
+# No O_NOFOLLOW: with O_DIRECTORY it reports a symlink as ENOTDIR; RESOLVE_NO_SYMLINKS says ELOOP.
+_HOW = _OpenHow(
+    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS
+)
+_HOW_ADDRESS = ctypes.addressof(_HOW)  # module-level: lives as long as the calls using it
+_HOW_SIZE = ctypes.sizeof(_HOW)
+
+
+def _find_openat2() -> Any:
+    """libc's ``syscall`` if the kernel has openat2 (Linux 5.6+), else None."""
+    if not _kernel_at_least(5, 6):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    # syscall(2) is variadic; these are the types openat2 takes, all passed in registers.
+    fn.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+_openat2: Any = _find_openat2()
+
+
+def _openat2_dir(rootfd: int, rel: str, path: str) -> int:
+    """openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) of the directory ``rel``: the kernel
+    walks it in one call, refusing a symlink anywhere (ELOOP) and any way out (EXDEV)."""
+    name = os.fsencode(rel)
+    for _ in range(8):
+        fd = int(_openat2(_SYS_OPENAT2, rootfd, name, _HOW_ADDRESS, _HOW_SIZE))
+        if fd >= 0:
+            return fd
+        code = ctypes.get_errno()
+        if code in (errno.EAGAIN, errno.EINTR):
+            continue  # a concurrent rename the kernel could not rule out: try again
+        if code == errno.ELOOP:
+            raise symlink_on_path(path)
+        raise OSError(code, os.strerror(code), path)
+    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)

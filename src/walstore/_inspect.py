@@ -83,8 +83,9 @@ class Layout:
 
 @dataclass(frozen=True)
 class LockState:
-    held: bool  # another open file holds the flock (a process has the store open to write)
-    pid: int | None  # the pid written in LOCK by the last process that opened the store
+    held: bool  # a process has the store open to write
+    pid: int | None  # exclusive: the pid in LOCK; shared: the first process that has it open
+    pids: tuple[int, ...] = ()  # every process that has it open (shared: .walstore/procs/)
 
     @property
     def holder(self) -> int | None:
@@ -92,16 +93,14 @@ class LockState:
         return self.pid if self.held else None
 
 
-def probe_lock(layout: Layout) -> LockState:
-    """Whether the store is open for writing, and by whom, without disturbing the holder.
-
-    A shared, non-blocking flock on our own descriptor of LOCK: it fails while a writer holds
-    its exclusive lock, and is released at once. (An opener racing these few microseconds would
-    find the store locked; ``walstore.open(..., lock_timeout=...)`` waits that out.)"""
+def _held_by_another(path: str) -> tuple[bool, bytes] | None:
+    """(whether another open file holds ``path``'s flock, its first bytes); None if the
+    file does not exist. A shared, non-blocking flock on our own descriptor: it fails while
+    an owner holds its exclusive lock, and is released at once."""
     try:
-        fd = os.open(layout.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return LockState(False, None)  # never opened for writing
+        return None
     try:
         raw = os.read(fd, 64)
         try:
@@ -109,16 +108,43 @@ def probe_lock(layout: Layout) -> LockState:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            held = True
-        else:
-            held = False
+            return True, raw
+        return False, raw
     finally:
         os.close(fd)  # releases our shared lock, if we got it
+
+
+def _pid(raw: bytes) -> int | None:
     try:
-        pid: int | None = int(raw.decode().strip())
+        return int(raw.decode().strip())
     except ValueError:
-        pid = None
-    return LockState(held, pid)
+        return None
+
+
+def probe_lock(layout: Layout) -> LockState:
+    """Whether the store is open for writing, and by whom, without disturbing the holders:
+    a process that opened it exclusive holds LOCK for life; processes that share it each
+    hold a file of ``.walstore/procs/`` for life (LOCK only while they commit). (An opener
+    racing these few microseconds would find the store locked; ``lock_timeout`` waits that
+    out.)"""
+    pids: list[int] = []
+    procs = os.path.join(os.path.dirname(layout.lock_path), "procs")
+    try:
+        names = sorted(os.listdir(procs), key=lambda n: (len(n), n))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        probe = _held_by_another(os.path.join(procs, name))
+        if probe is not None and probe[0]:
+            pid = _pid(probe[1])
+            if pid is not None:
+                pids.append(pid)
+    lock = _held_by_another(layout.lock_path)
+    if pids:
+        return LockState(True, pids[0], tuple(pids))
+    if lock is None:
+        return LockState(False, None)  # never opened for writing
+    return LockState(lock[0], _pid(lock[1]), ())
 
 
 # -- the journal -------------------------------------------------------------------------------
@@ -324,7 +350,7 @@ def info(layout: Layout) -> dict[str, Any]:
     return {
         "root": layout.root,
         "in_use_by": lock.holder,
-        "lock": {"held": lock.held, "pid": lock.pid},
+        "lock": {"held": lock.held, "pid": lock.pid, "processes": list(lock.pids)},
         "journal_bytes": journal.bytes,
         "segments": [{"name": n, "bytes": s} for n, s in journal.segments],
         "live_segment": live.name if live else None,
@@ -700,16 +726,21 @@ def _check_paths(
     problems: list[Problem] = []
     advance = progress.task("files", len(files) + len(trees))
     hint = "" if in_use else "; if the writer crashed, `walstore recover` redoes it"
+    links = _Symlinks(layout.root)
     for path, exp in sorted(files.items()):
         advance(1)
         result.paths_checked += 1
-        detail = _check_file(layout, path, exp)
+        detail = links.on_the_way(path) or _check_file(layout, path, exp)
         if detail:
             problems.append(Problem("file", path, f"{detail} (transaction {exp.txid}{hint})"))
     for path, (txid, exists) in sorted(trees.items()):
         advance(1)
         result.paths_checked += 1
         full = os.path.join(layout.root, path)
+        detail = links.on_the_way(path)
+        if detail:
+            problems.append(Problem("dir", path, f"{detail} (transaction {txid})"))
+            continue
         if not exists:
             if os.path.lexists(full):
                 problems.append(
@@ -730,6 +761,28 @@ def _check_paths(
                     )
                 )
     return problems
+
+
+class _Symlinks:
+    """Which directories on the way to a store path are symlinks (looked up once each):
+    walstore never follows one, so what lies behind it is not the store's."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._kinds: dict[str, bool] = {}
+
+    def on_the_way(self, path: str) -> str | None:
+        for anc in parents(path):
+            link = self._kinds.get(anc)
+            if link is None:
+                link = os.path.islink(os.path.join(self.root, anc))
+                self._kinds[anc] = link
+            if link:
+                return (
+                    f"behind the symlink {anc!r}, which walstore never follows (put there by "
+                    "another process? put the directory back)"
+                )
+        return None
 
 
 def _check_file(layout: Layout, path: str, exp: _Expect) -> str | None:

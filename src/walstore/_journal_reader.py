@@ -37,6 +37,7 @@ class SegmentScan:
     valid_end: int = 0  # offset just past the last good record
     torn_bytes: int = 0  # bytes after valid_end: a torn tail to truncate
     file_bytes: int = 0  # the file's size
+    checkpoint_end: int = 0  # offset just past the CHECKPOINT record
 
     @property
     def next_lsn(self) -> int:
@@ -116,7 +117,14 @@ def scan_segment(name: str, data: bytes) -> SegmentScan:
             "it was preallocated and synced at: its end was lost (media damage or truncation), "
             "and committed records may have gone with it"
         )
-    scan = SegmentScan(name, header, checkpoint, valid_end=second[1], file_bytes=len(data))
+    scan = SegmentScan(
+        name,
+        header,
+        checkpoint,
+        valid_end=second[1],
+        file_bytes=len(data),
+        checkpoint_end=second[1],
+    )
     for offset, end, rtype, payload in records:
         if rtype != fmt.RecordType.COMMIT:
             raise CorruptionError(
@@ -166,3 +174,44 @@ def _torn_or_corrupt(name: str, data: bytes, what: str, offset: int) -> NoReturn
     if len(data) <= FRESH_SEGMENT_SIZE:
         raise TornSegment(f"journal segment {name}: {what} incomplete ({len(data)} bytes)")
     raise CorruptionError(f"journal segment {name}, offset {offset}: {what} is damaged")
+
+
+@dataclass
+class Tail:
+    """What ``read_tail`` found after an offset of the live segment."""
+
+    commits: list[fmt.Commit]
+    end: int  # offset just past the last good record
+    torn_bytes: int  # non-zero bytes after ``end``: a torn record (or damage) to clear
+
+
+def read_tail(
+    read: Callable[[int, int], bytes], name: str, offset: int, salt: int, next_lsn: int
+) -> Tail:
+    """The COMMIT records that follow ``offset`` (the end of the last record this process
+    knows of) in the live segment, read with ``read(size, offset)``: those appended by
+    other processes since (``_shared.py``). Raises CorruptionError on a record out of order."""
+    size = 1 << 16
+    limit = fmt.MAX_PAYLOAD + 2 * fmt.HEADER_SIZE + size
+    while True:
+        data = read(size, offset)
+        commits: list[fmt.Commit] = []
+        end, lsn = 0, next_lsn
+        for pos, stop, rtype, payload in _records(data, 0, salt):
+            if rtype != fmt.RecordType.COMMIT:
+                raise CorruptionError(
+                    f"journal segment {name}, offset {offset + pos}: unexpected record {rtype}"
+                )
+            commit = _decode(name, (offset + pos, stop, rtype, payload), fmt.decode_commit)
+            if commit.lsn != lsn:
+                raise CorruptionError(
+                    f"journal segment {name}, offset {offset + pos}: LSN {commit.lsn}, "
+                    f"expected {lsn}"
+                )
+            commits.append(commit)
+            end, lsn = stop, lsn + 1
+        rest = _end_of_data(data, end) - end
+        if rest and len(data) == size and size < limit:
+            size *= 4  # a record longer than what was read, or a torn one: read on
+            continue
+        return Tail(commits, offset + end, rest)

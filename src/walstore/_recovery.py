@@ -15,6 +15,7 @@ Every step only redoes idempotent work, so a crash during recovery is recovered 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from dataclasses import dataclass, field
 
@@ -138,6 +139,14 @@ def _superseded(commits: list[fmt.Commit]) -> set[tuple[int, int, int]]:
     return out
 
 
+def _symlink_met(what: str, exc: OSError) -> str:
+    return (
+        f"{what}: {exc}: something other than walstore put a symlink where the store has a "
+        "directory, and walstore never follows one. Put the directory back (or remove the "
+        "symlink) and open the store again"
+    )
+
+
 def recover(
     fs: FileSystem,
     root: str,
@@ -209,6 +218,12 @@ def recover(
                     f"cannot replay transaction {tx.txid}: {exc} "
                     "(was the store changed outside walstore?)"
                 ) from exc
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise CorruptionError(
+                    _symlink_met(f"cannot replay transaction {tx.txid}", exc)
+                ) from exc
             rolled_forward.append(tx.txid)
             next_txid = max(next_txid, tx.txid + 1)
     applier.drop_replaced()  # before the sync: their data need never be written back
@@ -222,7 +237,15 @@ def recover(
 
     # Step 4: recover_checkpoint
     if sync:
-        synced(lambda: applier.sync(fs_fd))
+        try:
+            synced(lambda: applier.sync(fs_fd))
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            # A file replayed above is now behind a symlink: it cannot be made durable
+            # through it, so the journal that holds it must stay.
+            msg = _symlink_met("cannot make the replayed files durable", exc)
+            raise CorruptionError(msg) from exc
     journal = new_segment(
         fs,
         journal_dir,

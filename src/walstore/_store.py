@@ -31,6 +31,7 @@ from ._contention import Claim, DeadlinePassed, PathLocks
 from ._engine import (
     Durability,
     Engine,
+    LockTicket,
     Move,
     Outcome,
     PendingReplace,
@@ -87,6 +88,11 @@ class PendingWrite:
     waiter: _Waiter
 
 
+# How long a process waits for the commit lock another process holds (a group, a checkpoint
+# or an open takes milliseconds; a holder stopped by SIGSTOP or a debugger can take any time).
+DEFAULT_LOCK_TIMEOUT = 10.0
+
+
 class Store:
     """An open store. Get one with ``walstore.open(root)``; close it with ``aclose()``."""
 
@@ -99,8 +105,14 @@ class Store:
         readonly: bool,
         cache_bytes: int = 0,
         cache_max_file: int = 0,
+        lock_timeout: float = 10.0,
     ) -> None:
         self._engine = engine
+        self._lock_timeout = lock_timeout  # for the commit lock, with other processes
+        # The commit lock is held by this process while _xdepth > 0: by the leader of a
+        # group, or by an atomic retry that runs under it (``atomic``); taken under _xtake.
+        self._xdepth = 0
+        self._xtake = anyio.Lock()
         self._recovery = report
         self._inline_threshold = inline_threshold
         self._readonly = readonly
@@ -127,6 +139,8 @@ class Store:
         # The LSN of the last group whose changes readers on the event loop may see (the
         # cache is updated with it): transactions begin there, and reads are tagged with it.
         self._visible_lsn = engine.last_lsn
+        # Other processes (``_shared.py``): the applied LSN last read from the shared header.
+        self._shared_seen = engine.last_lsn
         self._published = anyio.Event()  # set (and replaced) whenever a group is published
         self._locks = PathLocks()  # queues on hot paths
         # Writes of hot files by queued transactions, in queue order, by path; and the paths
@@ -166,6 +180,62 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError(f"store {self.root} is closed")
+        self._engine.check_fork()
+
+    def _see_others(self) -> None:
+        """Before a read, with other processes: their commits since this one last looked
+        are visible on disk, so reads from here on are tagged with the header's applied
+        LSN; the read cache may hold files they changed, so it is dropped. One pread."""
+        engine = self._engine
+        if engine.exclusive or self._readonly:
+            return
+        applied = engine.shared_applied()
+        if applied <= self._shared_seen:
+            return
+        self._shared_seen = applied
+        if applied > engine.last_lsn and self._cache is not None:
+            self._cache.clear()
+        self._visible_lsn = max(self._visible_lsn, applied)
+
+    async def _take_xlock(self) -> None:
+        """The commit lock, held against other processes until ``_lead`` ends. Waits up to
+        ``lock_timeout`` (then StoreLockedError naming the last holder). Cancellation: the
+        wait is abandoned and nothing is held."""
+        engine = self._engine
+        if engine.xlock_try():
+            return
+        ticket = LockTicket()
+        try:
+            with anyio.fail_after(self._lock_timeout):
+                await anyio.to_thread.run_sync(engine.xlock_acquire, ticket, abandon_on_cancel=True)
+        except BaseException as exc:
+            engine.xlock_abandon(ticket)
+            if isinstance(exc, TimeoutError):
+                raise StoreLockedError(engine.holder_message()) from None
+            raise
+
+    async def _hold_xlock(self) -> None:
+        """Hold the commit lock (re-entrant within this process). Cancellation: as
+        ``_take_xlock``."""
+        async with self._xtake:
+            if not self._xdepth:
+                await self._take_xlock()
+            self._xdepth += 1
+
+    def _drop_xlock(self) -> None:
+        self._xdepth -= 1
+        if not self._xdepth:
+            self._engine.xlock_release()
+
+    def _pass_lead(self) -> None:
+        """Hand the committer's role to the next queued transaction, or give it up."""
+        if self._queue:
+            head = self._queue[0]
+            head.state = _WaiterState.LEADING
+            head.event.set()
+        else:
+            self._leading = False
+            self._idle.set()
 
     def _check_writable(self) -> None:
         self._check_open()
@@ -208,7 +278,10 @@ class Store:
 
     def _pending_write(self, claim: Claim, path: str) -> PendingWrite | None:
         """The newest queued write of ``path``, if ``claim`` holds its key: that is what the
-        holder reads (rule 5)."""
+        holder reads (rule 5). Not with other processes: their commits, which this one
+        cannot order, fail the writer and with it every reader down the chain."""
+        if not self._engine.exclusive:
+            return None
         chain = self._pending.get(path)
         return chain[-1] if chain and path in claim.held else None
 
@@ -315,7 +388,9 @@ class Store:
         self._check_open()
         cache = self._cache
         if cache is None or self._engine.partial:
+            self._see_others()
             return await self._run(self._engine.read, path)
+        self._see_others()
         hit = cache.get(path)
         if hit is not None:
             committing = self._committing
@@ -340,6 +415,7 @@ class Store:
 
     async def _lstat_raw(self, path: str) -> FileStat | None:
         self._check_open()
+        self._see_others()
         return await self._run(self._engine.lstat, path)
 
     async def _open_stream(self, tx: Transaction, index: int) -> tuple[str, AsyncWriter]:
@@ -359,6 +435,7 @@ class Store:
 
     async def _list_raw(self, path: str) -> list[str]:
         self._check_open()
+        self._see_others()
         return await self._run(self._engine.listdir, path)
 
     async def _end(self, tx: Transaction, state: TxState) -> None:
@@ -398,6 +475,11 @@ class Store:
             read_only = not prepared.ops and not prepared.subtrees
             if read_only and tx._deps:
                 await self._await_deps(tx)
+            engine = self._engine
+            if read_only and not engine.exclusive and engine.shared_applied() > engine.last_lsn:
+                # Other processes committed since this one caught up: what it read may have
+                # changed after it read it; the committer validates it against their commits.
+                read_only = False
         except BaseException:
             await self._end(tx, TxState.ROLLED_BACK)
             raise
@@ -422,6 +504,14 @@ class Store:
             self._leading = True
             self._idle = anyio.Event()
             w.state = _WaiterState.LEADING
+        if w.state is _WaiterState.LEADING and not self._engine.exclusive:
+            try:
+                await self._hold_xlock()
+            except BaseException:  # cancelled or timed out before the commit point
+                self._queue.remove(w)
+                self._pass_lead()
+                await self._end(tx, TxState.ROLLED_BACK)
+                raise
         with anyio.CancelScope(shield=True):
             if w.state is _WaiterState.LEADING:
                 try:
@@ -506,17 +596,15 @@ class Store:
                 except OSError:
                     pass  # no space (logged): nothing is at risk, it is tried again later
         finally:
-            self._committing = None
-            committing.set()
-            self._published.set()
-            self._published = anyio.Event()
-            if self._queue:
-                head = self._queue[0]
-                head.state = _WaiterState.LEADING
-                head.event.set()
-            else:
-                self._leading = False
-                self._idle.set()
+            try:
+                if not self._engine.exclusive:
+                    self._drop_xlock()
+            finally:
+                self._committing = None
+                committing.set()
+                self._published.set()
+                self._published = anyio.Event()
+                self._pass_lead()
 
     def _publish(self, group: list[_Waiter], results: list[Result]) -> None:
         """Show a group's changes to event-loop readers, in one step: update the read cache,
@@ -525,7 +613,17 @@ class Store:
         for w in group:
             self._drop_pending(w.tx)
         cache = self._cache
+        engine = self._engine
+        foreign, engine.foreign = engine.foreign, []
         if cache is not None:
+            if engine.cache_stale:
+                engine.cache_stale = False
+                cache.clear()
+            for files, trees in foreign:  # changed by other processes
+                for p in files:
+                    cache.dropped(p)
+                for p in trees:
+                    cache.dropped_tree(p)
             for w, r in zip(group, results, strict=True):
                 if r.outcome is not Outcome.COMMITTED:
                     continue
@@ -649,8 +747,18 @@ class Store:
                     if hot:
                         await self._locks.acquire_all(claim, hot)
                     tries += 1
-                    async with self._transaction(claim) as tx:
-                        result = await fn(tx, *args, **kwargs)
+                    # With other processes, turns taken here do not hold them off: from the
+                    # third try on, the try runs under the commit lock (SQLite's BEGIN
+                    # IMMEDIATE), so what it reads stays as it read it until it commits.
+                    locked = tries > 2 and not self._engine.exclusive
+                    if locked:
+                        await self._hold_xlock()
+                    try:
+                        async with self._transaction(claim) as tx:
+                            result = await fn(tx, *args, **kwargs)
+                    finally:
+                        if locked:
+                            self._drop_xlock()
                     return result
                 except DeadlinePassed:
                     raise self._gave_up(tries, attempts, timeout, start, last) from last
@@ -694,8 +802,23 @@ class Store:
         """Make everything committed durable in place and start a new journal segment.
         Cancellation: the checkpoint runs to its end shielded, then it is delivered."""
         self._check_writable()
-        with anyio.CancelScope(shield=True):
-            await self._run(self._engine.checkpoint)
+        while self._leading:  # the commit lock is the leader's; checkpoint between groups
+            await self._idle.wait()
+        self._leading = True
+        self._idle = anyio.Event()
+        held = False
+        try:
+            if not self._engine.exclusive:
+                await self._hold_xlock()
+                held = True
+            with anyio.CancelScope(shield=True):
+                await self._run(self._engine.checkpoint)
+        finally:
+            try:
+                if held:
+                    self._drop_xlock()
+            finally:
+                self._pass_lead()
         await anyio.lowlevel.checkpoint()
 
     def stats(self) -> dict[str, float]:
@@ -734,6 +857,8 @@ class Store:
             try:
                 if not self._readonly:
                     await self._run(self._engine.close)
+                else:
+                    self._engine.fs.release(self._engine.root)  # only a descriptor to close
             finally:
                 self._committer.stop()
                 self._finalizer.detach()
@@ -762,7 +887,7 @@ async def _open(
     *,
     durability: Durability,
     create: bool,
-    lock_timeout: float,
+    lock_timeout: float | None,
     readonly: bool,
     fs: FileSystem | None,
     inline_threshold: int,
@@ -770,9 +895,12 @@ async def _open(
     cache_bytes: int,
     cache_max_file: int,
     checkpoint_syncfs: bool,
+    exclusive: bool,
 ) -> Store:
     if not isinstance(durability, Durability):
         raise TypeError(f"durability must be a walstore.Durability, not {durability!r}")
+    if lock_timeout is None:
+        lock_timeout = 0.0 if exclusive else DEFAULT_LOCK_TIMEOUT
     if lock_timeout < 0 or math.isnan(lock_timeout):
         raise ValueError(f"lock_timeout must be >= 0, not {lock_timeout}")
     engine = Engine(
@@ -781,14 +909,21 @@ async def _open(
         durability,
         checkpoint_bytes=checkpoint_bytes,
         syncfs_min=SYNCFS_MIN if checkpoint_syncfs else None,
+        exclusive=exclusive,
     )
     deadline = anyio.current_time() + lock_timeout
+    if not exclusive and not readonly:  # wait in turn for the commit lock, then open
+        await _wait_for_commit_lock(engine, lock_timeout)
     while True:
         try:
             with anyio.CancelScope(shield=True):
-                report = await anyio.to_thread.run_sync(
-                    lambda: engine.open(create=create, readonly=readonly)
-                )
+                try:
+                    report = await anyio.to_thread.run_sync(
+                        lambda: engine.open(create=create, readonly=readonly)
+                    )
+                except BaseException:
+                    engine.xlock_release()  # held for it, if it failed before taking it over
+                    raise
             break
         except StoreLockedError:
             remaining = deadline - anyio.current_time()
@@ -802,6 +937,7 @@ async def _open(
         readonly=readonly,
         cache_bytes=cache_bytes,
         cache_max_file=cache_max_file,
+        lock_timeout=lock_timeout,
     )
     try:
         await anyio.lowlevel.checkpoint()
@@ -809,6 +945,22 @@ async def _open(
         await store.aclose()
         raise
     return store
+
+
+async def _wait_for_commit_lock(engine: Engine, timeout: float) -> None:
+    """Hold the commit lock for ``engine.open`` (which releases it). StoreLockedError after
+    ``timeout`` seconds; cancellation: the wait is abandoned."""
+    ticket = LockTicket()
+    try:
+        with anyio.fail_after(timeout):
+            await anyio.to_thread.run_sync(engine.xlock_acquire, ticket, abandon_on_cancel=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # no store there yet: the open makes it, or says why it cannot
+    except BaseException as exc:
+        engine.xlock_abandon(ticket)
+        if isinstance(exc, TimeoutError):
+            raise StoreLockedError(engine.holder_message()) from None
+        raise
 
 
 class _Opener:
@@ -840,7 +992,7 @@ def open(
     *,
     durability: Durability = Durability.FULL,
     create: bool = True,
-    lock_timeout: float = 0.0,
+    lock_timeout: float | None = None,
     readonly: bool = False,
     fs: FileSystem | None = None,
     inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
@@ -848,6 +1000,7 @@ def open(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     cache_max_file: int = 64 << 10,
     checkpoint_syncfs: bool = True,
+    exclusive: bool = True,
 ) -> _Opener:
     """Open (creating if ``create``) the store at ``root`` and recover it.
 
@@ -863,8 +1016,11 @@ def open(
     ``SYNCFS_MIN`` (16) or more files and directories to make durable does it with one
     ``syncfs`` of the store's file system, where that reports errors (Linux 5.8+);
     ``checkpoint_syncfs=False`` fsyncs each instead, for a file system shared with writers
-    whose dirty data a syncfs should not wait for. Cancellation: recovery runs to its
-    end shielded; the store is then closed again and the cancellation delivered.
+    whose dirty data a syncfs should not wait for. ``exclusive=False`` (a preview) lets
+    several processes open the store for writing at once: each holds the commit lock only
+    while it commits, and ``lock_timeout`` (default 10 s then) bounds each wait for it
+    (docs/commit-protocol.md, section 7). Cancellation: recovery runs to its end shielded;
+    the store is then closed again and the cancellation delivered.
     """
     return _Opener(
         root=root,
@@ -878,4 +1034,5 @@ def open(
         cache_bytes=cache_bytes,
         cache_max_file=cache_max_file,
         checkpoint_syncfs=checkpoint_syncfs,
+        exclusive=exclusive,
     )

@@ -19,6 +19,7 @@ durable (a rename is durable once either of its directories is synced).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -30,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from ._fs import FileStat, Kind
+from ._fs import FileStat, Kind, NotRegularFileError, symlink_on_path
 
 __all__ = ["MemoryFileSystem", "ShortWrite", "SimulatedCrash"]
 
@@ -108,7 +109,10 @@ class MemoryFileSystem:
         self._fd_names: dict[int, str] = {}  # handle -> path it was opened by
         self._next_fd = 3
         self._locks: dict[int, int] = {}  # inode -> fd holding its flock
+        self._unlocked = threading.Condition(self._lock)  # notified when a flock is released
         self._mounts: dict[str, int] = {}  # mount point -> the device its paths report
+        self._confined: Counter[str] = Counter()  # roots (and how many confined each) whose
+        # paths never go through a symlink
 
     # -- the call gate ---------------------------------------------------------------------
 
@@ -143,6 +147,12 @@ class MemoryFileSystem:
         if not path.startswith("/"):
             raise _err(errno.EINVAL, path)
         parts = [p for p in path.split("/") if p and p != "."]
+        # Under a confined root (OsFileSystem's resolution rule): no symlink after the root's
+        # own parts, on the way or (unless ``follow`` is off) as the last name.
+        beneath = len(parts) + 1
+        for root in self._confined:
+            if path == root or path.startswith(root + "/"):
+                beneath = min(beneath, len([p for p in root.split("/") if p and p != "."]))
         cur = self.ROOT
         stack: list[int] = []
         if not parts:
@@ -163,6 +173,8 @@ class MemoryFileSystem:
                     return cur, part, None
                 raise _err(errno.ENOENT, path)
             cnode = self._inodes[child]
+            if cnode.kind == "symlink" and (follow or not last) and i >= beneath:
+                raise symlink_on_path(path)
             if cnode.kind == "symlink" and (follow or not last):
                 base = "/" + "/".join(parts[:i])
                 target = cnode.target if cnode.target.startswith("/") else f"{base}/{cnode.target}"
@@ -195,6 +207,21 @@ class MemoryFileSystem:
         self._pending.append(("link", d, name, ino))
 
     # -- FileSystem --------------------------------------------------------------------------
+
+    def confine(self, root: str) -> None:
+        with self._lock:
+            self._get(root)  # as OsFileSystem opens it: the root must be there
+            self._confined[os.path.normpath(root)] += 1
+
+    def hold(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # every call resolves its path anew
+
+    def release(self, root: str) -> None:
+        with self._lock:
+            key = os.path.normpath(root)
+            self._confined[key] -= 1
+            if self._confined[key] <= 0:
+                del self._confined[key]
 
     def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
         with self._lock:
@@ -283,7 +310,9 @@ class MemoryFileSystem:
             self._call("read_file", path)
             node = self._inodes[self._get(path)]
             if node.kind == "dir":
-                raise _err(errno.EISDIR, path)
+                raise NotRegularFileError(errno.EISDIR, "Is a directory", path)
+            if node.kind != "file":
+                raise NotRegularFileError(errno.EINVAL, "not a regular file", path)
             return bytes(node.data)
 
     def rename(self, src: str, dst: str) -> None:
@@ -525,15 +554,17 @@ class MemoryFileSystem:
             self._durable[da][na] = ib
             self._durable[db][nb] = ia
 
-    def lock(self, path: str) -> int | None:
+    def lock(self, path: str, *, wait: bool = False) -> int | None:
         with self._lock:
             self._call("lock", path)
             d, name, ino = self._walk(path)
             if ino is None:
                 ino = self._new("file")
                 self._link(d, name, ino)
-            if ino in self._locks:
-                return None
+            while ino in self._locks:
+                if not wait:
+                    return None
+                self._unlocked.wait()
             fd = self._next_fd
             self._next_fd += 1
             self._fds[fd] = ino
@@ -548,6 +579,12 @@ class MemoryFileSystem:
             self._fd_names.pop(fd, None)
             if ino is not None and self._locks.get(ino) == fd:
                 del self._locks[ino]
+                self._unlocked.notify_all()
+
+    def map_file(self, fd: int, size: int) -> _MemoryMap:
+        with self._lock:
+            self._call("map_file", self._fd_path(fd))
+            return _MemoryMap(self, self._fds[fd], size)
 
     # -- simulation control (not file-system calls: never counted, never crash) -------------
 
@@ -570,11 +607,13 @@ class MemoryFileSystem:
                         node.data = bytearray(self._damage(rng, bytes(node.data), node.synced))
                     node.synced = bytes(node.data)
             self.crashed = False
+            self._confined.clear()  # the process that confined them is gone
             self.crash_at = None
             self.fault = None
             self._fds.clear()
             self._fd_names.clear()
             self._locks.clear()
+            self._unlocked.notify_all()
 
     @staticmethod
     def _damage(rng: random.Random, cur: bytes, synced: bytes) -> bytes:
@@ -653,6 +692,20 @@ class MemoryFileSystem:
     def open_fds(self) -> int:
         """How many handles are open (a leak check)."""
         return len(self._fds)
+
+
+class _MemoryMap:
+    """MemoryFileSystem's mapped file: reads of memory, not calls (never counted)."""
+
+    def __init__(self, fs: MemoryFileSystem, ino: int, size: int) -> None:
+        self._fs, self._ino, self._size = fs, ino, size
+
+    def read(self) -> bytes:
+        with self._fs._lock:
+            return bytes(self._fs._inodes[self._ino].data[: self._size])
+
+    def close(self) -> None:
+        pass
 
 
 class _MemoryWriter:

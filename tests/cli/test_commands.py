@@ -149,6 +149,19 @@ def test_verify_names_each_problem_on_its_own_line(store: Path) -> None:
     }  # fmt: skip
 
 
+def test_verify_names_a_directory_swapped_for_a_symlink(store: Path, tmp_path: Path) -> None:
+    """Another process replaced ``docs/`` with a symlink to a copy outside the store: verify
+    names the symlink instead of checking (and reporting on) what lies behind it."""
+    outside = tmp_path / "outside-docs"
+    (store / "docs").rename(outside)
+    (store / "docs").symlink_to(outside)
+    r = run_cli("verify", str(store))
+    assert r.code == 1, r.out + r.err
+    problems = [line for line in r.out.splitlines() if line.startswith("PROBLEM ")]
+    assert problems and all("behind the symlink 'docs'" in p for p in problems), r.out
+    assert all(p.startswith("PROBLEM file: docs/") for p in problems), r.out
+
+
 def test_verify_finds_a_missing_staged_value_and_a_same_size_change(
     store: Path, capsys: Cap
 ) -> None:

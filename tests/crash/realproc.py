@@ -204,7 +204,7 @@ def workload_child(
 
     async def main() -> None:
         before = fd_count()
-        store = await walstore.open(root, fs=fs, create=False, **TUNING)
+        store = await walstore.open(root, fs=fs, create=False, exclusive=not shape.shared, **TUNING)
         fs.arm()
         await run_workload(store, shape, lambda i: fs.emit(f"ACK {i} {fs.index}"))
         fs.emit(f"FDS {before} {fd_count()}")  # (after aclose)
@@ -218,13 +218,21 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def recovery_child(out: int, root: str, crash_at: int | None, record: bool) -> None:
+def recovery_child(
+    out: int, root: str, crash_at: int | None, record: bool, exclusive: bool = True
+) -> None:
     """Recover the store (what ``walstore.open`` runs in its worker thread), then close it
     (nothing to checkpoint after a recovery): no event loop needed."""
     fs = CrashFs(out, crash_at, record)
     fs.arm()
     before = fd_count()
-    engine = Engine(fs, root, walstore.Durability.FULL, checkpoint_bytes=CHECKPOINT_BYTES)
+    engine = Engine(
+        fs,
+        root,
+        walstore.Durability.FULL,
+        checkpoint_bytes=CHECKPOINT_BYTES,
+        exclusive=exclusive,
+    )
     engine.open(create=False, readonly=False)
     engine.close()
     fs.emit(f"FDS {before} {fd_count()}")
@@ -389,7 +397,11 @@ def run_case(case: Case, scratch: str) -> Result:
         _parse(res, "workload", status, lines)
     if case.j is not None:
         status, lines = fork_run(
-            recovery_child, root, case.j, case.record and case.image is not None
+            recovery_child,
+            root,
+            case.j,
+            case.record and case.image is not None,
+            not shape.shared,
         )
         _parse(res, "recovery", status, lines)
     if not res.violations:

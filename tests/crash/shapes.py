@@ -70,6 +70,7 @@ class Shape:
     concurrent: bool = False  # prepared in order, committed by one task each
     checkpoint_after: frozenset[int] = frozenset()  # store.checkpoint() after these txs
     real_only: bool = False  # values too large for the simulated file system's damage model
+    shared: bool = False  # opened with exclusive=False (other processes may share it)
 
     @property
     def base(self) -> Model:
@@ -191,6 +192,7 @@ def _random_shape(seed: int) -> Shape:
 SHAPES: list[Shape] = [
     Shape("create-one", [], [[("a", b"new")]]),
     Shape("overwrite-one", [[("a", b"old")]], [[("a", b"new")]]),
+    Shape("overwrite-shared", [[("a", b"old")]], [[("a", b"new")]], shared=True),
     Shape("delete-one", [[("a", b"old"), ("b", b"b")]], [[("a", None)]]),
     Shape("empty-value", [[("a", b"old")]], [[("a", b"")]]),
     Shape("create-nested", [], [[("d1/d2/x.json", b"{}"), ("d3/e/f/g/y", b"y")]]),

@@ -163,7 +163,9 @@ def test_every_seam_method_was_a_crash_point(pool: tuple[Any, str]) -> None:
             shutil.rmtree(p.setup)
             shutil.rmtree(p.image)
     probed = set().union(*PROBED.values())
-    called = _seam_calls()
+    # confine/release/hold only open and close descriptors of directories (no change a
+    # crash could cut in two): not crash points.
+    called = _seam_calls() - {"confine", "release", "hold"}
     assert called <= set(SEAM) | {"open_writer"}, called - set(SEAM)
     assert called | set(STREAM) <= {name for _, name in probed}
     # and in the phase each belongs to
