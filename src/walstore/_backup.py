@@ -57,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _journal_format as fmt
 from ._errors import CorruptionError, StoreError
 from ._fs import OsFileSystem
 from ._inspect import (
@@ -70,6 +71,7 @@ from ._inspect import (
     read_segment,
     staged_names,
 )
+from ._journal_reader import SegmentScan
 from ._paths import RESERVED
 
 PREFIX = "walstore-backup-"
@@ -203,8 +205,9 @@ def _attempt(
         return None  # a checkpoint dropped it
     if (scan.name, scan.header.salt) != first.identity:
         return None
-    _write_file(os.path.join(journal_b, scan.name), data[: scan.valid_end])
-    view = JournalView([(scan.name, scan.valid_end)], scan)
+    copied = _unsized(data, scan)
+    _write_file(os.path.join(journal_b, scan.name), copied)
+    view = JournalView([(scan.name, len(copied))], scan)
     missing: list[str] = []
     for staged in sorted(staged_names(view)):
         dst = os.path.join(staging_b, staged)
@@ -222,7 +225,7 @@ def _attempt(
             f"staged value {RESERVED}/staging/{missing[0]} named by the journal is missing "
             "(run `walstore verify`)"
         )
-    result.journal_bytes = scan.valid_end
+    result.journal_bytes = len(copied)
     result.transactions = sum(1 for _ in view.transactions())
     result.checkpoint_lsn = scan.checkpoint.lsn
     return view
@@ -395,3 +398,13 @@ def prune(dest: str, keep: int) -> list[str]:
     for n in old:
         shutil.rmtree(os.path.join(dest, n))
     return old
+
+
+def _unsized(data: bytes, scan: SegmentScan) -> bytes:
+    """The segment's records without the zeros after them, under a HEADER that declares no
+    preallocated size (version 1): the copy is shorter than the size the original declares,
+    which a reader takes for a lost end. Only the HEADER changes; the records keep their
+    bytes and CRCs (seeded with the salt, which stays)."""
+    length, _crc, _type = fmt.decode_head(memoryview(data), 0)
+    header = fmt.SegmentHeader(scan.header.first_lsn, scan.header.salt)
+    return fmt.encode_header(header) + data[fmt.HEADER_SIZE + length : scan.valid_end]

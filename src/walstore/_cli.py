@@ -146,6 +146,21 @@ def cmd_info(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
         f"staged      {_size(d['staged_bytes'])} in {d['staging_transactions']} transaction "
         f"dir(s), {d['staging_other_entries']} other staging entr(ies)"
     )
+    sp = d["space"]
+    lines.append(
+        f"free        {_size(sp['free_bytes'])} of {_size(sp['total_bytes'])}; reserve "
+        f"{_size(sp['reserve_bytes'])} (commits that write leave it free"
+        + ("; the disk is FULL: they are refused, deletes still commit)" if sp["full"] else ")")
+    )
+    spare = (
+        f"spare segment {_size(sp['spare_segment_bytes'])} (the next checkpoint recycles it: "
+        "no new space)"
+        if sp["checkpoint_needs_bytes"] == 0
+        else "no spare segment (the next checkpoint allocates one)"
+    )
+    lines.append(
+        f"journal     {_size(sp['live_segment_room_bytes'])} preallocated room left; {spare}"
+    )
     return EXIT_OK, d, lines
 
 

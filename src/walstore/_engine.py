@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -41,7 +42,17 @@ from ._errors import (
 )
 from ._fs import FileStat, FileSystem, NotRegularFileError, write_all
 from ._journal_reader import TornSegment, read_tail, scan_segment
-from ._journal_writer import AppendFailed, JournalWriter, segment_lsn, segment_name
+from ._journal_writer import (
+    NO_SPACE,
+    AppendFailed,
+    FailStop,
+    JournalWriter,
+    new_segment,
+    retire,
+    segment_lsn,
+    segment_name,
+    synced,
+)
 from ._paths import RESERVED, parent, parents
 from ._recovery import Recovered, RecoveryReport, recover
 from ._shared import (
@@ -203,6 +214,49 @@ def _collides(rel: str, names: set[str]) -> bool:
 
 # A checkpoint is due once old versions and staged values kept until it hold this much.
 GARBAGE_BYTES = 256 << 20
+# A checkpoint that found no space is tried again after this many seconds (or when called).
+CHECKPOINT_RETRY = 1.0
+_BLOCK = 4096  # what a new file or directory entry may cost on disk, beyond its data
+# A commit looks at free space again (statvfs) after this many groups, or once the groups
+# since the last look may have used an eighth of what was left above the reserve; between
+# looks it counts down from the last one (a look cost 11-18 µs of a 1 KiB commit's ~1 ms).
+SPACE_LOOK_EVERY = 64
+
+
+def reserve_for(total: int) -> int:
+    """Free bytes that commits and staging leave to recovery, checkpoints and deletes: 1/64
+    of the file system, at least 1 MiB, at most 64 MiB."""
+    return min(64 << 20, max(1 << 20, total // 64))
+
+
+def _space_needed(ops: tuple[TxOp, ...]) -> int:
+    """About what applying ``ops`` allocates on disk after the commit point: a block per new
+    file or directory entry and the inline values' data. Deletes need nothing."""
+    need = 0
+    for op in ops:
+        if isinstance(op, fmt.Put):
+            need += _BLOCK + -(-len(op.data) // _BLOCK) * _BLOCK
+        elif isinstance(op, fmt.ReplaceDir | PendingReplace):
+            need += _BLOCK + sum(
+                _BLOCK + (-(-len(e.data) // _BLOCK) * _BLOCK if isinstance(e, fmt.Put) else 0)
+                for e in op.entries
+            )
+        elif not isinstance(op, fmt.Delete | fmt.DeleteDir):
+            need += _BLOCK
+    return need
+
+
+def _no_space(exc: OSError) -> bool:
+    return exc.errno in NO_SPACE and not isinstance(exc, FailStop)
+
+
+def no_space_error(what: str, free: int, need: int, reserve: int) -> OSError:
+    return OSError(
+        errno.ENOSPC,
+        f"no space for {what}: {free} bytes free on the store's file system, it needs about "
+        f"{need} and {reserve} stay in reserve for recovery, checkpoints and deletes; delete "
+        "files (and checkpoint) or free space on the disk",
+    )
 
 
 class Engine:
@@ -248,6 +302,13 @@ class Engine:
         self._dev = 0  # the device of the root and .walstore/ (every rename starts there)
         self._mounts: frozenset[str] = frozenset()  # mount points below the root, at open
         self.conflicts = ConflictIndex()  # what each commit changed, for validation
+        self.free: int | None = None  # free bytes at the last look (free_space), None: not yet
+        self._spent = 0  # bytes the groups admitted since the last look may allocate
+        self._groups_unlooked = 0  # groups admitted since the last look
+        self.reserve = 1 << 20  # reserve_for() the file system's size, at the last look
+        self._spare_dirty: int | None = None  # how far old records in journal/spare reach
+        self._stale: list[str] = []  # retired segments a checkpoint failed to rename or unlink
+        self._checkpoint_retry = 0.0  # monotonic time before which no checkpoint is due
         # Several processes (``_shared.py``); exclusive: the LOCK is held for life instead.
         self.exclusive = exclusive
         self.lock_path = os.path.join(self.meta, "LOCK")
@@ -323,6 +384,7 @@ class Engine:
         self._applier = rec.applier
         self.next_txid = rec.next_txid
         self.last_lsn = rec.last_lsn
+        self._spare_dirty = rec.spare_dirty
         if not rec.report.clean:
             log.info("recovered %s: %s", self.root, rec.report)
 
@@ -728,7 +790,14 @@ class Engine:
                     self._catch_up()
                 j = self._journal
                 if j is not None and self.failed is None and j.next_lsn > j.checkpoint_lsn + 1:
-                    self._checkpoint_locked()
+                    try:
+                        self._checkpoint_locked()
+                    except OSError as exc:
+                        if not _no_space(exc):
+                            raise
+                        # Nothing is at risk: the journal holds every commit and the next
+                        # open recovers from it, without new space (journal/spare).
+                        log.warning("store %s closed without a checkpoint: %s", self.root, exc)
             finally:
                 if self._journal is not None:
                     self._journal.close()
@@ -753,7 +822,9 @@ class Engine:
 
     def stage(self, txid: int, index: int, data: bytes, make_dir: bool) -> fmt.PutStaged:
         """Write a large value to ``staging/<txid>/<index>`` and fsync it (outside the commit
-        lock, so many transactions stage in parallel). Returns the op without its path."""
+        lock, so many transactions stage in parallel). Returns the op without its path. Raises
+        OSError ENOSPC if it would eat into the reserve (nothing written)."""
+        self.check_space(len(data))
         if make_dir:
             self.make_staging_dir(txid)
         name = f"{txid}/{index}"
@@ -765,6 +836,20 @@ class Engine:
         finally:
             self.fs.close(fd)
         return fmt.PutStaged("", name, len(data), zlib.crc32(data))
+
+    def look_at_space(self) -> tuple[int, int]:
+        """(free bytes, reserve) of the store's file system now; remembered for the checkpoint
+        triggers and ``walstore info``."""
+        free, total = self.fs.free_space(self.meta)
+        self.free, self.reserve = free, reserve_for(total)
+        self._spent = self._groups_unlooked = 0
+        return free, self.reserve
+
+    def check_space(self, size: int, what: str = "this value") -> None:
+        """Raise OSError ENOSPC if writing ``size`` bytes would leave less than the reserve."""
+        free, reserve = self.look_at_space()
+        if free - size - _BLOCK < reserve:
+            raise no_space_error(what, free, size + _BLOCK, reserve)
 
     def make_staging_dir(self, txid: int) -> str:
         """``staging/<txid>/`` (made if missing); returns its path."""
@@ -814,6 +899,12 @@ class Engine:
                     if isinstance(exc, ConflictError):
                         self.counters.conflicts += 1
                     results[i] = Result(Outcome.REJECTED, error=exc)
+
+            try:
+                self._check_group_space(group, results, journal)
+            except FailStop as exc:  # nothing is committed, but a failed sync is never retried
+                self._fail(f"sync before the commit point failed: {exc}", exc)
+                return self._fill(results, Result(Outcome.REJECTED, error=exc))
 
             # Step 2: sync_staged (moved and kept files are linked into staging first)
             resolved: dict[int, tuple[fmt.Op, ...]] = {}
@@ -907,6 +998,57 @@ class Engine:
             for txid, ops in writers:
                 log.debug("txid=%d committed lsn=%d ops=%d", txid, lsn, len(ops))
             return self._fill(results, Result(Outcome.COMMITTED, lsn))
+
+    def _check_group_space(
+        self, group: list[PreparedTx], results: list[Result | None], journal: JournalWriter
+    ) -> None:
+        """Step 1, space: refuse (ENOSPC, rolled back) each transaction whose apply would eat
+        into the reserve, so that nothing after the commit point runs out of space and every
+        replay of the journal finds the space its puts need. Deletes always pass; the journal
+        appends into its preallocated segment, and past it counts the record too."""
+        needs = [(i, _space_needed(tx.ops)) for i, tx in enumerate(group) if results[i] is None]
+        total = sum(n for _, n in needs)
+        if not total:
+            return
+        try:
+            last = self.free
+            if (
+                last is None
+                or self._groups_unlooked >= SPACE_LOOK_EVERY
+                or (self._spent + total) * 8 > last - self.reserve
+            ):
+                free, reserve = self.look_at_space()
+            else:
+                free, reserve = last - self._spent, self.reserve
+            a = self._applier
+            if free - reserve < 2 * total and self.sync and (a.dirty_files or a.dirty_dirs):
+                # Checkpoint step 1, early: the file system may hold back blocks for data not
+                # yet written back (XFS reserves tens of KiB per small file until then: a
+                # 48 MiB disk looked full at 15 MiB). Its sync errors fail the store.
+                lock_fd = self._lock_fd
+                synced(lambda: a.sync(lock_fd))
+                free, reserve = self.look_at_space()
+        except FailStop:
+            raise
+        except OSError as exc:
+            for i, n in needs:
+                if n:
+                    results[i] = Result(Outcome.REJECTED, error=exc)
+            return
+        left = free - reserve
+        room = journal.size - journal.offset  # preallocated journal bytes left
+        for i, n in needs:
+            if not n:
+                continue
+            room -= n
+            cost = n if room >= 0 else 2 * n  # past the preallocation the record takes space
+            if cost > left:
+                err = no_space_error("this transaction", free, cost, reserve)
+                results[i] = Result(Outcome.REJECTED, error=err)
+            else:
+                left -= cost
+                self._spent += cost
+        self._groups_unlooked += 1
 
     def _link_sources(self, tx: PreparedTx) -> tuple[fmt.Op, ...]:
         """Step 2 for one transaction: hard-link the source of each move and each file a
@@ -1098,18 +1240,30 @@ class Engine:
 
     def checkpoint_due(self) -> bool:
         j = self._journal
+        if j is None or self.failed is not None:
+            return False
+        if self._checkpoint_retry and time.monotonic() < self._checkpoint_retry:
+            return False
+        a = self._applier
+        garbage_limit = GARBAGE_BYTES
+        if self.free is not None:
+            # Staged values (and trees moved away) hold their space until the checkpoint:
+            # free them once they hold a quarter of what is left above the reserve.
+            spare = max(0, self.free - self.reserve)
+            garbage_limit = min(GARBAGE_BYTES, spare // 4)
+            if spare < self.reserve and a.garbage:
+                return True
         return (
-            j is not None
-            and self.failed is None
-            and (
-                j.offset > self.checkpoint_bytes
-                or len(self._applier.dirty_files) > self.checkpoint_files
-                or self._applier.garbage_bytes > GARBAGE_BYTES
-            )
+            j.offset > self.checkpoint_bytes
+            or len(a.dirty_files) > self.checkpoint_files
+            or a.garbage_bytes > garbage_limit
         )
 
     def checkpoint(self) -> None:
-        """Make everything applied durable in place and start a new journal segment."""
+        """Make everything applied durable in place and start a new journal segment. Raises
+        OSError ENOSPC/EDQUOT if there was no space for the segment or for removing what it
+        frees: nothing committed is at risk, the store carries on and the checkpoint is tried
+        again later. Any other error fails the store (StoreFailedError)."""
         with self._lock:
             if self.failed is not None:
                 raise StoreFailedError(f"store failed earlier: {self.failed}")
@@ -1117,6 +1271,14 @@ class Engine:
                 self._catch_up()
                 self._checkpoint_locked()
             except OSError as exc:
+                if _no_space(exc):
+                    self._checkpoint_retry = time.monotonic() + CHECKPOINT_RETRY
+                    log.warning("checkpoint of %s postponed: %s", self.root, exc)
+                    raise OSError(
+                        exc.errno,
+                        f"checkpoint postponed, no space: {exc}; nothing committed is at risk "
+                        "and the store carries on",
+                    ) from exc
                 self._fail(f"checkpoint failed: {exc}", exc)
                 raise StoreFailedError(f"checkpoint failed: {exc}") from exc
 
@@ -1126,28 +1288,48 @@ class Engine:
         # Step 1: checkpoint_sync: applied files and directories, so the journal can go.
         if self.sync:
             # A handle open since the open, so write-back errors since are reported on it.
-            self._applier.sync(self._shared.fd if self._shared is not None else self._lock_fd)
+            fd = self._shared.fd if self._shared is not None else self._lock_fd
+            synced(lambda: self._applier.sync(fd))
         else:
             self._applier.dirty_files.clear()
             self._applier.dirty_dirs.clear()
-        # Step 2: checkpoint_new_segment: HEADER + CHECKPOINT, synced with its dir entry.
+        # Step 2: checkpoint_new_segment: HEADER + CHECKPOINT, synced with its dir entry, in
+        # the blocks of journal/spare (recycled: no space needed) or, without one, allocated.
         if self._header is not None:
             # Named before it exists: a process that finds it missing (this one died)
             # goes on with the old segment, which holds every commit.
             self._write_header(self._header.advanced(segment_lsn=old.next_lsn))
         cp = fmt.Checkpoint(old.next_lsn, self.next_txid)
-        self._journal = JournalWriter.create(
-            self.fs, self.journal_dir, cp, sync=self.sync, preallocate=self.preallocate
+        dirty, self._spare_dirty = self._spare_dirty, None  # unknown if it fails half-way
+        self._journal = new_segment(
+            self.fs,
+            self.journal_dir,
+            cp,
+            sync=self.sync,
+            preallocate=self.preallocate,
+            dirty_end=dirty,
         )
         self._journal.bytes_written = old.bytes_written
         self.last_lsn = cp.lsn
         if self._header is not None:
             self._write_header(self._header.advanced(applied_lsn=cp.lsn))
+        self._stale.append(old.path)
         old.close()
-        # Step 3: checkpoint_drop_segments, step 4: checkpoint_drop_garbage
-        self.fs.unlink(old.path)
+        # Step 3: checkpoint_drop_segments: the old segment becomes the spare (or goes).
+        while self._stale:
+            # Several processes: others may still read the old segment through their handle,
+            # so it goes as before (no spare to recycle under them).
+            keep = bool(self.preallocate) and self.exclusive
+            if retire(self.fs, self.journal_dir, self._stale[-1], keep=keep):
+                self._spare_dirty = old.high if self._stale[-1] == old.path else None
+            self._stale.pop()
+        # Step 4: checkpoint_drop_garbage
         self._applier.drop_garbage()
         self.counters.checkpoints += 1
+        if self.free is not None:  # what the checkpoint freed, for the next triggers
+            with contextlib.suppress(OSError):
+                self.look_at_space()
+        self._checkpoint_retry = 0.0
         log.debug("checkpoint lsn=%d", cp.lsn)
 
     # -- reads ---------------------------------------------------------------------------

@@ -14,7 +14,10 @@ Our exception hierarchy::
 
 A file that does not exist raises the stdlib ``FileNotFoundError``; other ``OSError``\\ s met
 before a transaction's commit point propagate unchanged (the transaction is rolled back and the
-store stays usable).
+store stays usable). A full disk is one of them: a plain ``OSError`` whose ``errno`` is
+``ENOSPC`` (or ``EDQUOT``), raised by ``tx.write`` of a staged value or by the commit, before
+the commit point, when the disk has no room above the store's reserve; ``store.checkpoint()``
+raises the same, without failing the store, when it finds no space.
 """
 
 from __future__ import annotations

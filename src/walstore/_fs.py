@@ -140,6 +140,10 @@ class FileSystem(Protocol):
         since ``fd`` was opened is raised, as ``fsync`` raises its file's. Raises OSError
         ENOSYS where the system cannot report such errors (before Linux 5.8)."""
 
+    def free_space(self, path: str) -> tuple[int, int]:
+        """(bytes an unprivileged process may still allocate, total bytes) of the file system
+        ``path`` is on (``statvfs``: ``f_bavail`` and ``f_blocks`` times ``f_frsize``)."""
+
     def mount_points(self, path: str) -> list[str]:
         """The mount points strictly below the directory ``path`` (a real path), from the
         system's mount table; none where the system has no such table."""
@@ -578,6 +582,11 @@ class OsFileSystem:
         if _syncfs(fd):
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))
+
+    def free_space(self, path: str) -> tuple[int, int]:
+        self.calls["free_space"] += 1
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     def mount_points(self, path: str) -> list[str]:
         self.calls["mount_points"] += 1

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import _journal_format as fmt
+from ._engine import reserve_for
 from ._errors import CorruptionError, StoreError
 from ._fs import OsFileSystem
 from ._journal_reader import SegmentScan, TornSegment, scan_segment
-from ._journal_writer import segment_name
+from ._journal_writer import MIN_SPARE, SPARE, segment_name
 from ._paths import RESERVED, parents
-from ._recovery import _segments, _superseded
+from ._recovery import _segments, _superseded, check_reaches
 
 SCAN_ATTEMPTS = 20  # journal scans retried when a checkpoint swaps the segment under us
 CHUNK = 1 << 20
@@ -214,7 +215,68 @@ def _read_journal_once(fs: OsFileSystem, layout: Layout) -> JournalView:
         else:
             sizes.append((name, os.stat(path).st_size))
     sizes.reverse()
+    check_reaches(live, [lsn for lsn, n in segs if n in half])
     return JournalView(sizes, live, half)
+
+
+@dataclass(frozen=True)
+class Space:
+    """The store's file system, as the store sees it (``Engine.look_at_space``)."""
+
+    free: int  # bytes an unprivileged writer may still allocate
+    total: int
+    reserve: int  # what commits and staging leave free (``reserve_for``)
+    spare: int  # bytes of journal/spare, recycled by the next checkpoint (0: none)
+    live_room: int  # preallocated bytes left in the live segment (commits need no space)
+
+    @property
+    def checkpoint_needs(self) -> int:
+        """Free bytes the next checkpoint needs: none with a spare, else a new segment's."""
+        return 0 if self.spare >= MIN_SPARE else 4096
+
+    @property
+    def full(self) -> bool:
+        """Under twice the reserve free: commits that write are refused, or soon will be
+        (deletes still commit)."""
+        return self.free < 2 * self.reserve
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "free_bytes": self.free,
+            "total_bytes": self.total,
+            "reserve_bytes": self.reserve,
+            "spare_segment_bytes": self.spare,
+            "live_segment_room_bytes": self.live_room,
+            "checkpoint_needs_bytes": self.checkpoint_needs,
+            "full": self.full,
+        }
+
+
+def space(layout: Layout, live: SegmentScan | None) -> Space:
+    fs = OsFileSystem()
+    free, total = fs.free_space(layout.meta)
+    st = fs.lstat(os.path.join(layout.journal_dir, SPARE))
+    spare = st.size if st is not None and st.kind == "file" else 0
+    room = max(0, live.header.size - live.valid_end) if live is not None else 0
+    return Space(free, total, reserve_for(total), spare, room)
+
+
+def space_notes(s: Space) -> list[str]:
+    """What ``verify`` says of the disk: when it is full, and when too full to checkpoint."""
+    notes = []
+    if s.free < s.checkpoint_needs:
+        notes.append(
+            f"disk too full to checkpoint: {s.free} bytes free and no spare journal segment; "
+            "the store keeps its commits in the journal and retries, and opens do too: free "
+            "space on the disk (deleting through the store frees nothing until a checkpoint)"
+        )
+    elif s.full:
+        notes.append(
+            f"disk full: {s.free} bytes free, {s.reserve} of them kept in reserve; commits "
+            "that would write into the reserve are refused with ENOSPC, deletes and "
+            "checkpoints still work (delete through the store, then checkpoint, to free space)"
+        )
+    return notes
 
 
 def read_segment(layout: Layout, name: str) -> tuple[bytes, SegmentScan]:
@@ -301,6 +363,7 @@ def info(layout: Layout) -> dict[str, Any]:
         "staged_bytes": staging.bytes,
         "staging_transactions": len(staging.txids),
         "staging_other_entries": len(staging.other),
+        "space": space(layout, live).as_json(),
     }
 
 
@@ -554,6 +617,7 @@ def verify(layout: Layout, progress: Progress | None = None) -> VerifyResult:
         if before.live is None:
             result.notes.append("the journal has no segment yet: the store was never opened")
             return result
+        result.notes += space_notes(space(layout, before.live))
         result.checkpoint_lsn = before.live.checkpoint.lsn
         result.transactions = sum(1 for _ in before.transactions())
         if before.half_created:

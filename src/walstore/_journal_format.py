@@ -18,10 +18,12 @@ from dataclasses import dataclass
 HEADER_SIZE = 9  # length u32, crc u32, type u8
 MAX_PAYLOAD = 1 << 31  # a length above this cannot be ours: the header itself is damaged
 MAGIC = b"WALSTORE"
-VERSION = 1
+VERSION = 1  # a segment without a declared size (not preallocated, or written before version 2)
+VERSION_SIZED = 2  # the header also declares the size the segment was preallocated to
 
 _HEAD = struct.Struct("<IIB")
 _SEGMENT = struct.Struct("<8sHQI")  # magic, version, first_lsn, salt
+_SIZE = struct.Struct("<Q")  # version 2: the preallocated size, after the version 1 fields
 _CHECKPOINT = struct.Struct("<QQ")  # lsn, next_txid
 _GROUP = struct.Struct("<QI")  # lsn, number of transactions
 _TX = struct.Struct("<QI")  # txid, number of ops
@@ -98,6 +100,9 @@ Op = Put | PutStaged | Delete | DeleteDir | ReplaceDir
 class SegmentHeader:
     first_lsn: int
     salt: int
+    # The size the segment was zero-filled to before it got its name (version 2); 0: none
+    # declared (version 1). A segment shorter than this has lost synced bytes.
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,19 +149,31 @@ def decode_head(buf: bytes | memoryview, offset: int) -> tuple[int, int, int]:
 
 
 def encode_header(header: SegmentHeader) -> bytes:
-    payload = _SEGMENT.pack(MAGIC, VERSION, header.first_lsn, header.salt)
+    """Version 1 (22 bytes) without a size, version 2 (30 bytes) with one."""
+    version = VERSION_SIZED if header.size else VERSION
+    payload = _SEGMENT.pack(MAGIC, version, header.first_lsn, header.salt)
+    if header.size:
+        payload += _SIZE.pack(header.size)
     return encode_record(RecordType.HEADER, payload, 0)
 
 
 def decode_header(payload: bytes | memoryview) -> SegmentHeader:
-    if len(payload) != _SEGMENT.size:
+    if len(payload) not in (_SEGMENT.size, _SEGMENT.size + _SIZE.size):
         raise FormatError(f"segment header is {len(payload)} bytes, expected {_SEGMENT.size}")
-    magic, version, first_lsn, salt = _SEGMENT.unpack(payload)
+    magic, version, first_lsn, salt = _SEGMENT.unpack_from(payload)
     if magic != MAGIC:
         raise FormatError("not a walstore journal segment (bad magic)")
-    if version != VERSION:
-        raise FormatError(f"journal format version {version} is not supported (this is {VERSION})")
-    return SegmentHeader(first_lsn, salt)
+    if version not in (VERSION, VERSION_SIZED):
+        raise FormatError(
+            f"journal format version {version} is not supported (this is {VERSION_SIZED})"
+        )
+    sized = len(payload) > _SEGMENT.size
+    if sized != (version == VERSION_SIZED):
+        raise FormatError(f"segment header of version {version} is {len(payload)} bytes")
+    size = _SIZE.unpack_from(payload, _SEGMENT.size)[0] if sized else 0
+    if sized and not size:
+        raise FormatError("segment header of version 2 declares size 0")
+    return SegmentHeader(first_lsn, salt, size)
 
 
 def encode_checkpoint(cp: Checkpoint) -> bytes:

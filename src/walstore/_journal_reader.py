@@ -36,6 +36,7 @@ class SegmentScan:
     commits: list[fmt.Commit] = field(default_factory=list)
     valid_end: int = 0  # offset just past the last good record
     torn_bytes: int = 0  # bytes after valid_end: a torn tail to truncate
+    file_bytes: int = 0  # the file's size
     checkpoint_end: int = 0  # offset just past the CHECKPOINT record
 
     @property
@@ -107,7 +108,23 @@ def scan_segment(name: str, data: bytes) -> SegmentScan:
             f"journal segment {name}: checkpoint LSN {checkpoint.lsn} "
             f"does not match the header's {header.first_lsn}"
         )
-    scan = SegmentScan(name, header, checkpoint, valid_end=second[1], checkpoint_end=second[1])
+    if len(data) < header.size:
+        # Written and synced at its full size before it got its name (a preallocation under
+        # a temporary name, a recycled spare), so no crash leaves it shorter: the end of a
+        # synced file was lost (media damage, a truncation), and records with it.
+        raise CorruptionError(
+            f"journal segment {name} is {len(data)} bytes, shorter than the {header.size} "
+            "it was preallocated and synced at: its end was lost (media damage or truncation), "
+            "and committed records may have gone with it"
+        )
+    scan = SegmentScan(
+        name,
+        header,
+        checkpoint,
+        valid_end=second[1],
+        file_bytes=len(data),
+        checkpoint_end=second[1],
+    )
     for offset, end, rtype, payload in records:
         if rtype != fmt.RecordType.COMMIT:
             raise CorruptionError(

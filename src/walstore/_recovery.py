@@ -24,7 +24,14 @@ from ._apply import Applier, remove_tree
 from ._errors import CorruptionError
 from ._fs import FileSystem
 from ._journal_reader import SegmentScan, TornSegment, scan_segment
-from ._journal_writer import PREALLOCATING, JournalWriter, segment_lsn
+from ._journal_writer import (
+    PREALLOCATING,
+    JournalWriter,
+    new_segment,
+    retire,
+    segment_lsn,
+    synced,
+)
 from ._paths import parents
 
 
@@ -60,6 +67,7 @@ class Recovered:
     next_txid: int
     last_lsn: int
     applier: Applier = field(repr=False)
+    spare_dirty: int | None = None  # how far the old records in journal/spare reach
 
 
 def _segments(
@@ -74,13 +82,34 @@ def _segments(
 
 def _find_live(fs: FileSystem, journal_dir: str, segs: list[tuple[int, str]]) -> SegmentScan | None:
     """Step 2, recover_scan: the newest segment that parses (half-created newer ones are
-    dropped by recover_checkpoint)."""
-    for _lsn, name in reversed(segs):
+    dropped by recover_checkpoint). Raises CorruptionError if an older one is taken for live
+    that does not reach where a newer one begins."""
+    cut_short: list[int] = []
+    for lsn, name in reversed(segs):
         try:
-            return scan_segment(name, fs.read_file(os.path.join(journal_dir, name)))
+            live = scan_segment(name, fs.read_file(os.path.join(journal_dir, name)))
         except TornSegment:
+            cut_short.append(lsn)
             continue
+        check_reaches(live, cut_short)
+        return live
+    check_reaches(None, cut_short)
     return None
+
+
+def check_reaches(live: SegmentScan | None, cut_short: list[int]) -> None:
+    """A segment's creation is cut short only right after the one before it ended: its first
+    LSN is that one's next LSN (1 for a new store). A newer segment that does not parse with
+    records missing between the live one and it is damage, not a crash."""
+    if not cut_short:
+        return
+    expected = live.next_lsn if live is not None else 1
+    if min(cut_short) != expected:
+        raise CorruptionError(
+            f"journal segment {min(cut_short):016d}.wal does not parse, and the segment before "
+            f"it ends at LSN {expected - 1}: the records between are missing (media damage), "
+            "not a segment whose creation was cut short"
+        )
 
 
 def _staging_entries(fs: FileSystem, staging_dir: str) -> list[str]:
@@ -167,6 +196,7 @@ def recover(
             offset=live.valid_end,
             checkpoint_lsn=live.checkpoint.lsn,
             next_lsn=live_next_lsn,
+            size=live.header.size,
         )
         return Recovered(RecoveryReport(), journal, next_txid, live_next_lsn - 1, applier)
 
@@ -208,7 +238,7 @@ def recover(
     # Step 4: recover_checkpoint
     if sync:
         try:
-            applier.sync(fs_fd)
+            synced(lambda: applier.sync(fs_fd))
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
@@ -216,7 +246,7 @@ def recover(
             # through it, so the journal that holds it must stay.
             msg = _symlink_met("cannot make the replayed files durable", exc)
             raise CorruptionError(msg) from exc
-    journal = JournalWriter.create(
+    journal = new_segment(
         fs,
         journal_dir,
         fmt.Checkpoint(live_next_lsn, next_txid),
@@ -224,10 +254,15 @@ def recover(
         preallocate=preallocate,
     )
     removed_segments = orphans = 0
+    spare_dirty = None
     try:
-        for _lsn, name in segs:
+        # The live segment first: it becomes the spare if none is left.
+        for name in sorted((n for _, n in segs), key=lambda n: n != live_name):
             if name != os.path.basename(journal.path):
-                fs.unlink(os.path.join(journal_dir, name))
+                path = os.path.join(journal_dir, name)
+                if retire(fs, journal_dir, path, keep=bool(preallocate)) and name == live_name:
+                    assert live is not None
+                    spare_dirty = live.valid_end + live.torn_bytes
                 removed_segments += 1
         for name in unfinished:  # a preallocation cut short: never a segment
             with contextlib.suppress(FileNotFoundError):  # reused by the create above
@@ -245,4 +280,4 @@ def recover(
         segments_removed=removed_segments,
         ops_replayed=replayed,
     )
-    return Recovered(report, journal, next_txid, live_next_lsn, applier)
+    return Recovered(report, journal, next_txid, live_next_lsn, applier, spare_dirty)

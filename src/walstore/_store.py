@@ -421,6 +421,7 @@ class Store:
     async def _open_stream(self, tx: Transaction, index: int) -> tuple[str, AsyncWriter]:
         self._check_writable()
         engine = self._engine
+        await self._run(engine.check_space, 0, "a streamed value")
         if not tx._staging_made:
             await self._run(engine.make_staging_dir, tx.txid)
             tx._staging_made = True
@@ -592,6 +593,8 @@ class Store:
                     await self._run_committer(self._engine.checkpoint)
                 except StoreFailedError as exc:
                     log.error("background checkpoint failed: %s", exc)
+                except OSError:
+                    pass  # no space (logged): nothing is at risk, it is tried again later
         finally:
             try:
                 if not self._engine.exclusive:

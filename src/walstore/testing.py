@@ -99,6 +99,7 @@ class MemoryFileSystem:
         # disk: about checkpoint_bytes). Small, so clones stay cheap and appends run both
         # inside the preallocated space and past it.
         self.journal_preallocation = 4096
+        self.capacity: int | None = None  # the disk's size, for free_space(); None: 1 TiB
         self._lock = threading.RLock()
         self._inodes: dict[int, _Inode] = {self.ROOT: _Inode("dir")}
         self._durable: dict[int, dict[str, int]] = {self.ROOT: {}}
@@ -444,6 +445,17 @@ class MemoryFileSystem:
         if self._mount_of(a) != self._mount_of(b):
             raise _err(errno.EXDEV, f"{a} -> {b}")
 
+    def free_space(self, path: str) -> tuple[int, int]:
+        """``capacity`` minus the bytes every file holds (1 TiB free when ``capacity`` is
+        None). Writes are not refused for it: inject ENOSPC with ``fault``."""
+        with self._lock:
+            self._call("free_space", path)
+            self._get(path)
+            if self.capacity is None:
+                return 1 << 40, 1 << 40
+            used = sum(len(n.data) for n in self._inodes.values() if n.kind == "file")
+            return max(0, self.capacity - used), self.capacity
+
     def mount_points(self, path: str) -> list[str]:
         with self._lock:
             self._call("mount_points", path)
@@ -664,6 +676,7 @@ class MemoryFileSystem:
             new = MemoryFileSystem()
             new.exchange_supported = self.exchange_supported
             new.journal_preallocation = self.journal_preallocation
+            new.capacity = self.capacity
             new._mounts = dict(self._mounts)
             new._inodes = {
                 ino: _Inode(

@@ -36,7 +36,7 @@ def store(tmp_path: Path) -> Path:
 
 
 def live_segment(root: Path) -> Path:
-    (seg,) = sorted((root / ".walstore" / "journal").iterdir())
+    (seg,) = sorted(p for p in (root / ".walstore" / "journal").iterdir() if p.name != "spare")
     return seg
 
 

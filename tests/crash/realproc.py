@@ -36,6 +36,7 @@ from tests.support import INLINE
 from walstore._engine import Engine
 from walstore._fs import AsyncWriter, OsFileSystem
 from walstore._journal_reader import scan_segment
+from walstore._journal_writer import SPARE
 
 CRASHED = 86  # the exit status of a child that died at its crash point
 FAILED = 3  # the exit status of a child whose code raised
@@ -62,6 +63,7 @@ SEAM = (
     "fsync_dir",
     "syncfs",
     "mount_points",
+    "free_space",
     "lock",
     "unlock",
 )
@@ -353,7 +355,7 @@ def check_store(root: str, shape: Shape, acked: set[int]) -> list[tuple[str, str
     staging = os.listdir(os.path.join(meta, "staging"))
     if staging:
         out.append(("leftover", f"staging leftovers: {sorted(staging)}"))
-    segments = sorted(os.listdir(os.path.join(meta, "journal")))
+    segments = sorted(n for n in os.listdir(os.path.join(meta, "journal")) if n != SPARE)
     if len(segments) != 1:
         out.append(("journal", f"{len(segments)} journal segments: {segments}"))
     for name in segments:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import walstore
 from tests.crash.shapes import CHECKPOINT_BYTES
-from tests.support import ROOT, Model, user_files
+from tests.support import ROOT, Model, segment_files, user_files
 from walstore._engine import Engine
 from walstore._journal_reader import scan_segment
 from walstore.testing import MemoryFileSystem
@@ -33,7 +33,7 @@ def check(fs: MemoryFileSystem, ok: list[Model], lost: list[Model]) -> list[str]
     staging = fs.files(ROOT + "/.walstore/staging", skip=())
     if staging:
         out.append(f"leftover: staging {sorted(staging)}")
-    segments = fs.files(ROOT + "/.walstore/journal", skip=())
+    segments = segment_files(fs.files(ROOT + "/.walstore/journal", skip=()))
     if len(segments) != 1:
         out.append(f"journal: {len(segments)} segments")
     for name, data in segments.items():

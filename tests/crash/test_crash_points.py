@@ -172,6 +172,7 @@ def test_every_seam_method_was_a_crash_point(pool: tuple[Any, str]) -> None:
     commit = {"open", "pwrite", "fsync", "fdatasync", "close", "rename", "exchange", "link"}
     commit |= {"unlink", "mkdir", "rmdir", "lstat", "listdir", "fsync_dir", "unlock", *STREAM}
     commit |= {"syncfs"}  # a checkpoint of many files
+    commit |= {"free_space"}  # the reserve, before the commit point
     recovery = {"lock", "unlock", "truncate", "realpath", "read_file", "listdir", "lstat"}
     recovery |= {"open", "pwrite", "fsync", "fsync_dir", "close", "rename", "exchange", "link"}
     recovery |= {"unlink", "mkdir", "rmdir", "syncfs"}

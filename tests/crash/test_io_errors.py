@@ -10,6 +10,10 @@ The verdicts (DESIGN.md 1.7, docs/commit-protocol.md 4):
   the transaction FAILED, never ROLLED_BACK; reopening finds it wholly or not at all;
 * after it (apply, checkpoint): StoreFailedError, the transaction COMMITTED, the store refuses
   writes until reopened, and reopening recovers a state holding the transaction;
+* except ENOSPC or EDQUOT in the checkpoint at a call on ``.walstore/`` other than a sync (the
+  journal's recycled spare segment, a new segment, the reserve's free_space, the clean-up):
+  the checkpoint is postponed with an OSError of that errno (or, for free_space, succeeds), the
+  store stays usable, and reopening recovers the transaction;
 * a short write is no error at all.
 
 Each case then reopens (after a process restart, or a power cut) and checks the state
@@ -40,6 +44,7 @@ ERRNOS = (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 KINDS = (*(errno.errorcode[e] for e in ERRNOS), "short write")
 MODES = ("once", "persistent", "twice")
 SYNCS = {"fsync", "fdatasync", "fsync_dir"}
+NO_SPACE = ("ENOSPC", "EDQUOT")
 PROBE: TxOps = [("probe/p", b"probe")]
 Hook = Callable[[int, str, str], BaseException | None]
 
@@ -176,6 +181,22 @@ def commit_case(s: Setup, at: int, kind: str, mode: str, power: bool) -> tuple[s
             bad.append(f"journal sync failed but the error is {tx_exc!r}")
         if not isinstance(probe_exc, walstore.StoreFailedError):
             bad.append(f"store not poisoned after a failed journal sync: {probe_exc!r}")
+    elif _postponable(kind, fired[0], tx_end):
+        verdict = "checkpoint postponed for space"
+        allowed = [s.after]
+        if state is not walstore.TxState.COMMITTED:
+            bad.append(f"state {state} after the commit point")
+        code = getattr(errno, kind, None)
+        if cp_exc is not None and (
+            not isinstance(cp_exc, OSError)
+            or isinstance(cp_exc, walstore.StoreError)
+            or cp_exc.errno != code
+        ):
+            bad.append(f"checkpoint without space is not a clean {kind}: {cp_exc!r}")
+        if not persistent and not with_probe:
+            bad.append(f"store unusable after a postponed checkpoint: {probe_exc!r}")
+        if with_probe:
+            allowed = [_with_probe(s.after)]
     else:
         # after the commit point: in apply, or in the checkpoint
         allowed = [s.after]
@@ -198,6 +219,19 @@ def commit_case(s: Setup, at: int, kind: str, mode: str, power: bool) -> tuple[s
     fs.reboot(power_loss=random.Random(f"{what}") if power else None)
     bad += _reopen(fs, allowed)
     return verdict, [f"{b} ({what}, power={power})" for b in bad]
+
+
+def _postponable(kind: str, call: tuple[int, str, str], tx_end: int) -> bool:
+    """No space in the checkpoint at a call on the store's own files that is not a sync, or
+    any error of its last look at free space: nothing committed is at risk, so it must not
+    fail the store."""
+    index, name, path = call
+    if index < tx_end:
+        return False
+    if name == "free_space":  # the checkpoint's last look, for its triggers
+        return True
+    meta = ROOT + "/.walstore/"
+    return kind in NO_SPACE and name not in SYNCS | {"syncfs"} and path.startswith(meta)
 
 
 def _with_probe(model: Model) -> Model:
@@ -276,6 +310,12 @@ def sweep(name: str) -> tuple[str, dict[str, int], dict[str, int], list[str]]:
             bad += v
             counts[kind] = counts.get(kind, 0) + 1
             verdicts[verdict] = verdicts.get(verdict, 0) + 1
+    # The calls swept include the spare segment's recycling and the reserve's look at space.
+    swept = [(n, p) for i, n, p in s.trace if s.opened <= i < s.cp_end]
+    spare = {n for n, p in swept if p.startswith(ROOT + "/.walstore/journal/spare")}
+    for call in ("open", "pwrite", "rename"):
+        counts[f"{call}(spare)"] = int(call in spare)
+    counts["free_space()"] = int(any(n == "free_space" for n, _ in swept))
     image = recovery_image(s)
     t = image.clone()
     t.trace = []
@@ -296,8 +336,12 @@ def test_io_errors_at_every_call() -> None:
     bad = [v for *_, b in results for v in b]
     counts: dict[str, int] = {}
     verdicts: dict[str, int] = {}
+    covered: dict[str, int] = {}
     for _, c, v, _ in results:
         for kind, n in c.items():
+            if "(" in kind:
+                covered[kind] = covered.get(kind, 0) + n
+                continue
             counts[kind] = counts.get(kind, 0) + n
         for verdict, n in v.items():
             verdicts[verdict] = verdicts.get(verdict, 0) + n
@@ -308,6 +352,8 @@ def test_io_errors_at_every_call() -> None:
     TALLY.violations += bad
     assert not bad, bad[:5]
     assert set(counts) == set(KINDS)
+    # shapes whose sweep failed at the spare's recycling and at the reserve's free_space
+    assert all(covered.values()) and len(covered) == 4, covered
     assert set(verdicts) == {
         "short write completed",
         "before the commit point, usable",
@@ -315,6 +361,7 @@ def test_io_errors_at_every_call() -> None:
         "commit point: outcome unknown",
         "after the commit point, apply",
         "after the commit point, checkpoint",
+        "checkpoint postponed for space",
         "recovery",
     }, verdicts
     assert sum(counts.values()) >= 2000 * SOAK

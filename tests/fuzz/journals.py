@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import anyio
 
 import walstore
+from tests.support import segment_files
 from walstore import _journal_format as fmt
 from walstore._journal_reader import FRESH_SEGMENT_SIZE, SegmentScan, TornSegment, scan_segment
 from walstore.testing import MemoryFileSystem
@@ -162,7 +163,8 @@ def real_journal() -> Base:
             except FileNotFoundError:
                 continue  # an op that needed a dropped move; rolled back
             model = applied(model, ops)
-        journals.update(fs.files(JOURNAL, skip=()))  # before the checkpoint of aclose
+        # before the checkpoint of aclose
+        journals.update(segment_files(fs.files(JOURNAL, skip=())))
         await store.aclose()
 
     journals: dict[str, bytes] = {}

@@ -18,7 +18,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import walstore
-from tests.support import ROOT, Model, applied, open_store, random_ops, run_tx, tally, user_files
+from tests.support import (
+    ROOT,
+    Model,
+    applied,
+    open_store,
+    random_ops,
+    run_tx,
+    segment_files,
+    tally,
+    user_files,
+)
 from walstore.testing import MemoryFileSystem
 
 SOAK = 10 if os.environ.get("WALSTORE_SOAK") else 1
@@ -36,7 +46,7 @@ def _journal_and_prefixes() -> tuple[str, bytes, list[Model]]:
         ops = random_ops(rng, models[-1], n=rng.randint(1, 6))
         anyio.run(run_tx, store, ops)
         models.append(applied(models[-1], ops))
-    [(name, data)] = fs.files(JOURNAL, skip=()).items()
+    [(name, data)] = segment_files(fs.files(JOURNAL, skip=())).items()
     return name, data, models
 
 
