@@ -35,8 +35,8 @@ from walstore._fs import _openat2
 from .swapper import Swapper
 
 SLOW = bool(os.environ.get("WALSTORE_SLOW") or os.environ.get("WALSTORE_SOAK"))
-SWAPS = 200_000 if SLOW else 3_000  # at least this many swaps per test
-OPS = 2_000 if SLOW else 150  # and this many operations run against them
+SWAPS = 30_000 if SLOW else 3_000  # at least this many swaps per test (CI: 30 min in all)
+OPS = 1_000 if SLOW else 150  # and this many operations run against them
 OUTSIDE = b"OUTSIDE-"  # every outside file's bytes start so; no store value does
 
 RESOLVERS = [
