@@ -46,9 +46,11 @@ class Base:
     prefixes: list[Model] | None  # states after 0..n commits; None: not recoverable alone
 
 
-def _segment(first_lsn: int, salt: int, next_txid: int, commits: list[fmt.Commit]) -> bytes:
+def _segment(
+    first_lsn: int, salt: int, next_txid: int, commits: list[fmt.Commit], size: int = 0
+) -> bytes:
     out = [
-        fmt.encode_header(fmt.SegmentHeader(first_lsn, salt)),
+        fmt.encode_header(fmt.SegmentHeader(first_lsn, salt, size)),
         fmt.encode_record(
             fmt.RecordType.CHECKPOINT,
             fmt.encode_checkpoint(fmt.Checkpoint(first_lsn, next_txid)),
@@ -300,7 +302,11 @@ def damaged(data: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
 
 def _reencoded(scan: SegmentScan) -> bytes:
     return _segment(
-        scan.header.first_lsn, scan.header.salt, scan.checkpoint.next_txid, scan.commits
+        scan.header.first_lsn,
+        scan.header.salt,
+        scan.checkpoint.next_txid,
+        scan.commits,
+        scan.header.size,
     )
 
 
