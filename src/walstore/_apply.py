@@ -28,7 +28,11 @@ _NO_EXCHANGE = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 def remove_tree(fs: FileSystem, path: str, dev: int | None = None) -> int:
     """Remove ``path`` and everything under it; returns how many entries went. Never descends
     into another file system: a directory mounted in a tree that was moved out of place to be
-    removed raises EXDEV, and what that file system holds is left alone."""
+    removed raises EXDEV, and what that file system holds is left alone.
+
+    Iterative (a stack of directories, each with the names still to remove), so a tree of any
+    depth goes: a recursive walk died with RecursionError at ~500 levels, after the commit
+    point. The calls are those of a depth-first walk, children before their directory."""
     st = fs.lstat(path)
     if st is None:
         return 0
@@ -37,9 +41,28 @@ def remove_tree(fs: FileSystem, path: str, dev: int | None = None) -> int:
         return 1
     if dev is not None and st.dev != dev:
         raise OSError(errno.EXDEV, "a mount point inside a directory being removed", path)
-    n = sum(remove_tree(fs, os.path.join(path, c), st.dev) for c in fs.listdir(path))
-    fs.rmdir(path)
-    return n + 1
+    removed = 0
+    stack = [(path, st.dev, iter(fs.listdir(path)))]
+    while stack:
+        d, d_dev, names = stack[-1]
+        for name in names:
+            child = os.path.join(d, name)
+            cst = fs.lstat(child)
+            if cst is None:
+                continue
+            if cst.kind != "dir":
+                fs.unlink(child)
+                removed += 1
+                continue
+            if cst.dev != d_dev:
+                raise OSError(errno.EXDEV, "a mount point inside a directory being removed", child)
+            stack.append((child, cst.dev, iter(fs.listdir(child))))
+            break  # descend first; this directory's other names wait on the stack
+        else:
+            stack.pop()
+            fs.rmdir(d)
+            removed += 1
+    return removed
 
 
 # Below this many changed files and directories, fsyncing each is cheaper than syncing the

@@ -20,6 +20,7 @@ import contextlib
 import enum
 import logging
 import os
+import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from ._errors import (
 )
 from ._fs import FileStat, FileSystem, write_all
 from ._journal_writer import AppendFailed, JournalWriter
+from ._limits import PathLimits, limits_of
 from ._paths import RESERVED, parent, parents
 from ._recovery import RecoveryReport, recover
 
@@ -222,6 +224,7 @@ class Engine:
         self._dev = 0  # the device of the root and .walstore/ (every rename starts there)
         self._mounts: frozenset[str] = frozenset()  # mount points below the root, at open
         self.conflicts = ConflictIndex()  # what each commit changed, for validation
+        self.limits = PathLimits()  # the file system's, once open
 
     # -- open and close ------------------------------------------------------------------
 
@@ -234,6 +237,7 @@ class Engine:
         else:
             self._make_layout()
         self._real_root = fs.realpath(self.root)
+        self.limits = limits_of(fs, self.root, self.staging_dir)
         if readonly:
             return RecoveryReport()
         self._check_mounts_at_open()
@@ -428,13 +432,33 @@ class Engine:
                 # may be lost while a retry reports success (fsyncgate).
                 self._fail(f"staging fsync failed: {exc}", exc)
                 return self._fill(results, Result(Outcome.REJECTED, error=exc))
+            # Step 3: append_commit. Each transaction is encoded on its own, so that one the
+            # record cannot hold (the op calls and the store refuse those first; this is the
+            # last line) is refused alone, before the commit point, and the others go on.
+            parts: list[bytes] = []
+            size = fmt.GROUP_HEADER_SIZE
+            for i, ops in resolved.items():
+                if results[i] is not None:
+                    continue
+                txid = group[i].txid
+                try:
+                    part = fmt.encode_tx(fmt.TxRecord(txid, ops))
+                except (struct.error, OverflowError, UnicodeEncodeError) as exc:
+                    results[i] = Result(Outcome.REJECTED, error=_unrecordable(txid, exc))
+                    continue
+                if size + len(part) > fmt.MAX_PAYLOAD:
+                    big = InvalidPathError(
+                        f"txid={txid}: its {len(part)} bytes do not fit the commit record"
+                    )
+                    results[i] = Result(Outcome.REJECTED, error=big)
+                    continue
+                parts.append(part)
+                size += len(part)
+            writers = [(group[i].txid, ops) for i, ops in resolved.items() if results[i] is None]
+            if not writers:
+                return self._fill(results, Result(Outcome.COMMITTED, self.last_lsn))
             try:
-                # Step 3: append_commit
-                record = fmt.Commit(lsn, tuple(fmt.TxRecord(t, ops) for t, ops in writers))
-                payload = fmt.encode_commit(record)
-                if len(payload) > fmt.MAX_PAYLOAD:
-                    big = StoreError(f"commit group of {len(payload)} bytes is too large")
-                    return self._fill(results, Result(Outcome.REJECTED, error=big))
+                payload = fmt.encode_group(lsn, parts)
                 journal.append(fmt.RecordType.COMMIT, payload)
             except OSError as exc:
                 return self._fill(results, Result(Outcome.REJECTED, error=exc))
@@ -599,6 +623,7 @@ class Engine:
         trees: set[str] = set()
         replacing: set[tuple[int, int]] = set()
         for index, op in enumerate(tx.ops):
+            self.limits.check_op(op)
             if self._mounts:
                 self._check_mount_points(op)
             if not isinstance(op, fmt.Delete):  # a delete makes no directories
@@ -800,6 +825,14 @@ class Engine:
 
 def conflict_error(txid: int, conflict: Conflict) -> ConflictError:
     return ConflictError(f"txid={txid}: {conflict.what}", paths=(conflict.key,), lsn=conflict.lsn)
+
+
+def _unrecordable(txid: int, exc: BaseException) -> InvalidPathError:
+    err = InvalidPathError(
+        f"txid={txid}: a path, count or size does not fit the journal's record format ({exc})"
+    )
+    err.__cause__ = exc
+    return err
 
 
 def _across_mounts(path: str) -> str:

@@ -97,6 +97,11 @@ class FileSystem(Protocol):
         since ``fd`` was opened is raised, as ``fsync`` raises its file's. Raises OSError
         ENOSYS where the system cannot report such errors (before Linux 5.8)."""
 
+    def path_limits(self, path: str) -> tuple[int, int]:
+        """(NAME_MAX, PATH_MAX) of the file system ``path`` is on, in bytes (PATH_MAX with
+        its terminating NUL, as ``pathconf`` reports it). Optional: a FileSystem without it
+        gets 255 and 4096."""
+
     def mount_points(self, path: str) -> list[str]:
         """The mount points strictly below the directory ``path`` (a real path), from the
         system's mount table; none where the system has no such table."""
@@ -271,6 +276,17 @@ class OsFileSystem:
         if _syncfs(fd):
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))
+
+    def path_limits(self, path: str) -> tuple[int, int]:
+        self.calls["path_limits"] += 1
+        limits = []
+        for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+            try:
+                value = os.pathconf(path, name)
+            except (OSError, ValueError):
+                value = -1
+            limits.append(value if value > 0 else default)  # -1: "no limit", or not said
+        return limits[0], limits[1]
 
     def mount_points(self, path: str) -> list[str]:
         self.calls["mount_points"] += 1

@@ -46,6 +46,7 @@ from ._errors import (
     StoreLockedError,
 )
 from ._fs import AsyncWriter, FileStat, FileSystem, OsFileSystem, on_asyncio
+from ._limits import check_tx_size
 from ._paths import check_path
 from ._recovery import RecoveryReport
 from ._transaction import Path, Transaction, TxState, encode_json, to_bytes
@@ -73,6 +74,7 @@ class _Waiter:
     tx: Transaction
     prepared: PreparedTx
     event: anyio.Event
+    size: int = 0  # the journal bytes of its ops, at most (``_limits.tx_bytes``)
     state: _WaiterState = _WaiterState.QUEUED
     result: Result | None = None
 
@@ -103,6 +105,7 @@ class Store:
         self._engine = engine
         self._recovery = report
         self._inline_threshold = inline_threshold
+        self._limits = engine.limits  # names and paths this store takes (``_limits.py``)
         self._readonly = readonly
         self._closed = False
         self._queue: list[_Waiter] = []
@@ -393,6 +396,7 @@ class Store:
             subtrees=tx._subtrees,
         )
         try:
+            size = check_tx_size(tx.txid, prepared.ops)
             await self._check_early(tx, prepared)
             read_only = not prepared.ops and not prepared.subtrees
             if read_only and tx._deps:
@@ -404,7 +408,7 @@ class Store:
             tx.state = TxState.COMMITTED
             self._forget(tx)
             return
-        w = _Waiter(tx, prepared, anyio.Event())
+        w = _Waiter(tx, prepared, anyio.Event(), size)
         self._queue.append(w)
         self._hand_on(w)
         cancelled: BaseException | None = None
@@ -467,7 +471,7 @@ class Store:
         # next transactions into the queue and this group, instead of waiting out a whole
         # commit for the next one (16 writers: groups of 16 instead of 8).
         await anyio.lowlevel.cancel_shielded_checkpoint()
-        group, self._queue = self._queue, []
+        group, self._queue = _take_group(self._queue)
         for w in group:
             w.state = _WaiterState.TAKEN
         rejected = self._resolve_deps(group)
@@ -558,7 +562,7 @@ class Store:
         """The content of ``path``; FileNotFoundError if missing. Never shows part of a
         transaction. Cancellation: the read in flight finishes in its worker thread; the
         cancellation is delivered then or at the caller's next await."""
-        return await self._read_raw(check_path(path))
+        return await self._read_raw(check_path(path, limits=self._limits))
 
     async def read_text(self, path: Path, encoding: str = "utf-8") -> str:
         """``read`` decoded. Cancellation: as ``read``."""
@@ -570,17 +574,18 @@ class Store:
 
     async def exists(self, path: Path) -> bool:
         """Whether a file or directory exists at ``path``. Cancellation: as ``read``."""
-        return await self._lstat_raw(check_path(path, allow_root=True)) is not None
+        p = check_path(path, allow_root=True, limits=self._limits)
+        return await self._lstat_raw(p) is not None
 
     async def list(self, path: Path = "") -> list[str]:
         """Sorted names in directory ``path`` (``.walstore`` hidden). Cancellation: as
         ``read``."""
-        return await self._list_raw(check_path(path, allow_root=True))
+        return await self._list_raw(check_path(path, allow_root=True, limits=self._limits))
 
     async def stat(self, path: Path) -> FileStat:
         """Kind, size and mtime of ``path``; FileNotFoundError if missing. Cancellation: as
         ``read``."""
-        p = check_path(path, allow_root=True)
+        p = check_path(path, allow_root=True, limits=self._limits)
         st = await self._lstat_raw(p)
         if st is None:
             raise FileNotFoundError(2, "No such file or directory", p)
@@ -746,6 +751,19 @@ class Store:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _take_group(queue: list[_Waiter]) -> tuple[list[_Waiter], list[_Waiter]]:
+    """The next group (the queue's head, and as many after it as one COMMIT record holds)
+    and what stays queued for the next: a group too big for its record would fail whole."""
+    if not queue:
+        return [], []
+    room = fmt.MAX_PAYLOAD - fmt.GROUP_HEADER_SIZE - queue[0].size
+    for n, w in enumerate(queue[1:], 1):
+        room -= w.size
+        if room < 0:
+            return queue[:n], queue[n:]
+    return queue, []
 
 
 def _covers(path: str, key: str) -> bool:

@@ -123,6 +123,9 @@ class Transaction:
     def __repr__(self) -> str:
         return f"<Transaction txid={self.txid} {self.state.value} ops={len(self._ops)}>"
 
+    def _path(self, path: Path, *, allow_root: bool = False) -> str:
+        return check_path(path, allow_root=allow_root, limits=self._store._limits)
+
     def _check_active(self) -> None:
         if self.state is not TxState.ACTIVE:
             raise TransactionClosedError(f"transaction {self.txid} is {self.state.value}")
@@ -249,7 +252,7 @@ class Transaction:
         staging write in flight finishes, the value is not recorded, the cancellation
         propagates and the transaction stays usable."""
         self._check_active()
-        p = check_path(path)
+        p = self._path(path)
         self._set(await self._value_op(p, to_bytes(data)))
 
     async def write_text(self, path: Path, text: str, encoding: str = "utf-8") -> None:
@@ -274,7 +277,7 @@ class Transaction:
         Cancellation or an error in the block: nothing is recorded (the staged file goes at
         rollback) and it propagates."""
         self._check_active()
-        p = check_path(path)
+        p = self._path(path)
         writer = await self._open_stream(p)
         async with writer._closing():
             yield writer
@@ -290,7 +293,7 @@ class Transaction:
         """Delete the file ``path`` at commit. Raises FileNotFoundError if it does not exist
         (unless ``missing_ok``). Cancellation: nothing recorded, the transaction stays usable."""
         self._check_active()
-        p = check_path(path)
+        p = self._path(path)
         kind = await self._kind(p)
         if kind == "dir":
             raise InvalidPathError(f"cannot delete {p!r}: it is a directory (use delete_dir)")
@@ -306,7 +309,7 @@ class Transaction:
         FileNotFoundError if ``src`` does not exist. The source is hard-linked into staging at
         commit, so the move replays as a put plus a delete. Cancellation: nothing recorded."""
         self._check_active()
-        s, d = check_path(src), check_path(dst)
+        s, d = self._path(src), self._path(dst)
         kind = await self._kind(s)  # one look, recorded as a read
         if kind is None:
             raise self._missing(FileNotFoundError(2, "No such file or directory", s))
@@ -328,7 +331,7 @@ class Transaction:
         rest of the transaction. Raises FileNotFoundError / NotADirectoryError. Cancellation:
         nothing recorded."""
         self._check_active()
-        p = check_path(path)
+        p = self._path(path)
         kind = await self._kind(p)
         if kind == "file":
             raise self._missing(NotADirectoryError(20, "Not a directory", p))
@@ -354,7 +357,7 @@ class Transaction:
         the new contents hold win. Cancellation or an error in the block: nothing recorded,
         and it propagates."""
         self._check_active()
-        p = check_path(path)
+        p = self._path(path)
         if isinstance(self._lookup(p), _FileOp):
             raise InvalidPathError(f"cannot replace {p!r}: it is a file")
         kept: Keep
@@ -378,7 +381,7 @@ class Transaction:
         """The content of ``path`` as this transaction sees it (its own writes included).
         Raises FileNotFoundError. Cancellation: propagates; nothing changes."""
         self._check_active()
-        return await self._content(check_path(path))
+        return await self._content(self._path(path))
 
     async def read_text(self, path: Path, encoding: str = "utf-8") -> str:
         """``read`` decoded. Cancellation: as ``read``."""
@@ -392,7 +395,7 @@ class Transaction:
         """Whether ``path`` (a file or a directory) exists as this transaction sees it.
         Cancellation: propagates; nothing changes."""
         self._check_active()
-        p = check_path(path, allow_root=True)
+        p = self._path(path, allow_root=True)
         if not p:
             return True
         return await self._kind(p) is not None
@@ -434,7 +437,7 @@ class Transaction:
         """Sorted names in directory ``path`` as this transaction sees it. Raises
         FileNotFoundError / NotADirectoryError. Cancellation: propagates; nothing changes."""
         self._check_active()
-        p = check_path(path, allow_root=True)
+        p = self._path(path, allow_root=True)
         kind = await self._kind(p) if p else "dir"
         if kind == "file":
             raise self._missing(NotADirectoryError(20, "Not a directory", p))
@@ -615,6 +618,7 @@ class DirWriter:
 
     def _rel(self, path: Path) -> str:
         rel = check_path(path)
+        self._tx._path(f"{self.path}/{rel}")  # the limits, on the path it is applied at
         for other in self._entries:
             if other.startswith(rel + "/") or rel.startswith(other + "/"):
                 raise InvalidPathError(f"{rel!r} and {other!r}: one is inside the other")

@@ -98,6 +98,10 @@ class MemoryFileSystem:
         # disk: about checkpoint_bytes). Small, so clones stay cheap and appends run both
         # inside the preallocated space and past it.
         self.journal_preallocation = 4096
+        # NAME_MAX and PATH_MAX (with its NUL), as Linux's: a longer name or path fails with
+        # ENAMETOOLONG, and path_limits() reports them.
+        self.name_max = 255
+        self.path_max = 4096
         self._lock = threading.RLock()
         self._inodes: dict[int, _Inode] = {self.ROOT: _Inode("dir")}
         self._durable: dict[int, dict[str, int]] = {self.ROOT: {}}
@@ -141,6 +145,12 @@ class MemoryFileSystem:
             raise _err(errno.ELOOP, path)
         if not path.startswith("/"):
             raise _err(errno.EINVAL, path)
+        encoded = path.encode("utf-8", "surrogateescape")
+        if len(encoded) >= self.path_max or (
+            len(encoded) > self.name_max
+            and any(len(n) > self.name_max for n in encoded.split(b"/"))
+        ):
+            raise _err(errno.ENAMETOOLONG, path)
         parts = [p for p in path.split("/") if p and p != "."]
         cur = self.ROOT
         stack: list[int] = []
@@ -415,6 +425,11 @@ class MemoryFileSystem:
         if self._mount_of(a) != self._mount_of(b):
             raise _err(errno.EXDEV, f"{a} -> {b}")
 
+    def path_limits(self, path: str) -> tuple[int, int]:
+        with self._lock:
+            self._call("path_limits", path)
+            return self.name_max, self.path_max
+
     def mount_points(self, path: str) -> list[str]:
         with self._lock:
             self._call("mount_points", path)
@@ -603,7 +618,9 @@ class MemoryFileSystem:
             out: dict[str, bytes] = {}
             base = self._get(root)
 
-            def walk(ino: int, prefix: str) -> None:
+            stack = [(base, "")]  # iterative: a tree of any depth
+            while stack:
+                ino, prefix = stack.pop()
                 for name, child in sorted(self._inodes[ino].entries.items()):
                     if not prefix and name in skip:
                         continue
@@ -611,11 +628,9 @@ class MemoryFileSystem:
                     if node.kind == "dir":
                         if not node.entries:
                             out[prefix + name + "/"] = b""
-                        walk(child, prefix + name + "/")
+                        stack.append((child, prefix + name + "/"))
                     else:
                         out[prefix + name] = bytes(node.data)
-
-            walk(base, "")
             return out
 
     def clone(self) -> MemoryFileSystem:
