@@ -60,9 +60,10 @@ class PathLimits:
             )
         for name in encoded.split(b"/"):
             if len(name) > self.name_max:
+                where = "" if name == encoded else f" in {_short(path)}"
                 raise InvalidPathError(
                     f"name of {len(name)} bytes, over the file system's NAME_MAX of "
-                    f"{self.name_max}: {_short(os.fsdecode(name))} in {_short(path)}"
+                    f"{self.name_max}: {_short(os.fsdecode(name))}{where}"
                 )
 
     def check_op(self, op: Any) -> None:
