@@ -19,9 +19,8 @@ import anyio
 import pytest
 
 import walstore
-from walstore import InvalidPathError, TxState
+from walstore import InvalidPathError, TxState, _limits
 from walstore import _journal_format as fmt
-from walstore import _limits
 from walstore._backup import _rmtree, backup
 from walstore._inspect import Layout, read_staging, verify
 from walstore._limits import PathLimits
