@@ -109,6 +109,12 @@ class Transaction:
         self.lsn: int | None = None  # LSN of the COMMIT record, once committed
         self._claim = claim  # its place in the queues of hot paths
         self._ops: dict[str, TxOp] = {}  # path -> last op on it, in order of last touch
+        # Indexes of _ops, so that each op costs O(its depth), not O(the transaction's ops)
+        # (16,000 deletes in one transaction took 62 s when every op scanned them all):
+        self._seq: dict[str, int] = {}  # path -> when its op was last set
+        self._tick = 0
+        self._below: dict[str, set[str]] = {}  # directory -> paths of ops strictly below it
+        self._makes: dict[str, int] = {}  # directory -> ops below it that are not deletes
         # What it read, each with the LSN visible when it read it (the oldest, if twice):
         self._reads: dict[str, int] = {}  # files read, or found missing
         self._listed: dict[str, int] = {}  # directories listed
@@ -131,33 +137,64 @@ class Transaction:
             raise TransactionClosedError(f"transaction {self.txid} is {self.state.value}")
 
     def _set(self, op: TxOp) -> None:
-        self._ops.pop(op.path, None)
-        self._ops[op.path] = op
+        path = op.path
+        self._unset(path)
+        self._ops[path] = op
+        self._tick += 1
+        self._seq[path] = self._tick
+        makes = not isinstance(op, fmt.Delete | fmt.DeleteDir)
+        below, counts = self._below, self._makes
+        for a in parents(path):
+            below.setdefault(a, set()).add(path)
+            if makes:
+                counts[a] = counts.get(a, 0) + 1
+
+    def _unset(self, path: str) -> None:
+        op = self._ops.pop(path, None)
+        if op is None:
+            return
+        del self._seq[path]
+        makes = not isinstance(op, fmt.Delete | fmt.DeleteDir)
+        for a in parents(path):
+            under = self._below[a]
+            under.discard(path)
+            if not under:
+                del self._below[a]
+            if makes:
+                self._makes[a] -= 1
+                if not self._makes[a]:
+                    del self._makes[a]
 
     def _drop_below(self, path: str) -> None:
-        prefix = path + "/"
-        for k in [k for k in self._ops if k.startswith(prefix)]:
-            del self._ops[k]
+        for k in list(self._below.get(path, ())):
+            self._unset(k)
 
     # -- the transaction's own view ------------------------------------------------------
 
     def _lookup(self, p: str) -> TxOp | _Missing | tuple[PendingReplace, str] | None:
         """What the transaction's ops say about file ``p``: an op on it, MISSING, (a
         replace_dir above it, the path relative to it), or None (ask the disk)."""
-        ancestors = set(parents(p))
-        for k in reversed(self._ops):
-            op = self._ops[k]
-            if k == p:
-                if isinstance(op, fmt.Delete | fmt.DeleteDir):
-                    return MISSING
-                return op
-            if k in ancestors:
-                if isinstance(op, fmt.DeleteDir):
-                    return MISSING
-                if isinstance(op, PendingReplace):
-                    return op, p[len(k) + 1 :]
-                return MISSING  # an ancestor is a file this transaction writes
-        return None
+        ops, seq = self._ops, self._seq
+        if not ops:
+            return None
+        # The newest op at p or above it decides: a dict lookup for p and each ancestor.
+        k, newest = p, seq.get(p, -1)
+        for a in parents(p):
+            at = seq.get(a, -1)
+            if at > newest:
+                k, newest = a, at
+        if newest < 0:
+            return None
+        op = ops[k]
+        if k == p:
+            if isinstance(op, fmt.Delete | fmt.DeleteDir):
+                return MISSING
+            return op
+        if isinstance(op, fmt.DeleteDir):
+            return MISSING
+        if isinstance(op, PendingReplace):
+            return op, p[len(k) + 1 :]
+        return MISSING  # an ancestor is a file this transaction writes
 
     def _keeps(self, op: PendingReplace, rel: str) -> bool:
         return op.keep is not None and _keeps(op.keep, rel)
@@ -338,7 +375,7 @@ class Transaction:
         if kind is None:
             raise self._missing(FileNotFoundError(2, "No such directory", p))
         self._drop_below(p)
-        self._ops.pop(p, None)
+        self._unset(p)
         if await self._kind(p) is not None:  # not only this transaction's own making
             self._set(fmt.DeleteDir(p))
         await self._note(self._subtrees, p, listing_key(p))
@@ -402,13 +439,9 @@ class Transaction:
 
     async def _kind(self, p: str) -> str | None:
         """ "file", "dir" or None as this transaction sees ``p``."""
-        prefix = p + "/"
-        for k in reversed(self._ops):  # something this transaction puts below p: a dir
-            op = self._ops[k]
-            if k.startswith(prefix) and not isinstance(op, fmt.Delete | fmt.DeleteDir):
-                return "dir"
-            if k == p and isinstance(op, PendingReplace):
-                return "dir"
+        # Something this transaction puts below p, or a directory it replaces at p: a dir.
+        if p in self._makes or isinstance(self._ops.get(p), PendingReplace):
+            return "dir"
         found = self._lookup(p)
         if isinstance(found, _FileOp):
             return "file"
@@ -615,20 +648,28 @@ class DirWriter:
         self._tx = tx
         self.path = path
         self._entries: dict[str, fmt.Put | fmt.PutStaged] = {}
+        self._dirs: set[str] = set()  # directories the entries are in
 
     def _rel(self, path: Path) -> str:
         rel = check_path(path)
         self._tx._path(f"{self.path}/{rel}")  # the limits, on the path it is applied at
-        for other in self._entries:
-            if other.startswith(rel + "/") or rel.startswith(other + "/"):
-                raise InvalidPathError(f"{rel!r} and {other!r}: one is inside the other")
+        if rel in self._dirs:
+            other = next(e for e in self._entries if e.startswith(rel + "/"))
+            raise InvalidPathError(f"{rel!r} and {other!r}: one is inside the other")
+        for a in parents(rel):
+            if a in self._entries:
+                raise InvalidPathError(f"{rel!r} and {a!r}: one is inside the other")
         return rel
+
+    def _add(self, rel: str, op: fmt.Put | fmt.PutStaged) -> None:
+        self._entries[rel] = op
+        self._dirs.update(parents(rel))
 
     async def write(self, path: Path, data: bytes | bytearray | memoryview) -> None:
         """Put ``data`` at ``path`` inside the new directory. Cancellation: not recorded."""
         self._tx._check_active()
         rel = self._rel(path)
-        self._entries[rel] = await self._tx._value_op(rel, to_bytes(data))
+        self._add(rel, await self._tx._value_op(rel, to_bytes(data)))
 
     async def write_text(self, path: Path, text: str, encoding: str = "utf-8") -> None:
         """``write`` of encoded text. Cancellation: not recorded."""
@@ -650,4 +691,4 @@ class DirWriter:
             yield writer
         op = writer._op()
         assert isinstance(op, fmt.PutStaged)
-        self._entries[rel] = op
+        self._add(rel, op)
