@@ -127,9 +127,19 @@ class AsyncWriter(Protocol):
     async def aclose(self) -> None: ...
 
 
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """``data`` as a view of unsigned bytes, so that ``len`` and slices count bytes
+    (``nbytes``): a view of 4-byte ints has a quarter as many items as bytes, and sizing by
+    items journalled a quarter of the size."""
+    view = memoryview(data)
+    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+        return view
+    return view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+
+
 def write_all(fs: FileSystem, fd: int, data: bytes | memoryview, offset: int) -> None:
     """pwrite until all of ``data`` is written (a short write is not an error)."""
-    view = memoryview(data)
+    view = byte_view(data)
     done = 0
     while done < len(view):
         n = fs.pwrite(fd, view[done:], offset + done)
@@ -341,7 +351,7 @@ class _AiofilesWriter:
 
     async def write(self, data: bytes | memoryview) -> None:
         self._fs.calls["stream_write"] += 1
-        view = memoryview(data)
+        view = byte_view(data)
         while view:  # a raw (unbuffered) file may write short
             n = await self._f.write(view)
             view = view[n:]
@@ -374,7 +384,7 @@ class _ThreadWriter:
         self._fs.calls["stream_write"] += 1
 
         def run() -> None:
-            view = memoryview(data)
+            view = byte_view(data)
             while view:
                 view = view[os.write(self._fd, view) :]
 

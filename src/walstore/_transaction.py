@@ -49,6 +49,7 @@ from . import _journal_format as fmt
 from ._conflicts import listing_key
 from ._engine import Keep, Move, PendingReplace, TxOp
 from ._errors import ConflictError, InvalidPathError, StoreClosedError, TransactionClosedError
+from ._fs import byte_view
 from ._paths import check_path, parents
 
 if TYPE_CHECKING:
@@ -600,10 +601,10 @@ class StreamWriter:
         Cancellation: propagates; the value will not be recorded."""
         if self._closed:
             raise TransactionClosedError("the streamed value is already closed")
-        view = memoryview(
+        view = byte_view(
             to_bytes(data) if not isinstance(data, bytes | bytearray | memoryview) else data
         )
-        self._size += len(view)
+        self._size += len(view)  # bytes (nbytes), whatever the view's item size
         if not self._buf and len(view) >= STREAM_CHUNK:
             await self._write(view)  # big enough for a hop of its own: no copy
             return

@@ -30,7 +30,7 @@ from typing import Any
 
 import anyio
 
-from ._fs import FileStat, Kind
+from ._fs import FileStat, Kind, byte_view
 
 __all__ = ["MemoryFileSystem", "ShortWrite", "SimulatedCrash"]
 
@@ -667,7 +667,7 @@ class _MemoryWriter:
 
     async def write(self, data: bytes | memoryview) -> None:
         def run() -> None:
-            view = memoryview(data)
+            view = byte_view(data)
             while view:
                 n = self._fs.pwrite(self._fd, view, self._offset)
                 self._offset += n
