@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
@@ -448,6 +449,22 @@ def _message(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
+)
+
+
+def _escape(line: str) -> str:
+    """``line`` with every control, format or line-separator character and every
+    undecodable byte (a surrogate) written as an escape (``\\n``, ``\\x1b``, ``\\udcff``):
+    a file name that holds a newline or a terminal escape cannot paint a line of its own
+    (a fake ``OK:``) or restyle the terminal. Every line printed for people goes through it;
+    JSON output escapes them already."""
+    if not _UNSAFE.search(line):
+        return line
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     json_out: bool = getattr(args, "json", False)
@@ -465,12 +482,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         code = _exit_code(exc)
         message = " ".join(_message(exc).split())  # one line, whatever the message holds
-        print(f"walstore: {message}", file=sys.stderr)
+        print(f"walstore: {_escape(message)}", file=sys.stderr)
         if json_out:
             print(json.dumps({"error": message, "exit_code": code}))
         return code
     if json_out:
         print(json.dumps(doc, indent=2))
     else:
-        print("\n".join(lines))
+        print("\n".join(map(_escape, lines)))
     return code
