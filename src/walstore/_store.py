@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Generator
@@ -44,6 +45,7 @@ from ._errors import (
     StoreError,
     StoreFailedError,
     StoreLockedError,
+    StoreMisuseError,
 )
 from ._fs import AsyncWriter, FileStat, FileSystem, OsFileSystem, on_asyncio
 from ._limits import check_tx_size
@@ -60,6 +62,18 @@ DEFAULT_CACHE_BYTES = 32 << 20
 # Store.atomic retries a transaction that conflicted until this many seconds have passed.
 # Conflicting retries take turns (_contention.py), so contention alone does not reach it.
 DEFAULT_ATOMIC_TIMEOUT = 60.0
+
+
+_forks = 0  # fork()s this process came through: a store opened before one is not its own
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 class _WaiterState(enum.Enum):
@@ -136,6 +150,10 @@ class Store:
         # of each transaction's entries.
         self._pending: dict[str, list[PendingWrite]] = {}
         self._pending_of: dict[Transaction, list[str]] = {}
+        # Where it may be used: this thread (so its event loop), this process.
+        self._thread = threading.get_ident()
+        self._forks = _forks
+        self._pid = os.getpid()
 
     @property
     def root(self) -> str:
@@ -166,7 +184,28 @@ class Store:
         self._hops += 1
         return await self._committer.run(fn, *args)
 
+    def _check_context(self) -> None:
+        """Raise StoreMisuseError unless in the thread and the process that opened it (one
+        thread runs one event loop at a time: loops run one after the other in it, as
+        ``anyio.run`` calls do, may share the store). Two compares: on every op."""
+        if _forks != self._forks:
+            raise StoreMisuseError(
+                f"store {self.root} was opened by process {self._pid}, and this is a child "
+                f"it forked (pid {os.getpid()}): the child shares the parent's journal and lock "
+                "handles, and writing through them loses commits. Open stores after fork(), "
+                "in the process that uses them (one writer process at a time)"
+            )
+        if threading.get_ident() != self._thread:
+            raise StoreMisuseError(
+                f"store {self.root} is used from another thread than the one that opened it: "
+                "its tasks and events belong to that thread's event loop, and two loops "
+                "would wait on each other forever. Use a store from the thread (and loop) "
+                "that opened it: from another thread, hand the work to that loop "
+                "(anyio.from_thread.run)"
+            )
+
     def _check_open(self) -> None:
+        self._check_context()
         if self._closed:
             raise StoreClosedError(f"store {self.root} is closed")
 
@@ -308,6 +347,14 @@ class Store:
         op = await self._run(self._engine.stage, tx.txid, index, data, not tx._staging_made)
         tx._staging_made = True
         return op
+
+    async def _discard(self, tx: Transaction) -> None:
+        """Remove what a transaction that already ended staged since (shielded)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._run(self._engine.discard, tx.txid)
+            except OSError as exc:  # the next open removes it as an orphan
+                log.warning("txid=%d: could not remove staged files: %s", tx.txid, exc)
 
     async def _read_staged(self, name: str) -> bytes:
         return await self._run(
@@ -725,6 +772,11 @@ class Store:
         still open are rolled back. Cancellation: closing runs shielded, then it is delivered."""
         if self._closed:
             return
+        if _forks != self._forks:  # a forked child: close without touching a file or the
+            self._closed = True  # lock (its handles are the parent's; unlocking is theirs)
+            self._finalizer.detach()
+            return
+        self._check_context()
         self._closed = True
         with anyio.CancelScope(shield=True):
             while self._leading:  # let queued and running commits finish first

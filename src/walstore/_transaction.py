@@ -37,8 +37,8 @@ import enum
 import json
 import os
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +48,13 @@ import anyio.lowlevel
 from . import _journal_format as fmt
 from ._conflicts import listing_key
 from ._engine import Keep, Move, PendingReplace, TxOp
-from ._errors import ConflictError, InvalidPathError, StoreClosedError, TransactionClosedError
+from ._errors import (
+    ConflictError,
+    InvalidPathError,
+    StoreClosedError,
+    TransactionBusyError,
+    TransactionClosedError,
+)
 from ._fs import byte_view
 from ._paths import check_path, parents
 
@@ -126,6 +132,7 @@ class Transaction:
         self._staged = 0  # values staged (or being staged): names staging/<txid>/<n>
         self._staging_made = False  # staging/<txid>/ exists
         self._closed_with_store = False  # rolled back by Store.aclose()
+        self._inflight = 0  # ops running that record a change when they end (``_running``)
 
     def __repr__(self) -> str:
         return f"<Transaction txid={self.txid} {self.state.value} ops={len(self._ops)}>"
@@ -134,10 +141,37 @@ class Transaction:
         return check_path(path, allow_root=allow_root, limits=self._store._limits)
 
     def _check_active(self) -> None:
+        self._store._check_context()
         if self.state is not TxState.ACTIVE:
             raise TransactionClosedError(f"transaction {self.txid} is {self.state.value}")
 
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        """Around an op that awaits before it records its change: while any runs, ``commit``
+        refuses (TransactionBusyError) instead of committing without it."""
+        self._check_active()
+        self._inflight += 1
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+
+    def _recording(self) -> None:
+        """Before an op that ran records its change: the transaction must still be open (a
+        commit refused while it ran rolled it back)."""
+        if self.state is not TxState.ACTIVE:
+            raise TransactionClosedError(
+                f"transaction {self.txid} was {self.state.value} while this op ran: "
+                "its change was not recorded (await every op before the commit)"
+            )
+
+    async def _drop_late(self) -> None:
+        """A value staged by an op that outlived its transaction: remove it, then raise."""
+        await self._store._discard(self)
+        self._recording()
+
     def _set(self, op: TxOp) -> None:
+        self._recording()
         path = op.path
         self._unset(path)
         self._ops[path] = op
@@ -278,6 +312,8 @@ class Transaction:
         index = self._staged
         self._staged += 1  # counted first: a cancelled stage still gets cleaned up
         staged = await self._store._stage(self, index, value)
+        if self.state is not TxState.ACTIVE:  # it ended while the value was being staged
+            await self._drop_late()
         # The worker thread is never abandoned, so a cancellation that came meanwhile is
         # delivered here, before the value is recorded.
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -289,9 +325,9 @@ class Transaction:
         A value over the store's inline threshold is staged to disk now. Cancellation: the
         staging write in flight finishes, the value is not recorded, the cancellation
         propagates and the transaction stays usable."""
-        self._check_active()
-        p = self._path(path)
-        self._set(await self._value_op(p, to_bytes(data)))
+        with self._running():
+            p = self._path(path)
+            self._set(await self._value_op(p, to_bytes(data)))
 
     async def write_text(self, path: Path, text: str, encoding: str = "utf-8") -> None:
         """Write ``text`` encoded with ``encoding``. Cancellation: as ``write``."""
@@ -314,12 +350,14 @@ class Transaction:
         stays flat in the value's size. The value is recorded when the block exits cleanly.
         Cancellation or an error in the block: nothing is recorded (the staged file goes at
         rollback) and it propagates."""
-        self._check_active()
-        p = self._path(path)
-        writer = await self._open_stream(p)
-        async with writer._closing():
-            yield writer
-        self._set(writer._op())
+        with self._running():
+            p = self._path(path)
+            writer = await self._open_stream(p)
+            async with writer._closing():
+                yield writer
+            if self.state is not TxState.ACTIVE:
+                await self._drop_late()
+            self._set(writer._op())
 
     async def _open_stream(self, p: str) -> StreamWriter:
         index = self._staged
@@ -330,8 +368,10 @@ class Transaction:
     async def delete(self, path: Path, missing_ok: bool = False) -> None:
         """Delete the file ``path`` at commit. Raises FileNotFoundError if it does not exist
         (unless ``missing_ok``). Cancellation: nothing recorded, the transaction stays usable."""
-        self._check_active()
-        p = self._path(path)
+        with self._running():
+            await self._delete(self._path(path), missing_ok)
+
+    async def _delete(self, p: str, missing_ok: bool) -> None:
         kind = await self._kind(p)
         if kind == "dir":
             raise InvalidPathError(f"cannot delete {p!r}: it is a directory (use delete_dir)")
@@ -346,8 +386,10 @@ class Transaction:
         """Move the file ``src`` to ``dst`` at commit, replacing a file there. Raises
         FileNotFoundError if ``src`` does not exist. The source is hard-linked into staging at
         commit, so the move replays as a put plus a delete. Cancellation: nothing recorded."""
-        self._check_active()
-        s, d = self._path(src), self._path(dst)
+        with self._running():
+            await self._move(self._path(src), self._path(dst))
+
+    async def _move(self, s: str, d: str) -> None:
         kind = await self._kind(s)  # one look, recorded as a read
         if kind is None:
             raise self._missing(FileNotFoundError(2, "No such file or directory", s))
@@ -368,13 +410,16 @@ class Transaction:
         """Remove the directory ``path`` and everything in it at commit, atomically with the
         rest of the transaction. Raises FileNotFoundError / NotADirectoryError. Cancellation:
         nothing recorded."""
-        self._check_active()
-        p = self._path(path)
+        with self._running():
+            await self._delete_dir(self._path(path))
+
+    async def _delete_dir(self, p: str) -> None:
         kind = await self._kind(p)
         if kind == "file":
             raise self._missing(NotADirectoryError(20, "Not a directory", p))
         if kind is None:
             raise self._missing(FileNotFoundError(2, "No such directory", p))
+        self._recording()
         self._drop_below(p)
         self._unset(p)
         if await self._kind(p) is not None:  # not only this transaction's own making
@@ -394,8 +439,14 @@ class Transaction:
         transaction's own earlier changes below ``path`` go with the old directory, and names
         the new contents hold win. Cancellation or an error in the block: nothing recorded,
         and it propagates."""
-        self._check_active()
-        p = self._path(path)
+        with self._running():
+            async with self._replace_dir(self._path(path), keep) as writer:
+                yield writer
+
+    @asynccontextmanager
+    async def _replace_dir(
+        self, p: str, keep: Iterable[str] | Callable[[str], bool] | None
+    ) -> AsyncIterator[DirWriter]:
         if isinstance(self._lookup(p), _FileOp):
             raise InvalidPathError(f"cannot replace {p!r}: it is a file")
         kept: Keep
@@ -407,7 +458,7 @@ class Transaction:
             kept = frozenset(keep)
         writer = DirWriter(self, p)
         yield writer
-        self._check_active()
+        self._recording()
         self._drop_below(p)
         if kept is not None:
             await self._note(self._subtrees, p, listing_key(p))
@@ -538,6 +589,14 @@ class Transaction:
         the commit runs to its end shielded, ``state`` is final, then the cancellation is
         delivered."""
         self._check_active()
+        if self._inflight:
+            await self._store._end(self, TxState.ROLLED_BACK)
+            raise TransactionBusyError(
+                f"transaction {self.txid} was committed while {self._inflight} of its own "
+                "op(s) still ran (a write staging a value, an open_write or replace_dir "
+                "block, in another task or around this commit): it is rolled back, nothing "
+                "changed. Await every op of a transaction before it commits"
+            )
         await self._store._commit(self)
 
     async def rollback(self) -> None:
