@@ -235,6 +235,10 @@ def _report_lines(d: dict[str, Any], verb: str) -> list[str]:
             f"  {would}{'discarded' if past else 'discard'} {d['torn_bytes']} bytes "
             "of torn journal tail"
         )
+    lines += [
+        f"  SKIPPED an op no file system can apply (committed unchecked by an older walstore): {s}"
+        for s in d.get("ops_skipped", ())
+    ]
     orphans = d.get("orphans_removed", d.get("orphans_removed_at_least", 0))
     lines.append(
         f"  {would}{'removed' if past else 'remove'} {d['segments_removed']} old journal "
@@ -252,6 +256,7 @@ def _report_dict(report: Any) -> dict[str, Any]:
         "orphans_removed": report.orphans_removed,
         "segments_removed": report.segments_removed,
         "ops_replayed": report.ops_replayed,
+        "ops_skipped": list(report.ops_skipped),
     }
 
 

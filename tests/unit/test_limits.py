@@ -346,3 +346,44 @@ def test_memory_file_system_lists_a_deep_tree() -> None:
     fs.pwrite(fd, b"deep", 0)
     fs.close(fd)
     assert fs.files("/r") == {_deep(DEEP) + "/f": b"deep"}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_store_poisoned_by_an_older_version_opens_again(tmp_path: Path) -> None:
+    """A store whose journal holds an op no file system can apply (committed with the
+    checks off, as versions before them did): the commit fails after its commit point, and
+    every open's replay failed with ENAMETOOLONG. Now the replay skips that op, says so in
+    ``recovery.ops_skipped`` (and the log), applies the rest, and the store opens."""
+    root = tmp_path / "s"
+    async with walstore.open(root) as store:
+        await store.write("d/old.txt", b"old")
+        store._limits = store._engine.limits = _unlimited()  # as an unchecked version
+        with pytest.raises(walstore.StoreFailedError):
+            async with store.transaction() as tx:
+                await tx.write("first.txt", b"applied before the poison")
+                await _replace(tx, LONG_NAME)
+                await tx.write("last.txt", b"after the poison")
+    async with walstore.open(root) as store:
+        assert len(store.recovery.ops_skipped) == 1
+        assert await store.read("first.txt") == b"applied before the poison"
+        assert await store.read("last.txt") == b"after the poison"
+        assert await store.read("d/old.txt") == b"old"  # the replacement could not be made
+    async with walstore.open(root) as store:  # the skip was checkpointed, not repeated
+        assert store.recovery.clean
+        assert await store.read("last.txt") == b"after the poison"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_recovery_reports_the_skipped_op(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    async with walstore.open(root) as store:
+        store._limits = store._engine.limits = _unlimited()
+        with pytest.raises(walstore.StoreFailedError):
+            async with store.transaction() as tx:
+                await _replace(tx, LONG_NAME)
+                await tx.write("last.txt", b"after the poison")
+    async with walstore.open(root) as store:
+        (what,) = store.recovery.ops_skipped
+        assert "ReplaceDir 'd'" in what and "too long" in what
+        assert await store.read("last.txt") == b"after the poison"
+        assert not store.recovery.clean
