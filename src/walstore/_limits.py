@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import InvalidPathError
+from ._journal_format import Put
 
 # A path's length is a u16 in a journal record (docs/journal-format.md).
 RECORD_PATH_MAX = 0xFFFF
@@ -96,6 +97,9 @@ def tx_bytes(ops: Iterable[Any], *, exact: bool = False) -> int:
 
     total = 12  # txid, op count
     for op in ops:
+        if type(op) is Put:  # the common case, without the lookups below
+            total += 24 + size(op.path) + len(op.data)
+            continue
         total += 24 + size(op.path) + size(getattr(op, "src", ""))
         data = getattr(op, "data", None)
         if data is not None:

@@ -120,6 +120,8 @@ class Transaction:
         # (16,000 deletes in one transaction took 62 s when every op scanned them all):
         self._seq: dict[str, int] = {}  # path -> when its op was last set
         self._tick = 0
+        # Made on first need (a transaction that only writes never needs them), then kept:
+        self._indexed = False
         self._below: dict[str, set[str]] = {}  # directory -> paths of ops strictly below it
         self._makes: dict[str, int] = {}  # directory -> ops below it that are not deletes
         # What it read, each with the LSN visible when it read it (the oldest, if twice):
@@ -171,12 +173,18 @@ class Transaction:
         self._recording()
 
     def _set(self, op: TxOp) -> None:
-        self._recording()
+        if self.state is not TxState.ACTIVE:
+            self._recording()
         path = op.path
-        self._unset(path)
+        if path in self._ops:
+            self._unset(path)
         self._ops[path] = op
         self._tick += 1
         self._seq[path] = self._tick
+        if self._indexed:
+            self._index(path, op)
+
+    def _index(self, path: str, op: TxOp) -> None:
         makes = not isinstance(op, fmt.Delete | fmt.DeleteDir)
         below, counts = self._below, self._makes
         for a in parents(path):
@@ -184,11 +192,21 @@ class Transaction:
             if makes:
                 counts[a] = counts.get(a, 0) + 1
 
+    def _build_index(self) -> None:
+        """``_below`` and ``_makes``, the first time an op needs them: once, in the ops'
+        number; kept up to date by ``_set`` and ``_unset`` from then on."""
+        if not self._indexed:
+            self._indexed = True
+            for path, op in self._ops.items():
+                self._index(path, op)
+
     def _unset(self, path: str) -> None:
         op = self._ops.pop(path, None)
         if op is None:
             return
         del self._seq[path]
+        if not self._indexed:
+            return
         makes = not isinstance(op, fmt.Delete | fmt.DeleteDir)
         for a in parents(path):
             under = self._below[a]
@@ -201,6 +219,7 @@ class Transaction:
                     del self._makes[a]
 
     def _drop_below(self, path: str) -> None:
+        self._build_index()
         for k in list(self._below.get(path, ())):
             self._unset(k)
 
@@ -325,9 +344,13 @@ class Transaction:
         A value over the store's inline threshold is staged to disk now. Cancellation: the
         staging write in flight finishes, the value is not recorded, the cancellation
         propagates and the transaction stays usable."""
-        with self._running():
+        self._check_active()
+        self._inflight += 1  # as ``_running`` does, inline: every write passes here
+        try:
             p = self._path(path)
             self._set(await self._value_op(p, to_bytes(data)))
+        finally:
+            self._inflight -= 1
 
     async def write_text(self, path: Path, text: str, encoding: str = "utf-8") -> None:
         """Write ``text`` encoded with ``encoding``. Cancellation: as ``write``."""
@@ -492,6 +515,7 @@ class Transaction:
     async def _kind(self, p: str) -> str | None:
         """ "file", "dir" or None as this transaction sees ``p``."""
         # Something this transaction puts below p, or a directory it replaces at p: a dir.
+        self._build_index()
         if p in self._makes or isinstance(self._ops.get(p), PendingReplace):
             return "dir"
         found = self._lookup(p)
