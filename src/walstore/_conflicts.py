@@ -52,7 +52,6 @@ class GroupEffects:
     listing_changed: set[str] = field(default_factory=set)  # directories gaining/losing names
     trees: set[str] = field(default_factory=set)  # directories deleted or replaced
     writer: dict[str, int] = field(default_factory=dict)  # file -> txid that changed it last
-    modified_below: set[str] = field(default_factory=set)  # directories above a modified file
 
 
 _NONE = GroupEffects()
@@ -65,10 +64,6 @@ class ConflictIndex:
         self._modified: dict[str, int] = {}
         self._listing: dict[str, int] = {}
         self._trees: dict[str, int] = {}
-        # directory -> the newest LSN of a file or tree change strictly below it: a subtree
-        # read is checked by one lookup, not by a scan of every change (LSNs only grow, so
-        # the max is set, never lowered, and pruned with the entries).
-        self._below: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._modified) + len(self._listing) + len(self._trees)
@@ -76,24 +71,19 @@ class ConflictIndex:
     def observe(self, lsn: int, effects: GroupEffects) -> None:
         """Record a committed group's effects at ``lsn``. Requires: the group is applied and
         the caller holds the apply gate (whoever saw its files sees it here too)."""
-        below = self._below
         for p in effects.modified:
             self._modified[p] = lsn
-            for a in parents(p):
-                below[a] = lsn
         for d in effects.listing_changed:
             self._listing[d] = lsn
         for d in effects.trees:
             self._trees[d] = lsn
-            for a in parents(d):
-                below[a] = lsn
 
     def prune(self, oldest: int) -> None:
         """Forget changes at or below ``oldest``, the oldest LSN an open transaction may
         have read at: no read can be stale because of them. Cheap when the index is small."""
         if len(self) < 4096:
             return
-        for table in (self._modified, self._listing, self._trees, self._below):
+        for table in (self._modified, self._listing, self._trees):
             for key in [k for k, v in table.items() if v <= oldest]:
                 del table[key]
 
@@ -109,7 +99,7 @@ class ConflictIndex:
         this one in its group. ``deps``: files read as a transaction ahead in the group
         wrote them, before it committed (``_contention.py``, rule 5), by path -> its txid:
         valid if that transaction is the last one ahead to have changed them."""
-        modified, listing = self._modified, self._listing
+        modified, listing, trees = self._modified, self._listing, self._trees
         for p, txid in (deps or {}).items():
             if group.writer.get(p) != txid or self._tree_changed(p, 1 << 62, group) is not None:
                 return Conflict(p, 0, f"{p!r} was read before its writer committed, which failed")
@@ -128,11 +118,12 @@ class ConflictIndex:
             if hit is not None:
                 return Conflict(listing_key(d), hit, f"directory {d!r} changed")
         for d, seen in subtrees.items():
-            newest = self._below.get(d, 0)
-            changed_below = newest > seen
+            prefix = d + "/"
+            lsns = [v for k, v in modified.items() if v > seen and k.startswith(prefix)]
+            lsns += [v for k, v in trees.items() if v > seen and k.startswith(prefix)]
             hit = self._tree_changed(d, seen, group)
-            if changed_below or hit is not None or d in group.modified_below:
-                lsn = max(newest if changed_below else 0, hit or 0)
+            if lsns or hit is not None or any(k.startswith(prefix) for k in group.modified):
+                lsn = max([*lsns, hit or 0])
                 return Conflict(listing_key(d), lsn, f"files under {d!r} changed")
         return None
 

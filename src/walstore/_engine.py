@@ -26,7 +26,6 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import _journal_format as fmt
 from ._apply import SYNCFS_MIN, Applier, remove_tree
@@ -42,7 +41,7 @@ from ._errors import (
 from ._fs import FileStat, FileSystem, write_all
 from ._journal_writer import AppendFailed, JournalWriter
 from ._limits import PathLimits, limits_of
-from ._paths import RESERVED, PathSet, parent, parents
+from ._paths import RESERVED, parent, parents
 from ._recovery import RecoveryReport, recover
 
 log = logging.getLogger("walstore")
@@ -154,33 +153,11 @@ class _Gate:
                 self._cond.notify_all()
 
 
-class _Kinds(dict[str, str | None]):
-    """path -> "file"/"dir"/None, indexed by directory so that what lies below one is
-    dropped in time proportional to it (a transaction of thousands of ``delete_dir``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._paths = PathSet()
-
-    def __setitem__(self, path: str, kind: str | None) -> None:
-        super().__setitem__(path, kind)
-        self._paths.add(path)
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        for path, kind in dict(*args, **kwargs).items():
-            self[path] = kind
-
-    def drop_under(self, directory: str) -> None:
-        for path in self._paths.under(directory):
-            self._paths.discard(path)
-            super().pop(path, None)
-
-
 @dataclass
 class _Overlay:
     """Paths as a group's validated transactions leave them, before they are applied."""
 
-    kinds: _Kinds = field(default_factory=_Kinds)  # path -> "file"/"dir"/None
+    kinds: dict[str, str | None] = field(default_factory=dict)  # path -> "file"/"dir"/None
     cleared: set[str] = field(default_factory=set)  # directories deleted or replaced
 
 
@@ -682,7 +659,7 @@ class Engine:
             if (kind is None) != isinstance(op, fmt.DeleteDir):
                 listing.add(parent(op.path))
             local.cleared.add(op.path)
-            local.kinds.drop_under(op.path)
+            local.kinds = {k: v for k, v in local.kinds.items() if not k.startswith(op.path + "/")}
             if isinstance(op, fmt.DeleteDir):
                 local.kinds[op.path] = None
             else:
@@ -698,7 +675,6 @@ class Engine:
         state.overlay.kinds.update(local.kinds)
         state.overlay.cleared |= local.cleared
         state.effects.modified |= modified
-        state.effects.modified_below.update(a for p in modified for a in parents(p))
         state.effects.writer.update(dict.fromkeys(modified, tx.txid))
         state.effects.listing_changed |= listing
         state.effects.trees |= trees

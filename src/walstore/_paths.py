@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from ._errors import InvalidPathError
@@ -66,69 +65,3 @@ def parents(path: str) -> tuple[str, ...]:
 def parent(path: str) -> str:
     """The directory holding ``path`` (``""`` for the root)."""
     return path.rpartition("/")[0]
-
-
-class PathSet:
-    """A set of store paths that drops everything below a directory in time proportional
-    to what it drops (each path indexed under its ancestors), not to its size: a commit of
-    thousands of ``delete_dir`` scanned every dirty path once per directory."""
-
-    __slots__ = ("_below", "_items")
-
-    def __init__(self, items: Iterable[str] = ()) -> None:
-        self._items: set[str] = set()
-        self._below: dict[str, set[str]] = {}
-        self.update(items)
-
-    def add(self, path: str) -> None:
-        if path in self._items:
-            return
-        self._items.add(path)
-        below = self._below
-        for a in parents(path):
-            if a in below:
-                below[a].add(path)
-            else:
-                below[a] = {path}
-
-    def update(self, paths: Iterable[str]) -> None:
-        for p in paths:
-            self.add(p)
-
-    def discard(self, path: str) -> None:
-        if path not in self._items:
-            return
-        self._items.remove(path)
-        for a in parents(path):
-            under = self._below[a]
-            under.discard(path)
-            if not under:
-                del self._below[a]
-
-    def drop_under(self, directory: str) -> None:
-        """Discard every path strictly below ``directory``."""
-        for p in self.under(directory):
-            self.discard(p)
-
-    def has_under(self, directory: str) -> bool:
-        return directory in self._below
-
-    def under(self, directory: str) -> list[str]:
-        """The paths strictly below ``directory``."""
-        return list(self._below.get(directory, ()))
-
-    def clear(self) -> None:
-        self._items.clear()
-        self._below.clear()
-
-    def __contains__(self, path: object) -> bool:
-        return path in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __repr__(self) -> str:
-        return f"PathSet({sorted(self._items)!r})"
