@@ -11,6 +11,8 @@ from ._errors import StoreClosedError as StoreClosedError
 from ._errors import StoreError as StoreError
 from ._errors import StoreFailedError as StoreFailedError
 from ._errors import StoreLockedError as StoreLockedError
+from ._errors import StoreMisuseError as StoreMisuseError
+from ._errors import TransactionBusyError as TransactionBusyError
 from ._errors import TransactionClosedError as TransactionClosedError
 from ._errors import TransactionError as TransactionError
 from ._fs import FileStat as FileStat
@@ -42,7 +44,9 @@ __all__ = [
     "StoreError",
     "StoreFailedError",
     "StoreLockedError",
+    "StoreMisuseError",
     "Transaction",
+    "TransactionBusyError",
     "TransactionClosedError",
     "TransactionError",
     "TxState",

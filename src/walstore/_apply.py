@@ -28,7 +28,11 @@ _NO_EXCHANGE = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 def remove_tree(fs: FileSystem, path: str, dev: int | None = None) -> int:
     """Remove ``path`` and everything under it; returns how many entries went. Never descends
     into another file system: a directory mounted in a tree that was moved out of place to be
-    removed raises EXDEV, and what that file system holds is left alone."""
+    removed raises EXDEV, and what that file system holds is left alone.
+
+    Iterative (a stack of directories, each with the names still to remove), so a tree of any
+    depth goes: a recursive walk died with RecursionError at ~500 levels, after the commit
+    point. The calls are those of a depth-first walk, children before their directory."""
     st = fs.lstat(path)
     if st is None:
         return 0
@@ -37,9 +41,28 @@ def remove_tree(fs: FileSystem, path: str, dev: int | None = None) -> int:
         return 1
     if dev is not None and st.dev != dev:
         raise OSError(errno.EXDEV, "a mount point inside a directory being removed", path)
-    n = sum(remove_tree(fs, os.path.join(path, c), st.dev) for c in fs.listdir(path))
-    fs.rmdir(path)
-    return n + 1
+    removed = 0
+    stack = [(path, st.dev, iter(fs.listdir(path)))]
+    while stack:
+        d, d_dev, names = stack[-1]
+        for name in names:
+            child = os.path.join(d, name)
+            cst = fs.lstat(child)
+            if cst is None:
+                continue
+            if cst.kind != "dir":
+                fs.unlink(child)
+                removed += 1
+                continue
+            if cst.dev != d_dev:
+                raise OSError(errno.EXDEV, "a mount point inside a directory being removed", child)
+            stack.append((child, cst.dev, iter(fs.listdir(child))))
+            break  # descend first; this directory's other names wait on the stack
+        else:
+            stack.pop()
+            fs.rmdir(d)
+            removed += 1
+    return removed
 
 
 # Below this many changed files and directories, fsyncing each is cheaper than syncing the
@@ -74,51 +97,28 @@ class Applier:
         *,
         replay: bool = False,
         replacing: Container[tuple[int, int]] | None = None,
+        unappliable: list[str] | None = None,
     ) -> int:
         """Apply one transaction's ops in order; returns how many were applied. With
         ``replay``, leftovers of an apply that crashed are cleared first. ``replacing``, from
         validation, holds (txid, index) of each put whose target is then an existing file
-        (the others' targets are missing); without it each target is looked up."""
+        (the others' targets are missing); without it each target is looked up. With
+        ``unappliable`` (recovery), an op that fails because no file system could hold its
+        name or path (ENAMETOOLONG: committed by a version that did not check) is skipped
+        and described there, instead of failing this open and every later one."""
         applied = 0
         for i, op in enumerate(ops):
-            if replay and isinstance(op, Put) and self._rewrite_in_place(op):
-                self._changed(op.path, replay)
-            elif isinstance(op, Put | PutStaged):
-                tmp = os.path.join(self.staging_dir, f"{txid}-{i}.tmp")
-                self._make_parents(op.path)
-                if replay and self.fs.lstat(tmp) is not None:
-                    self.fs.unlink(tmp)
-                self._write(op, tmp)
-                exists = None if replacing is None else (txid, i) in replacing
-                self._place(
-                    tmp, self.full(op.path), linked=isinstance(op, PutStaged), exists=exists
-                )
-                if isinstance(op, PutStaged):
-                    self.garbage_bytes += op.size  # its staged name stays until the checkpoint
-                self._changed(op.path, replay)
-            elif isinstance(op, Delete):
-                # Gone already may mean unlinked by a process that then crashed, without the
-                # unlink being durable: the directory is synced at the checkpoint either way.
-                try:
-                    self.fs.unlink(self.full(op.path))
-                except (FileNotFoundError, NotADirectoryError):
-                    pass  # nothing there (a parent is gone, or is a file now)
-                except IsADirectoryError:
-                    if not replay:
-                        raise
-                    # A later op (skipped as superseded, or not) made the name a directory.
-                except OSError as exc:
-                    if exc.errno != errno.ELOOP:
-                        raise
-                    # A parent became a symlink (another process, after the commit): the
-                    # path names nothing in the store, and the link is never followed.
-                self.dirty_files.discard(op.path)
-                self._changed_dir(op.path, replay)
-            elif isinstance(op, DeleteDir):
-                self._delete_dir(op.path, os.path.join(self.staging_dir, f"{txid}-{i}.del"))
-                self._changed_dir(op.path, replay)
+            if unappliable is None:
+                self._apply_op(txid, i, op, replay, replacing)
             else:
-                self._replace_dir(op, os.path.join(self.staging_dir, f"{txid}-{i}.dir"), replay)
+                try:
+                    self._apply_op(txid, i, op, replay, replacing)
+                except OSError as exc:
+                    if exc.errno != errno.ENAMETOOLONG:
+                        raise
+                    path = op.path if len(op.path) <= 200 else op.path[:200] + "..."
+                    unappliable.append(f"txid={txid} {type(op).__name__} {path!r}: {exc.strerror}")
+                    continue
             applied += 1
         return applied
 
@@ -159,6 +159,51 @@ class Applier:
         self.garbage.clear()
         self.garbage_bytes = 0
         self._known_dirs.clear()
+
+    def _apply_op(
+        self,
+        txid: int,
+        i: int,
+        op: Op,
+        replay: bool,
+        replacing: Container[tuple[int, int]] | None,
+    ) -> None:
+        if replay and isinstance(op, Put) and self._rewrite_in_place(op):
+            self._changed(op.path, replay)
+        elif isinstance(op, Put | PutStaged):
+            tmp = os.path.join(self.staging_dir, f"{txid}-{i}.tmp")
+            self._make_parents(op.path)
+            if replay and self.fs.lstat(tmp) is not None:
+                self.fs.unlink(tmp)
+            self._write(op, tmp)
+            exists = None if replacing is None else (txid, i) in replacing
+            self._place(tmp, self.full(op.path), linked=isinstance(op, PutStaged), exists=exists)
+            if isinstance(op, PutStaged):
+                self.garbage_bytes += op.size  # its staged name stays until the checkpoint
+            self._changed(op.path, replay)
+        elif isinstance(op, Delete):
+            # Gone already may mean unlinked by a process that then crashed, without the
+            # unlink being durable: the directory is synced at the checkpoint either way.
+            try:
+                self.fs.unlink(self.full(op.path))
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # nothing there (a parent is gone, or is a file now)
+            except IsADirectoryError:
+                if not replay:
+                    raise
+                # A later op (skipped as superseded, or not) made the name a directory.
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                # A parent became a symlink (another process, after the commit): the
+                # path names nothing in the store, and the link is never followed.
+            self.dirty_files.discard(op.path)
+            self._changed_dir(op.path, replay)
+        elif isinstance(op, DeleteDir):
+            self._delete_dir(op.path, os.path.join(self.staging_dir, f"{txid}-{i}.del"))
+            self._changed_dir(op.path, replay)
+        else:
+            self._replace_dir(op, os.path.join(self.staging_dir, f"{txid}-{i}.dir"), replay)
 
     def _rewrite_in_place(self, op: Put) -> bool:
         """Replay of a put whose file already holds the value (the crashed process applied

@@ -50,9 +50,8 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,7 +153,7 @@ def backup(
         for attempt in range(1, attempts + 1):
             result.attempts = attempt
             if attempt > 1:
-                shutil.rmtree(partial)
+                _rmtree(partial)
                 os.mkdir(partial)
             copier = _Copier(copy, fs)
             journal = _attempt(layout, partial, copier, result, progress)
@@ -173,7 +172,7 @@ def backup(
         os.rename(partial, result.path)
         _fsync_dir(dest)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        _rmtree(partial, ignore_errors=True)
         raise
     finally:
         fs.release(layout.root)
@@ -241,44 +240,51 @@ def _copy_tree(
 ) -> None:
     """Link (or copy) the tree ``src`` (store path ``rel``) into ``dst``, skipping
     ``.walstore/`` at the top. Every name is looked up beneath the store's root when it is
-    used; one that became a symlink on the way is skipped (listed), never followed."""
+    used; one that became a symlink on the way is skipped (listed), never followed. Iterative
+    (a stack of directories still to copy), so a tree of any depth is copied: a recursive
+    walk died with RecursionError at ~500 levels."""
     fs = copier.fs
-    try:
-        names = sorted(fs.listdir(src))
-    except (FileNotFoundError, NotADirectoryError):
-        return  # removed or replaced meanwhile: a commit in the journal did it
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        result.skipped.append(rel)  # swapped for a symlink since it was seen a directory
-        return
-    for name in names:
-        if not rel and name == RESERVED:
-            continue
-        target = os.path.join(dst, name)
-        path = f"{rel}/{name}" if rel else name
-        full = os.path.join(src, name)
+    stack = [(src, dst, rel)]
+    while stack:
+        src, dst, rel = stack.pop()
         try:
-            st = fs.lstat(full)
-            if st is None:
-                continue
-            if st.kind == "dir":
-                os.mkdir(target)
-                _copy_tree(full, target, path, copier, result, advance)
-            elif st.kind == "symlink":
-                os.symlink(fs.readlink(full), target)
-            elif st.kind == "file":
-                copier.put(full, target)
-                advance(1)
-            else:
-                result.skipped.append(path)  # a socket, fifo or device: not a store file
-        except FileNotFoundError:
-            continue  # gone meanwhile: a commit in the journal did it
+            names = sorted(fs.listdir(src))
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed or replaced meanwhile: a commit in the journal did it
         except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.EINVAL):
+            if exc.errno != errno.ELOOP:
                 raise
-            # A symlink on the way, or the file became something else: never followed.
-            result.skipped.append(path)
+            result.skipped.append(rel)  # swapped for a symlink since it was seen a directory
+            continue
+        below = []
+        for name in names:
+            if not rel and name == RESERVED:
+                continue
+            target = os.path.join(dst, name)
+            path = f"{rel}/{name}" if rel else name
+            full = os.path.join(src, name)
+            try:
+                st = fs.lstat(full)
+                if st is None:
+                    continue
+                if st.kind == "dir":
+                    os.mkdir(target)
+                    below.append((full, target, path))
+                elif st.kind == "symlink":
+                    os.symlink(fs.readlink(full), target)
+                elif st.kind == "file":
+                    copier.put(full, target)
+                    advance(1)
+                else:
+                    result.skipped.append(path)  # a socket, fifo or device: not a store file
+            except FileNotFoundError:
+                continue  # gone meanwhile: a commit in the journal did it
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.EINVAL):
+                    raise
+                # A symlink on the way, or the file became something else: never followed.
+                result.skipped.append(path)
+        stack += reversed(below)  # in name order
 
 
 class _Copier:
@@ -345,10 +351,45 @@ def _sync_dirs(top: str) -> None:
     """fsync every directory of the snapshot, 16 at a time: the names are what make it
     durable (linked files' data was synced by the live store's checkpoint, or is in the
     journal, which is copied and fsynced)."""
-    dirs = [d for d, _, _ in os.walk(top)]
+    dirs = list(_dirs_under(top))
     with ThreadPoolExecutor(min(SYNC_THREADS, len(dirs)), "walstore-backup") as pool:
         for f in [pool.submit(_fsync_dir, d) for d in dirs]:
             f.result()
+
+
+def _dirs_under(top: str) -> Iterator[str]:
+    """``top`` and every directory below it (symlinks not followed), iteratively: ``os.walk``
+    of Python 3.11 recurses, and a deep tree hit RecursionError."""
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        yield d
+        stack += [e.path for e in _entries(d) if e.is_dir(follow_symlinks=False)]
+
+
+def _rmtree(top: str, *, ignore_errors: bool = False) -> None:
+    """``shutil.rmtree`` without its recursion (Python 3.11's recurses per level, so a deep
+    snapshot could not be pruned): children first, symlinks removed, never followed."""
+    try:
+        stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [(top, iter(_entries(top)))]
+        while stack:
+            d, it = stack[-1]
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((e.path, iter(_entries(e.path))))
+                    break
+                os.unlink(e.path)
+            else:
+                stack.pop()
+                os.rmdir(d)
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
+def _entries(d: str) -> list[os.DirEntry[str]]:
+    with os.scandir(d) as it:  # closed at once: a deep tree must not hold a handle per level
+        return list(it)
 
 
 def _reserve(dest: str) -> tuple[str, str]:
@@ -396,7 +437,7 @@ def prune(dest: str, keep: int) -> list[str]:
         raise UsageError(f"--keep must be at least 1, not {keep}")
     old = backups(dest)[:-keep]
     for n in old:
-        shutil.rmtree(os.path.join(dest, n))
+        _rmtree(os.path.join(dest, n))
     return old
 
 

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
@@ -249,6 +250,10 @@ def _report_lines(d: dict[str, Any], verb: str) -> list[str]:
             f"  {would}{'discarded' if past else 'discard'} {d['torn_bytes']} bytes "
             "of torn journal tail"
         )
+    lines += [
+        f"  SKIPPED an op no file system can apply (committed unchecked by an older walstore): {s}"
+        for s in d.get("ops_skipped", ())
+    ]
     orphans = d.get("orphans_removed", d.get("orphans_removed_at_least", 0))
     lines.append(
         f"  {would}{'removed' if past else 'remove'} {d['segments_removed']} old journal "
@@ -266,6 +271,7 @@ def _report_dict(report: Any) -> dict[str, Any]:
         "orphans_removed": report.orphans_removed,
         "segments_removed": report.segments_removed,
         "ops_replayed": report.ops_replayed,
+        "ops_skipped": list(report.ops_skipped),
     }
 
 
@@ -469,6 +475,22 @@ def _message(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
+)
+
+
+def _escape(line: str) -> str:
+    """``line`` with every control, format or line-separator character and every
+    undecodable byte (a surrogate) written as an escape (``\\n``, ``\\x1b``, ``\\udcff``):
+    a file name that holds a newline or a terminal escape cannot paint a line of its own
+    (a fake ``OK:``) or restyle the terminal. Every line printed for people goes through it;
+    JSON output escapes them already."""
+    if not _UNSAFE.search(line):
+        return line
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     json_out: bool = getattr(args, "json", False)
@@ -486,12 +508,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         code = _exit_code(exc)
         message = " ".join(_message(exc).split())  # one line, whatever the message holds
-        print(f"walstore: {message}", file=sys.stderr)
+        print(f"walstore: {_escape(message)}", file=sys.stderr)
         if json_out:
             print(json.dumps({"error": message, "exit_code": code}))
         return code
     if json_out:
         print(json.dumps(doc, indent=2))
     else:
-        print("\n".join(lines))
+        print("\n".join(map(_escape, lines)))
     return code

@@ -21,6 +21,7 @@ import enum
 import errno
 import logging
 import os
+import struct
 import threading
 import time
 import zlib
@@ -53,6 +54,7 @@ from ._journal_writer import (
     segment_name,
     synced,
 )
+from ._limits import PathLimits, limits_of
 from ._paths import RESERVED, parent, parents
 from ._recovery import Recovered, RecoveryReport, recover
 from ._shared import (
@@ -324,6 +326,7 @@ class Engine:
         # trees); cache_stale: drop everything.
         self.foreign: list[tuple[set[str], set[str]]] = []
         self.cache_stale = False
+        self.limits = PathLimits()  # the file system's, once open
 
     # -- open and close ------------------------------------------------------------------
 
@@ -339,6 +342,7 @@ class Engine:
         # From here every path under the root is resolved beneath it, through no symlink
         # (the resolution rule, _fs.py): commits, apply, recovery, checkpoints and reads.
         fs.confine(self.root)
+        self.limits = limits_of(fs, self.root, self.staging_dir)
         if readonly:
             return RecoveryReport()
         try:
@@ -932,13 +936,33 @@ class Engine:
                 # may be lost while a retry reports success (fsyncgate).
                 self._fail(f"staging fsync failed: {exc}", exc)
                 return self._fill(results, Result(Outcome.REJECTED, error=exc))
+            # Step 3: append_commit. Each transaction is encoded on its own, so that one the
+            # record cannot hold (the op calls and the store refuse those first; this is the
+            # last line) is refused alone, before the commit point, and the others go on.
+            parts: list[bytes] = []
+            size = fmt.GROUP_HEADER_SIZE
+            for i, ops in resolved.items():
+                if results[i] is not None:
+                    continue
+                txid = group[i].txid
+                try:
+                    part = fmt.encode_tx(fmt.TxRecord(txid, ops))
+                except (struct.error, OverflowError, UnicodeEncodeError) as exc:
+                    results[i] = Result(Outcome.REJECTED, error=_unrecordable(txid, exc))
+                    continue
+                if size + len(part) > fmt.MAX_PAYLOAD:
+                    big = InvalidPathError(
+                        f"txid={txid}: its {len(part)} bytes do not fit the commit record"
+                    )
+                    results[i] = Result(Outcome.REJECTED, error=big)
+                    continue
+                parts.append(part)
+                size += len(part)
+            writers = [(group[i].txid, ops) for i, ops in resolved.items() if results[i] is None]
+            if not writers:
+                return self._fill(results, Result(Outcome.COMMITTED, self.last_lsn))
             try:
-                # Step 3: append_commit
-                record = fmt.Commit(lsn, tuple(fmt.TxRecord(t, ops) for t, ops in writers))
-                payload = fmt.encode_commit(record)
-                if len(payload) > fmt.MAX_PAYLOAD:
-                    big = StoreError(f"commit group of {len(payload)} bytes is too large")
-                    return self._fill(results, Result(Outcome.REJECTED, error=big))
+                payload = fmt.encode_group(lsn, parts)
                 journal.append(fmt.RecordType.COMMIT, payload)
             except OSError as exc:
                 return self._fill(results, Result(Outcome.REJECTED, error=exc))
@@ -1159,6 +1183,7 @@ class Engine:
         trees: set[str] = set()
         replacing: set[tuple[int, int]] = set()
         for index, op in enumerate(tx.ops):
+            self.limits.check_op(op)
             if self._mounts:
                 self._check_mount_points(op)
             if not isinstance(op, fmt.Delete):  # a delete makes no directories
@@ -1432,6 +1457,14 @@ def _refused(exc: OSError, path: str) -> Exception:
             "inside the store (delete removes one as a plain entry)"
         )
     return exc
+
+
+def _unrecordable(txid: int, exc: BaseException) -> InvalidPathError:
+    err = InvalidPathError(
+        f"txid={txid}: a path, count or size does not fit the journal's record format ({exc})"
+    )
+    err.__cause__ = exc
+    return err
 
 
 def _across_mounts(path: str) -> str:

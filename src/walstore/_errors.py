@@ -8,9 +8,11 @@ Our exception hierarchy::
     ├── StoreFailedError     an fsync/rename failed after the commit point; reopen to recover
     ├── CorruptionError      journal damage that is not a torn tail
     ├── InvalidPathError     (also ValueError) path escapes the root or names a reserved file
+    ├── StoreMisuseError     used from another thread (event loop) or, after fork(), process
     └── TransactionError
         ├── ConflictError    serializable validation failed; retrying may succeed
-        └── TransactionClosedError
+        ├── TransactionClosedError
+        └── TransactionBusyError  committed while one of its own ops was still running
 
 A file that does not exist raises the stdlib ``FileNotFoundError``; other ``OSError``\\ s met
 before a transaction's commit point propagate unchanged (the transaction is rolled back and the
@@ -49,7 +51,18 @@ class CorruptionError(StoreError):
 
 class InvalidPathError(StoreError, ValueError):
     """Raised when a path is absolute, climbs out of the root, names ``.walstore/`` or is
-    otherwise unusable; nothing has been changed."""
+    otherwise unusable (a name or path longer than the file system takes, a transaction
+    larger than a journal record holds); nothing has been changed."""
+
+
+class StoreMisuseError(StoreError):
+    """Raised when a store is used where it cannot work: from another thread (and so another
+    event loop) than the one that opened it (its tasks and events belong to that thread's
+    loop: two loops would wait on each other forever), or in a child process made by
+    ``os.fork()`` (the child shares the parent's journal and lock handles: both writing
+    through them loses commits). Nothing has been changed. Open a store in the process and
+    thread that use it; from another thread, hand the work to the store's event loop
+    (``anyio.from_thread.run``)."""
 
 
 class TransactionError(StoreError):
@@ -70,4 +83,13 @@ class ConflictError(TransactionError):
 
 
 class TransactionClosedError(TransactionError):
-    """Raised when a transaction is used after it committed, rolled back or failed."""
+    """Raised when a transaction is used after it committed, rolled back or failed; also by
+    an op of it that was still running when it ended (its change is not recorded)."""
+
+
+class TransactionBusyError(TransactionError):
+    """Raised by ``commit`` while an op of the same transaction is still running (a
+    ``tx.write`` staging a large value, an ``open_write`` or ``replace_dir`` block, in another
+    task, or the commit inside such a block): the transaction is rolled back, nothing is
+    changed, and the op raises TransactionClosedError when it ends. Await every op of a
+    transaction before it commits."""

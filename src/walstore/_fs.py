@@ -144,6 +144,11 @@ class FileSystem(Protocol):
         """(bytes an unprivileged process may still allocate, total bytes) of the file system
         ``path`` is on (``statvfs``: ``f_bavail`` and ``f_blocks`` times ``f_frsize``)."""
 
+    def path_limits(self, path: str) -> tuple[int, int]:
+        """(NAME_MAX, PATH_MAX) of the file system ``path`` is on, in bytes (PATH_MAX with
+        its terminating NUL, as ``pathconf`` reports it). Optional: a FileSystem without it
+        gets 255 and 4096."""
+
     def mount_points(self, path: str) -> list[str]:
         """The mount points strictly below the directory ``path`` (a real path), from the
         system's mount table; none where the system has no such table."""
@@ -193,9 +198,19 @@ class AsyncWriter(Protocol):
     async def aclose(self) -> None: ...
 
 
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """``data`` as a view of unsigned bytes, so that ``len`` and slices count bytes
+    (``nbytes``): a view of 4-byte ints has a quarter as many items as bytes, and sizing by
+    items journalled a quarter of the size."""
+    view = memoryview(data)
+    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+        return view
+    return view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+
+
 def write_all(fs: FileSystem, fd: int, data: bytes | memoryview, offset: int) -> None:
     """pwrite until all of ``data`` is written (a short write is not an error)."""
-    view = memoryview(data)
+    view = byte_view(data)
     done = 0
     while done < len(view):
         n = fs.pwrite(fd, view[done:], offset + done)
@@ -588,6 +603,17 @@ class OsFileSystem:
         st = os.statvfs(path)
         return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
+    def path_limits(self, path: str) -> tuple[int, int]:
+        self.calls["path_limits"] += 1
+        limits = []
+        for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+            try:
+                value = os.pathconf(path, name)
+            except (OSError, ValueError):
+                value = -1
+            limits.append(value if value > 0 else default)  # -1: "no limit", or not said
+        return limits[0], limits[1]
+
     def mount_points(self, path: str) -> list[str]:
         self.calls["mount_points"] += 1
         try:
@@ -733,7 +759,7 @@ class _AiofilesWriter:
 
     async def write(self, data: bytes | memoryview) -> None:
         self._fs.calls["stream_write"] += 1
-        view = memoryview(data)
+        view = byte_view(data)
         while view:  # a raw (unbuffered) file may write short
             n = await self._f.write(view)
             view = view[n:]
@@ -766,7 +792,7 @@ class _ThreadWriter:
         self._fs.calls["stream_write"] += 1
 
         def run() -> None:
-            view = memoryview(data)
+            view = byte_view(data)
             while view:
                 view = view[os.write(self._fd, view) :]
 

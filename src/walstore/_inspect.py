@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -319,22 +320,25 @@ def read_staging(layout: Layout) -> StagingView:
 
 
 def _tree_size(path: str) -> tuple[int, int, int]:
-    """(files, bytes, entries) under ``path``, tolerating entries that vanish meanwhile."""
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return 0, 0, 0
-    if not os.path.isdir(path) or os.path.islink(path):
-        return 1, st.st_size, 1
-    files = size = 0
-    entries = 1
-    try:
-        children = os.listdir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return 0, 0, 0
-    for c in children:
-        f, s, e = _tree_size(os.path.join(path, c))
-        files, size, entries = files + f, size + s, entries + e
+    """(files, bytes, entries) under ``path``, tolerating entries that vanish meanwhile.
+    Iterative, so a tree of any depth is counted."""
+    files = size = entries = 0
+    stack = [path]
+    while stack:
+        p = stack.pop()
+        try:
+            st = os.lstat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            files, size, entries = files + 1, size + st.st_size, entries + 1
+            continue
+        try:
+            children = os.listdir(p)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        entries += 1
+        stack += [os.path.join(p, c) for c in children]
     return files, size, entries
 
 
@@ -819,14 +823,24 @@ def _check_file(layout: Layout, path: str, exp: _Expect) -> str | None:
 
 
 def _files_under(path: str) -> Iterator[str]:
-    """Files (and other non-directories) below ``path``, as relative paths."""
-    try:
-        names = sorted(os.listdir(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for n in names:
-        full = os.path.join(path, n)
-        if os.path.isdir(full) and not os.path.islink(full):
-            yield from (f"{n}/{r}" for r in _files_under(full))
+    """Files (and other non-directories) below ``path``, as relative paths, in name order.
+    Iterative, so a tree of any depth is listed."""
+    stack: list[tuple[str, Iterator[str]]] = [("", iter(_sorted_names(path)))]
+    while stack:
+        rel, names = stack[-1]
+        for n in names:
+            r = f"{rel}/{n}" if rel else n
+            full = os.path.join(path, r)
+            if os.path.isdir(full) and not os.path.islink(full):
+                stack.append((r, iter(_sorted_names(full))))
+                break
+            yield r
         else:
-            yield n
+            stack.pop()
+
+
+def _sorted_names(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []

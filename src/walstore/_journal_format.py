@@ -198,11 +198,23 @@ def payload_lsn(payload: bytes | memoryview) -> int:
 
 
 def encode_commit(commit: Commit) -> bytes:
-    parts = [_GROUP.pack(commit.lsn, len(commit.txs))]
-    for tx in commit.txs:
-        parts.append(_TX.pack(tx.txid, len(tx.ops)))
-        _encode_ops(tx.ops, parts)
+    return encode_group(commit.lsn, [encode_tx(tx) for tx in commit.txs])
+
+
+def encode_tx(tx: TxRecord) -> bytes:
+    """One transaction's part of a COMMIT payload. Raises struct.error (or OverflowError) if
+    a field does not fit its width: a path over 64 KiB, a count or size over 4 GiB."""
+    parts = [_TX.pack(tx.txid, len(tx.ops))]
+    _encode_ops(tx.ops, parts)
     return b"".join(parts)
+
+
+def encode_group(lsn: int, txs: list[bytes]) -> bytes:
+    """A COMMIT payload from its transactions' parts (``encode_tx``)."""
+    return b"".join([_GROUP.pack(lsn, len(txs)), *txs])
+
+
+GROUP_HEADER_SIZE = _GROUP.size
 
 
 def _encode_ops(ops: tuple[Op, ...] | tuple[Put | PutStaged, ...], parts: list[bytes]) -> None:

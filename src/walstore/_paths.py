@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 from ._errors import InvalidPathError
+
+if TYPE_CHECKING:
+    from ._limits import PathLimits
 
 RESERVED = ".walstore"
 
 
-def check_path(path: str | os.PathLike[str], *, allow_root: bool = False) -> str:
+def check_path(
+    path: str | os.PathLike[str], *, allow_root: bool = False, limits: PathLimits | None = None
+) -> str:
     """Return ``path`` normalised to ``a/b/c``, or raise InvalidPathError.
 
-    ``allow_root`` admits ``""`` and ``"."`` (the root itself), for ``list`` and ``exists``."""
+    ``allow_root`` admits ``""`` and ``"."`` (the root itself), for ``list`` and ``exists``.
+    ``limits``: also refuse a name or a path longer than the store's file system and journal
+    take (``_limits.py``)."""
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str):
@@ -30,7 +38,7 @@ def check_path(path: str | os.PathLike[str], *, allow_root: bool = False) -> str
     if "\x00" in path:
         raise InvalidPathError(f"path contains a NUL byte: {path!r}")
     try:
-        path.encode("utf-8", "surrogateescape")
+        encoded = path.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         raise InvalidPathError(f"path cannot be encoded for the file system: {path!r}") from None
     if path.startswith("/"):
@@ -41,6 +49,8 @@ def check_path(path: str | os.PathLike[str], *, allow_root: bool = False) -> str
             raise InvalidPathError(f"path has an empty, '.' or '..' part: {path!r}")
     if parts[0] == RESERVED:
         raise InvalidPathError(f"path is inside the reserved {RESERVED}/ directory: {path!r}")
+    if limits is not None and len(encoded) > limits.name_max:
+        limits.check(path, encoded)
     return path
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -34,6 +35,8 @@ from ._journal_writer import (
 )
 from ._paths import parents
 
+log = logging.getLogger("walstore")
+
 
 @dataclass(frozen=True)
 class RecoveryReport:
@@ -45,6 +48,9 @@ class RecoveryReport:
     orphans_removed: int = 0  # files and directories removed from staging/
     segments_removed: int = 0  # old or half-created journal segments removed
     ops_replayed: int = 0
+    # Ops a version without the limits committed and no file system can apply (a name over
+    # NAME_MAX, a path over PATH_MAX): skipped, each described, instead of failing every open.
+    ops_skipped: tuple[str, ...] = ()
 
     @property
     def clean(self) -> bool:
@@ -55,6 +61,7 @@ class RecoveryReport:
             or self.torn_bytes
             or self.orphans_removed
             or self.segments_removed
+            or self.ops_skipped
         )
 
 
@@ -204,11 +211,12 @@ def recover(
     skip = _superseded(commits)
     rolled_forward: list[int] = []
     replayed = 0
+    unappliable: list[str] = []
     for ri, commit in enumerate(commits):
         for ti, tx in enumerate(commit.txs):
             ops = [op for oi, op in enumerate(tx.ops) if (ri, ti, oi) not in skip]
             try:
-                replayed += applier.apply(tx.txid, ops, replay=True)
+                replayed += applier.apply(tx.txid, ops, replay=True, unappliable=unappliable)
             except FileNotFoundError as exc:
                 raise CorruptionError(
                     f"cannot replay transaction {tx.txid}: its staged value is missing ({exc})"
@@ -279,5 +287,8 @@ def recover(
         orphans_removed=orphans,
         segments_removed=removed_segments,
         ops_replayed=replayed,
+        ops_skipped=tuple(unappliable),
     )
+    for what in unappliable:
+        log.error("recovery skipped an op no file system can apply: %s", what)
     return Recovered(report, journal, next_txid, live_next_lsn, applier, spare_dirty)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Generator
@@ -45,8 +46,10 @@ from ._errors import (
     StoreError,
     StoreFailedError,
     StoreLockedError,
+    StoreMisuseError,
 )
 from ._fs import AsyncWriter, FileStat, FileSystem, OsFileSystem, on_asyncio
+from ._limits import check_tx_size
 from ._paths import check_path
 from ._recovery import RecoveryReport
 from ._transaction import Path, Transaction, TxState, encode_json, to_bytes
@@ -62,6 +65,18 @@ DEFAULT_CACHE_BYTES = 32 << 20
 DEFAULT_ATOMIC_TIMEOUT = 60.0
 
 
+_forks = 0  # fork()s this process came through: a store opened before one is not its own
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
 class _WaiterState(enum.Enum):
     QUEUED = "queued"  # in the queue, may still leave it (cancellation rolls back)
     LEADING = "leading"  # handed the lead: must run the next group
@@ -74,6 +89,7 @@ class _Waiter:
     tx: Transaction
     prepared: PreparedTx
     event: anyio.Event
+    size: int = 0  # the journal bytes of its ops, at most (``_limits.tx_bytes``)
     state: _WaiterState = _WaiterState.QUEUED
     result: Result | None = None
 
@@ -115,6 +131,7 @@ class Store:
         self._xtake = anyio.Lock()
         self._recovery = report
         self._inline_threshold = inline_threshold
+        self._limits = engine.limits  # names and paths this store takes (``_limits.py``)
         self._readonly = readonly
         self._closed = False
         self._queue: list[_Waiter] = []
@@ -147,6 +164,10 @@ class Store:
         # of each transaction's entries.
         self._pending: dict[str, list[PendingWrite]] = {}
         self._pending_of: dict[Transaction, list[str]] = {}
+        # Where it may be used: this thread (so its event loop), this process.
+        self._thread = threading.get_ident()
+        self._forks = _forks
+        self._pid = os.getpid()
 
     @property
     def root(self) -> str:
@@ -177,7 +198,28 @@ class Store:
         self._hops += 1
         return await self._committer.run(fn, *args)
 
+    def _check_context(self) -> None:
+        """Raise StoreMisuseError unless in the thread and the process that opened it (one
+        thread runs one event loop at a time: loops run one after the other in it, as
+        ``anyio.run`` calls do, may share the store). Two compares: on every op."""
+        if _forks != self._forks:
+            raise StoreMisuseError(
+                f"store {self.root} was opened by process {self._pid}, and this is a child "
+                f"it forked (pid {os.getpid()}): the child shares the parent's journal and lock "
+                "handles, and writing through them loses commits. Open stores after fork(), "
+                "in the process that uses them (one writer process at a time)"
+            )
+        if threading.get_ident() != self._thread:
+            raise StoreMisuseError(
+                f"store {self.root} is used from another thread than the one that opened it: "
+                "its tasks and events belong to that thread's event loop, and two loops "
+                "would wait on each other forever. Use a store from the thread (and loop) "
+                "that opened it: from another thread, hand the work to that loop "
+                "(anyio.from_thread.run)"
+            )
+
     def _check_open(self) -> None:
+        self._check_context()
         if self._closed:
             raise StoreClosedError(f"store {self.root} is closed")
         self._engine.check_fork()
@@ -379,6 +421,14 @@ class Store:
         tx._staging_made = True
         return op
 
+    async def _discard(self, tx: Transaction) -> None:
+        """Remove what a transaction that already ended staged since (shielded)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._run(self._engine.discard, tx.txid)
+            except OSError as exc:  # the next open removes it as an orphan
+                log.warning("txid=%d: could not remove staged files: %s", tx.txid, exc)
+
     async def _read_staged(self, name: str) -> bytes:
         return await self._run(
             self._engine.fs.read_file, os.path.join(self._engine.staging_dir, name)
@@ -471,6 +521,7 @@ class Store:
             subtrees=tx._subtrees,
         )
         try:
+            size = check_tx_size(tx.txid, prepared.ops)
             await self._check_early(tx, prepared)
             read_only = not prepared.ops and not prepared.subtrees
             if read_only and tx._deps:
@@ -487,7 +538,7 @@ class Store:
             tx.state = TxState.COMMITTED
             self._forget(tx)
             return
-        w = _Waiter(tx, prepared, anyio.Event())
+        w = _Waiter(tx, prepared, anyio.Event(), size)
         self._queue.append(w)
         self._hand_on(w)
         cancelled: BaseException | None = None
@@ -558,7 +609,7 @@ class Store:
         # next transactions into the queue and this group, instead of waiting out a whole
         # commit for the next one (16 writers: groups of 16 instead of 8).
         await anyio.lowlevel.cancel_shielded_checkpoint()
-        group, self._queue = self._queue, []
+        group, self._queue = _take_group(self._queue)
         for w in group:
             w.state = _WaiterState.TAKEN
         rejected = self._resolve_deps(group)
@@ -659,7 +710,7 @@ class Store:
         """The content of ``path``; FileNotFoundError if missing. Never shows part of a
         transaction. Cancellation: the read in flight finishes in its worker thread; the
         cancellation is delivered then or at the caller's next await."""
-        return await self._read_raw(check_path(path))
+        return await self._read_raw(check_path(path, limits=self._limits))
 
     async def read_text(self, path: Path, encoding: str = "utf-8") -> str:
         """``read`` decoded. Cancellation: as ``read``."""
@@ -671,17 +722,18 @@ class Store:
 
     async def exists(self, path: Path) -> bool:
         """Whether a file or directory exists at ``path``. Cancellation: as ``read``."""
-        return await self._lstat_raw(check_path(path, allow_root=True)) is not None
+        p = check_path(path, allow_root=True, limits=self._limits)
+        return await self._lstat_raw(p) is not None
 
     async def list(self, path: Path = "") -> list[str]:
         """Sorted names in directory ``path`` (``.walstore`` hidden). Cancellation: as
         ``read``."""
-        return await self._list_raw(check_path(path, allow_root=True))
+        return await self._list_raw(check_path(path, allow_root=True, limits=self._limits))
 
     async def stat(self, path: Path) -> FileStat:
         """Kind, size and mtime of ``path``; FileNotFoundError if missing. Cancellation: as
         ``read``."""
-        p = check_path(path, allow_root=True)
+        p = check_path(path, allow_root=True, limits=self._limits)
         st = await self._lstat_raw(p)
         if st is None:
             raise FileNotFoundError(2, "No such file or directory", p)
@@ -846,6 +898,11 @@ class Store:
         still open are rolled back. Cancellation: closing runs shielded, then it is delivered."""
         if self._closed:
             return
+        if _forks != self._forks:  # a forked child: close without touching a file or the
+            self._closed = True  # lock (its handles are the parent's; unlocking is theirs)
+            self._finalizer.detach()
+            return
+        self._check_context()
         self._closed = True
         with anyio.CancelScope(shield=True):
             while self._leading:  # let queued and running commits finish first
@@ -874,6 +931,19 @@ class Store:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _take_group(queue: list[_Waiter]) -> tuple[list[_Waiter], list[_Waiter]]:
+    """The next group (the queue's head, and as many after it as one COMMIT record holds)
+    and what stays queued for the next: a group too big for its record would fail whole."""
+    if not queue:
+        return [], []
+    room = fmt.MAX_PAYLOAD - fmt.GROUP_HEADER_SIZE - queue[0].size
+    for n, w in enumerate(queue[1:], 1):
+        room -= w.size
+        if room < 0:
+            return queue[:n], queue[n:]
+    return queue, []
 
 
 def _covers(path: str, key: str) -> bool:

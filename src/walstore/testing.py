@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from ._fs import FileStat, Kind, NotRegularFileError, symlink_on_path
+from ._fs import FileStat, Kind, NotRegularFileError, byte_view, symlink_on_path
 
 __all__ = ["MemoryFileSystem", "ShortWrite", "SimulatedCrash"]
 
@@ -100,6 +100,10 @@ class MemoryFileSystem:
         # inside the preallocated space and past it.
         self.journal_preallocation = 4096
         self.capacity: int | None = None  # the disk's size, for free_space(); None: 1 TiB
+        # NAME_MAX and PATH_MAX (with its NUL), as Linux's: a longer name or path fails with
+        # ENAMETOOLONG, and path_limits() reports them.
+        self.name_max = 255
+        self.path_max = 4096
         self._lock = threading.RLock()
         self._inodes: dict[int, _Inode] = {self.ROOT: _Inode("dir")}
         self._durable: dict[int, dict[str, int]] = {self.ROOT: {}}
@@ -146,6 +150,12 @@ class MemoryFileSystem:
             raise _err(errno.ELOOP, path)
         if not path.startswith("/"):
             raise _err(errno.EINVAL, path)
+        encoded = path.encode("utf-8", "surrogateescape")
+        if len(encoded) >= self.path_max or (
+            len(encoded) > self.name_max
+            and any(len(n) > self.name_max for n in encoded.split(b"/"))
+        ):
+            raise _err(errno.ENAMETOOLONG, path)
         parts = [p for p in path.split("/") if p and p != "."]
         # Under a confined root (OsFileSystem's resolution rule): no symlink after the root's
         # own parts, on the way or (unless ``follow`` is off) as the last name.
@@ -456,6 +466,11 @@ class MemoryFileSystem:
             used = sum(len(n.data) for n in self._inodes.values() if n.kind == "file")
             return max(0, self.capacity - used), self.capacity
 
+    def path_limits(self, path: str) -> tuple[int, int]:
+        with self._lock:
+            self._call("path_limits", path)
+            return self.name_max, self.path_max
+
     def mount_points(self, path: str) -> list[str]:
         with self._lock:
             self._call("mount_points", path)
@@ -654,7 +669,9 @@ class MemoryFileSystem:
             out: dict[str, bytes] = {}
             base = self._get(root)
 
-            def walk(ino: int, prefix: str) -> None:
+            stack = [(base, "")]  # iterative: a tree of any depth
+            while stack:
+                ino, prefix = stack.pop()
                 for name, child in sorted(self._inodes[ino].entries.items()):
                     if not prefix and name in skip:
                         continue
@@ -662,11 +679,9 @@ class MemoryFileSystem:
                     if node.kind == "dir":
                         if not node.entries:
                             out[prefix + name + "/"] = b""
-                        walk(child, prefix + name + "/")
+                        stack.append((child, prefix + name + "/"))
                     else:
                         out[prefix + name] = bytes(node.data)
-
-            walk(base, "")
             return out
 
     def clone(self) -> MemoryFileSystem:
@@ -718,7 +733,7 @@ class _MemoryWriter:
 
     async def write(self, data: bytes | memoryview) -> None:
         def run() -> None:
-            view = memoryview(data)
+            view = byte_view(data)
             while view:
                 n = self._fs.pwrite(self._fd, view, self._offset)
                 self._offset += n
