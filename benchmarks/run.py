@@ -670,7 +670,8 @@ def _run(
     *args: int,
 ) -> None:
     # Nothing is deleted until the end: on this discard-mounted disk a burst of deletes slows
-    # file creation for seconds after (MEASURED.md).
+    # file creation for seconds after (deleting ~25,000 files at once made create + fsync
+    # about 4x slower for 5-15 s).
     d = tempfile.mkdtemp(dir=base)
     _settle()
     try:

@@ -1,9 +1,11 @@
 """ReadCache: small files' contents kept on the event-loop side, so reads skip the thread hop.
 
-A thread hop costs 200-500 µs here, an in-memory lookup under a microsecond (MEASURED.md). The
-store that holds the write lock is the only writer, so it knows every change: the committer
-updates the cache after each group is applied, on the event-loop thread, in one synchronous
-step, so a reader sees either none or all of a group. Only the event-loop thread touches it.
+A thread hop costs hundreds of microseconds, an in-memory lookup under one. The
+store knows every change made through it: the committer updates the cache after each group
+is applied, on the event-loop thread, in one synchronous step, so a reader sees either none or
+all of a group. Changes of other processes (``exclusive=False``) are dropped from it when this
+one catches up on them, or wholesale when a read finds it behind (``Store._see_others``).
+Only the event-loop thread touches it.
 
 A value read from disk in a worker thread may be older than a group applied while the read was
 in flight; ``generation`` counts updates so that such a value is never inserted (the caller
