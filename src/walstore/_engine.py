@@ -597,14 +597,8 @@ class Engine:
         scan = scan_segment(name, data)
         path = os.path.join(self.journal_dir, name)
         fd = fs.open(path)
-        self._journal = JournalWriter(
-            fs,
-            path,
-            fd,
-            salt=scan.header.salt,
-            offset=scan.valid_end,
-            checkpoint_lsn=scan.checkpoint.lsn,
-            next_lsn=scan.next_lsn,
+        self._journal = JournalWriter.resume(
+            fs, path, fd, scan, offset=scan.valid_end, next_lsn=scan.next_lsn
         )
         self._header = header
         unapplied = self._take_in(scan.commits, header.applied_lsn)
@@ -701,14 +695,8 @@ class Engine:
         self._applier.forget_all()  # the checkpoint made all of it durable, dropped garbage
         path = os.path.join(self.journal_dir, name)
         fd = fs.open(path)
-        self._journal = JournalWriter(
-            fs,
-            path,
-            fd,
-            salt=scan.header.salt,
-            offset=scan.checkpoint_end,
-            checkpoint_lsn=scan.checkpoint.lsn,
-            next_lsn=scan.checkpoint.lsn + 1,
+        self._journal = JournalWriter.resume(
+            fs, path, fd, scan, offset=scan.checkpoint_end, next_lsn=scan.checkpoint.lsn + 1
         )
         self._journal.bytes_written = old.bytes_written
         old.close()

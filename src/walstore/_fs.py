@@ -369,16 +369,7 @@ class OsFileSystem:
             flags |= os.O_CREAT
         if truncate:
             flags |= os.O_TRUNC
-        d, name, c = self._at(path)
-        if d is None:
-            return os.open(path, flags, 0o644)
-        try:
-            return os.open(name, flags | os.O_NOFOLLOW, 0o644, dir_fd=d)
-        except OSError as exc:
-            raise _named(exc, path) from None
-        finally:
-            if c is not None:
-                os.close(c)
+        return self._open_file(path, flags)
 
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         self.calls["pwrite"] += 1

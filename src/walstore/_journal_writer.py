@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from . import _journal_format as fmt
 from ._fs import FileSystem, write_all
+from ._journal_reader import SegmentScan
 
 PREALLOCATING = ".new"  # suffix of a segment being zero-filled; never parsed, removed on open
 SPARE = "spare"  # journal/spare: a retired segment kept for the next checkpoint to recycle
@@ -87,6 +88,23 @@ class JournalWriter:
         self.bytes_written = 0
         self.size = size  # the size the header declares it was zero-filled to (0: none)
         self.high = offset  # past every byte ever written: zeros follow (to recycle it)
+
+    @classmethod
+    def resume(
+        cls, fs: FileSystem, path: str, fd: int, scan: SegmentScan, *, offset: int, next_lsn: int
+    ) -> JournalWriter:
+        """A writer for the existing segment ``scan`` (open as ``fd``), appending at
+        ``offset``, where a record with ``next_lsn`` goes next."""
+        return cls(
+            fs,
+            path,
+            fd,
+            salt=scan.header.salt,
+            offset=offset,
+            checkpoint_lsn=scan.checkpoint.lsn,
+            next_lsn=next_lsn,
+            size=scan.header.size,
+        )
 
     @classmethod
     def create(

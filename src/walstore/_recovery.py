@@ -195,15 +195,8 @@ def recover(
             except BaseException:
                 fs.close(fd)
                 raise
-        journal = JournalWriter(
-            fs,
-            path,
-            fd,
-            salt=live.header.salt,
-            offset=live.valid_end,
-            checkpoint_lsn=live.checkpoint.lsn,
-            next_lsn=live_next_lsn,
-            size=live.header.size,
+        journal = JournalWriter.resume(
+            fs, path, fd, live, offset=live.valid_end, next_lsn=live_next_lsn
         )
         return Recovered(RecoveryReport(), journal, next_txid, live_next_lsn - 1, applier)
 
