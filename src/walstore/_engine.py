@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from . import _journal_format as fmt
 from ._apply import SYNCFS_MIN, Applier, remove_tree
+from ._commit_log import JournalLog, LogConflict
 from ._conflicts import Conflict, ConflictIndex, GroupEffects, Reads
 from ._errors import (
     ConflictError,
@@ -42,18 +43,7 @@ from ._errors import (
     StoreLockedError,
 )
 from ._fs import FileStat, FileSystem, NotRegularFileError, write_all
-from ._journal_reader import TornSegment, read_tail, scan_segment
-from ._journal_writer import (
-    NO_SPACE,
-    AppendFailed,
-    FailStop,
-    JournalWriter,
-    new_segment,
-    retire,
-    segment_lsn,
-    segment_name,
-    synced,
-)
+from ._journal_writer import NO_SPACE, AppendFailed, FailStop, synced
 from ._limits import PathLimits, limits_of
 from ._paths import RESERVED, parent, parents
 from ._recovery import Recovered, RecoveryReport, recover
@@ -298,7 +288,7 @@ class Engine:
         self._lock = threading.Lock()  # the commit lock: groups, checkpoints, close
         self._gate = _Gate()
         self._lock_fd: int | None = None
-        self._journal: JournalWriter | None = None
+        self._log: JournalLog | None = None  # the commit log (``_commit_log.py``)
         self._applier = Applier(fs, self.root, self.staging_dir)
         self._real_root = self.root
         self._dev = 0  # the device of the root and .walstore/ (every rename starts there)
@@ -308,8 +298,6 @@ class Engine:
         self._spent = 0  # bytes the groups admitted since the last look may allocate
         self._groups_unlooked = 0  # groups admitted since the last look
         self.reserve = 1 << 20  # reserve_for() the file system's size, at the last look
-        self._spare_dirty: int | None = None  # how far old records in journal/spare reach
-        self._stale: list[str] = []  # retired segments a checkpoint failed to rename or unlink
         self._checkpoint_retry = 0.0  # monotonic time before which no checkpoint is due
         # Several processes (``_shared.py``); exclusive: the LOCK is held for life instead.
         self.exclusive = exclusive
@@ -384,11 +372,13 @@ class Engine:
         return rec.report
 
     def _adopt(self, rec: Recovered) -> None:
-        self._journal = rec.journal
+        self._log = rec.journal
+        # Several processes: others may still read an old segment through their handle, so
+        # it goes as before (no spare to recycle under them).
+        self._log.recycle = bool(self.preallocate) and self.exclusive
         self._applier = rec.applier
         self.next_txid = rec.next_txid
         self.last_lsn = rec.last_lsn
-        self._spare_dirty = rec.spare_dirty
         if not rec.report.clean:
             log.info("recovered %s: %s", self.root, rec.report)
 
@@ -530,9 +520,9 @@ class Engine:
                 next_slot = slot + 1
                 if header is not None and header.boot == boot:
                     next_slot = max(next_slot, header.next_slot)
-                assert self._journal is not None
+                assert self._log is not None
                 header = SharedHeader(
-                    boot, self._journal.checkpoint_lsn, self.last_lsn, next_slot, os.getpid()
+                    boot, self._log.checkpoint_lsn, self.last_lsn, next_slot, os.getpid()
                 )
             else:
                 slot = header.next_slot
@@ -549,9 +539,9 @@ class Engine:
             self._write_header(header)
             self._drop_dead_slots(alive)
         except BaseException:
-            if self._journal is not None:
-                self._journal.close()
-                self._journal = None
+            if self._log is not None:
+                self._log.close()
+                self._log = None
             if shared is not None:
                 shared.close()
                 self._shared = None
@@ -567,54 +557,30 @@ class Engine:
         self._header = header
         self._shared.write(header)
 
-    def _live_segment(self, header: SharedHeader) -> tuple[str, bytes]:
-        """The live segment's name and content: the one the header names, or (a checkpoint
-        that died before creating it) the newest one that parses."""
-        fs = self.fs
-        name = segment_name(header.segment_lsn)
-        try:
-            return name, fs.read_file(os.path.join(self.journal_dir, name))
-        except FileNotFoundError:
-            pass
-        names = sorted(
-            (n for n in fs.listdir(self.journal_dir) if segment_lsn(n) is not None), reverse=True
-        )
-        for n in names:
-            data = fs.read_file(os.path.join(self.journal_dir, n))
-            try:
-                scan_segment(n, data)
-            except TornSegment:
-                continue
-            return n, data
-        raise CorruptionError(f"{self.journal_dir} holds no journal segment")
-
     def _join(self, header: SharedHeader, alive: set[int]) -> RecoveryReport:
         """Open the live segment beside the processes in ``alive``: finish the commits a
         dead holder left unapplied, clear a torn tail and the staging of dead processes.
         Requires: commit lock held."""
         fs = self.fs
-        name, data = self._live_segment(header)
-        scan = scan_segment(name, data)
-        path = os.path.join(self.journal_dir, name)
-        fd = fs.open(path)
-        self._journal = JournalWriter.resume(
-            fs, path, fd, scan, offset=scan.valid_end, next_lsn=scan.next_lsn
+        log = JournalLog.join(
+            fs, self.journal_dir, header.segment_lsn, sync=self.sync, preallocate=self.preallocate
         )
+        log.recycle = False
+        self._log = log
         self._header = header
-        unapplied = self._take_in(scan.commits, header.applied_lsn)
-        if scan.torn_bytes:
-            write_all(fs, fd, bytes(scan.torn_bytes), scan.valid_end)
-        keep = {d for c in scan.commits for d in staged_dirs(c)}
+        commits = log.read_after(log.checkpoint_lsn)  # and clears a torn tail
+        unapplied = self._take_in(commits, header.applied_lsn)
+        keep = {d for c in commits for d in staged_dirs(c)}
         orphans = 0
         for entry in fs.listdir(self.staging_dir):
             slot = slot_of(entry)
             if slot is None or slot in alive or entry.split("-")[0] in keep:
                 continue
             orphans += remove_tree(fs, os.path.join(self.staging_dir, entry))
-        self.last_lsn = scan.next_lsn - 1
+        self.last_lsn = log.head
         return RecoveryReport(
             rolled_forward=tuple(tx.txid for c in unapplied for tx in c.txs),
-            torn_bytes=scan.torn_bytes,
+            torn_bytes=log.torn_cleared,
             orphans_removed=orphans,
         )
 
@@ -624,8 +590,8 @@ class Engine:
         index, read cache, what the next checkpoint syncs and drops). Returns the applied."""
         unapplied = [c for c in commits if c.lsn > applied]
         if unapplied and self.sync:
-            assert self._journal is not None
-            self._journal.sync()  # its writer may have died before its fdatasync
+            assert self._log is not None
+            self._log.sync()  # its writer may have died before its fdatasync
         with self._gate.write():
             for c in commits:
                 for tx in c.txs:
@@ -646,62 +612,42 @@ class Engine:
         self._assert_xlock()
         if self.exclusive:
             return
-        assert self._shared is not None and self._journal is not None
+        assert self._shared is not None and self._log is not None
         header = self._shared.read() or self._header
         assert header is not None
-        j = self._journal
-        self._read_on(j, header)
-        if header.segment_lsn != j.checkpoint_lsn:
+        self._read_on(header)
+        if header.segment_lsn != self._log.checkpoint_lsn:
             self._follow(header)
-            j = self._journal
             header = self._shared.read() or header
         if self._header is None or header.applied_lsn < self.last_lsn:
             self._write_header(header.advanced(applied_lsn=self.last_lsn))
         else:
             self._header = header
 
-    def _read_on(self, j: JournalWriter, header: SharedHeader) -> None:
-        """Take in the records after ``j.offset`` of ``j``'s segment."""
-        fs = self.fs
-        tail = read_tail(
-            lambda n, off: fs.pread(j.fd, n, off),
-            os.path.basename(j.path),
-            j.offset,
-            j.salt,
-            j.next_lsn,
-        )
-        if tail.commits:
-            # Commits of a segment that a checkpoint has since closed are all applied.
-            same = header.segment_lsn == j.checkpoint_lsn
-            self._take_in(tail.commits, header.applied_lsn if same else 1 << 63)
-            j.next_lsn = tail.commits[-1].lsn + 1
-        j.offset = tail.end
-        if tail.torn_bytes:  # a record torn by a process that died mid-append
-            write_all(fs, j.fd, bytes(tail.torn_bytes), tail.end)
+    def _read_on(self, header: SharedHeader) -> None:
+        """Take in the records the commit log holds after this process's last LSN."""
+        assert self._log is not None
+        # Commits of a segment that a checkpoint has since closed are all applied.
+        same = header.segment_lsn == self._log.checkpoint_lsn
+        commits = self._log.read_after(self.last_lsn)
+        if commits:
+            self._take_in(commits, header.applied_lsn if same else 1 << 63)
 
     def _follow(self, header: SharedHeader) -> None:
         """Another process took a checkpoint: append to its new segment from now on."""
-        fs = self.fs
-        old = self._journal
-        assert old is not None
-        name, data = self._live_segment(header)
-        if os.path.join(self.journal_dir, name) == old.path:
+        log = self._log
+        assert log is not None
+        known = log.head
+        lsn = log.follow(header.segment_lsn)
+        if lsn is None:
             return  # the checkpoint died before its segment existed
-        scan = scan_segment(name, data)
-        if scan.checkpoint.lsn > old.next_lsn:
+        if lsn > known + 1:
             # A segment in between came and went: its commits are unknown here.
-            self.conflicts.barrier = scan.checkpoint.lsn
+            self.conflicts.barrier = lsn
             self.cache_stale = True
         self._applier.forget_all()  # the checkpoint made all of it durable, dropped garbage
-        path = os.path.join(self.journal_dir, name)
-        fd = fs.open(path)
-        self._journal = JournalWriter.resume(
-            fs, path, fd, scan, offset=scan.checkpoint_end, next_lsn=scan.checkpoint.lsn + 1
-        )
-        self._journal.bytes_written = old.bytes_written
-        old.close()
-        self.last_lsn = max(self.last_lsn, scan.checkpoint.lsn)
-        self._read_on(self._journal, header)
+        self.last_lsn = max(self.last_lsn, lsn)
+        self._read_on(header)
 
     def _check_mounts_at_open(self) -> None:
         """Commits rename from ``staging/`` into place, which works within one mount only: the
@@ -776,12 +722,12 @@ class Engine:
         with self._lock:
             shared = self._shared is not None and self._forks == _forks[0]
             try:
-                if shared and self._journal is not None:
+                if shared and self._log is not None:
                     ticket = LockTicket()
                     self.xlock_acquire(ticket)
                     self._catch_up()
-                j = self._journal
-                if j is not None and self.failed is None and j.next_lsn > j.checkpoint_lsn + 1:
+                j = self._log
+                if j is not None and self.failed is None and j.head > j.checkpoint_lsn:
                     try:
                         self._checkpoint_locked()
                     except OSError as exc:
@@ -791,9 +737,9 @@ class Engine:
                         # open recovers from it, without new space (journal/spare).
                         log.warning("store %s closed without a checkpoint: %s", self.root, exc)
             finally:
-                if self._journal is not None:
-                    self._journal.close()
-                    self._journal = None
+                if self._log is not None:
+                    self._log.close()
+                    self._log = None
                 if self._lock_fd is not None:
                     self.fs.unlock(self._lock_fd)
                     self._lock_fd = None
@@ -867,7 +813,7 @@ class Engine:
             if self.failed is not None:
                 err = StoreFailedError(f"store failed earlier: {self.failed}")
                 return [Result(Outcome.REJECTED, error=err) for _ in group]
-            if self._journal is None:
+            if self._log is None:
                 closed = StoreClosedError(f"store {self.root} is closed")
                 return [Result(Outcome.REJECTED, error=closed) for _ in group]
             # Step 0: catch_up on what other processes committed (``_shared.py``)
@@ -878,8 +824,9 @@ class Engine:
             except CorruptionError as exc:
                 self._fail(f"the journal is damaged: {exc}", exc)
                 return [Result(Outcome.REJECTED, error=exc) for _ in group]
-            journal = self._journal
-            lsn = journal.next_lsn
+            journal = self._log
+            head = journal.head
+            lsn = head + 1
             results: list[Result | None] = [None] * len(group)
 
             # Step 1: validate
@@ -950,8 +897,10 @@ class Engine:
             if not writers:
                 return self._fill(results, Result(Outcome.COMMITTED, self.last_lsn))
             try:
-                payload = fmt.encode_group(lsn, parts)
-                journal.append(fmt.RecordType.COMMIT, payload)
+                journal.append(parts, head)
+            except LogConflict as exc:  # nothing written: the group is validated again
+                stale = ConflictError(f"another writer committed first: {exc}")
+                return self._fill(results, Result(Outcome.REJECTED, error=stale))
             except OSError as exc:
                 return self._fill(results, Result(Outcome.REJECTED, error=exc))
             except AppendFailed as exc:
@@ -971,7 +920,6 @@ class Engine:
                 )
                 err.__cause__ = exc
                 return self._fill(results, Result(Outcome.UNKNOWN, error=err))
-            journal.next_lsn = lsn + 1
 
             # Step 4: apply
             applied = False
@@ -1012,7 +960,7 @@ class Engine:
             return self._fill(results, Result(Outcome.COMMITTED, lsn))
 
     def _check_group_space(
-        self, group: list[PreparedTx], results: list[Result | None], journal: JournalWriter
+        self, group: list[PreparedTx], results: list[Result | None], journal: JournalLog
     ) -> None:
         """Step 1, space: refuse (ENOSPC, rolled back) each transaction whose apply would eat
         into the reserve, so that nothing after the commit point runs out of space and every
@@ -1048,7 +996,7 @@ class Engine:
                     results[i] = Result(Outcome.REJECTED, error=exc)
             return
         left = free - reserve
-        room = journal.size - journal.offset  # preallocated journal bytes left
+        room = journal.preallocated_room
         for i, n in needs:
             if not n:
                 continue
@@ -1252,7 +1200,7 @@ class Engine:
                 raise InvalidPathError(f"cannot write {path!r}: {anc!r} is {what}")
 
     def checkpoint_due(self) -> bool:
-        j = self._journal
+        j = self._log
         if j is None or self.failed is not None:
             return False
         if self._checkpoint_retry and time.monotonic() < self._checkpoint_retry:
@@ -1267,7 +1215,7 @@ class Engine:
             if spare < self.reserve and a.garbage:
                 return True
         return (
-            j.offset > self.checkpoint_bytes
+            j.segment_bytes > self.checkpoint_bytes
             or len(a.dirty_files) > self.checkpoint_files
             or a.garbage_bytes > garbage_limit
         )
@@ -1296,8 +1244,8 @@ class Engine:
                 raise StoreFailedError(f"checkpoint failed: {exc}") from exc
 
     def _checkpoint_locked(self) -> None:
-        assert self._journal is not None
-        old = self._journal
+        journal = self._log
+        assert journal is not None
         # Step 1: checkpoint_sync: applied files and directories, so the journal can go.
         if self.sync:
             # A handle open since the open, so write-back errors since are reported on it.
@@ -1306,36 +1254,17 @@ class Engine:
         else:
             self._applier.dirty_files.clear()
             self._applier.dirty_dirs.clear()
-        # Step 2: checkpoint_new_segment: HEADER + CHECKPOINT, synced with its dir entry, in
-        # the blocks of journal/spare (recycled: no space needed) or, without one, allocated.
+        # Step 2: checkpoint_new_segment (``JournalLog.new_segment``).
         if self._header is not None:
             # Named before it exists: a process that finds it missing (this one died)
             # goes on with the old segment, which holds every commit.
-            self._write_header(self._header.advanced(segment_lsn=old.next_lsn))
-        cp = fmt.Checkpoint(old.next_lsn, self.next_txid)
-        dirty, self._spare_dirty = self._spare_dirty, None  # unknown if it fails half-way
-        self._journal = new_segment(
-            self.fs,
-            self.journal_dir,
-            cp,
-            sync=self.sync,
-            preallocate=self.preallocate,
-            dirty_end=dirty,
-        )
-        self._journal.bytes_written = old.bytes_written
-        self.last_lsn = cp.lsn
+            self._write_header(self._header.advanced(segment_lsn=journal.head + 1))
+        lsn = journal.new_segment(self.next_txid)
+        self.last_lsn = lsn
         if self._header is not None:
-            self._write_header(self._header.advanced(applied_lsn=cp.lsn))
-        self._stale.append(old.path)
-        old.close()
+            self._write_header(self._header.advanced(applied_lsn=lsn))
         # Step 3: checkpoint_drop_segments: the old segment becomes the spare (or goes).
-        while self._stale:
-            # Several processes: others may still read the old segment through their handle,
-            # so it goes as before (no spare to recycle under them).
-            keep = bool(self.preallocate) and self.exclusive
-            if retire(self.fs, self.journal_dir, self._stale[-1], keep=keep):
-                self._spare_dirty = old.high if self._stale[-1] == old.path else None
-            self._stale.pop()
+        journal.drop_segments()
         # Step 4: checkpoint_drop_garbage
         self._applier.drop_garbage()
         self.counters.checkpoints += 1
@@ -1343,7 +1272,7 @@ class Engine:
             with contextlib.suppress(OSError):
                 self.look_at_space()
         self._checkpoint_retry = 0.0
-        log.debug("checkpoint lsn=%d", cp.lsn)
+        log.debug("checkpoint lsn=%d", lsn)
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -2,10 +2,12 @@
 
 Steps (docs/commit-protocol.md, section 6; step 1, ``recover_lock``, is ``Engine.open``):
 
-2. ``recover_scan``: find the live segment, the newest one whose HEADER and CHECKPOINT parse.
-   A newer segment whose creation was cut short is dropped; damage elsewhere is CorruptionError.
-3. ``recover_replay``: apply every transaction of every COMMIT after the checkpoint, in
-   journal order, skipping an op superseded by a later op on the same path.
+2. ``recover_scan``: open the commit log (``JournalLog.open``): find the live segment, the
+   newest one whose HEADER and CHECKPOINT parse. A newer segment whose creation was cut
+   short is dropped; damage elsewhere is CorruptionError.
+3. ``recover_replay``: apply every transaction of every COMMIT the log holds after the
+   checkpoint (``read_after(checkpoint)``), in journal order, skipping an op superseded by a
+   later op on the same path.
 4. ``recover_checkpoint``: fsync what was replayed, start a new segment with a CHECKPOINT, drop
    the older segments (this discards a torn tail), then clear ``staging/`` (the roll back).
 
@@ -14,7 +16,6 @@ Every step only redoes idempotent work, so a crash during recovery is recovered 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -22,17 +23,12 @@ from dataclasses import dataclass, field
 
 from . import _journal_format as fmt
 from ._apply import Applier, remove_tree
+from ._commit_log import JournalLog
+from ._commit_log import _segments as _segments  # for _inspect
+from ._commit_log import check_reaches as check_reaches
 from ._errors import CorruptionError
 from ._fs import FileSystem
-from ._journal_reader import SegmentScan, TornSegment, scan_segment
-from ._journal_writer import (
-    PREALLOCATING,
-    JournalWriter,
-    new_segment,
-    retire,
-    segment_lsn,
-    synced,
-)
+from ._journal_writer import synced
 from ._paths import parents
 
 log = logging.getLogger("walstore")
@@ -70,53 +66,10 @@ class Recovered:
     """The state recovery hands to the engine."""
 
     report: RecoveryReport
-    journal: JournalWriter
+    journal: JournalLog
     next_txid: int
     last_lsn: int
     applier: Applier = field(repr=False)
-    spare_dirty: int | None = None  # how far the old records in journal/spare reach
-
-
-def _segments(
-    fs: FileSystem, journal_dir: str, names: list[str] | None = None
-) -> list[tuple[int, str]]:
-    """(first LSN, name) of the segments in ``journal_dir`` (listed unless ``names``)."""
-    if names is None:
-        names = fs.listdir(journal_dir)
-    lsns = [(segment_lsn(n), n) for n in names]
-    return sorted((lsn, n) for lsn, n in lsns if lsn is not None)
-
-
-def _find_live(fs: FileSystem, journal_dir: str, segs: list[tuple[int, str]]) -> SegmentScan | None:
-    """Step 2, recover_scan: the newest segment that parses (half-created newer ones are
-    dropped by recover_checkpoint). Raises CorruptionError if an older one is taken for live
-    that does not reach where a newer one begins."""
-    cut_short: list[int] = []
-    for lsn, name in reversed(segs):
-        try:
-            live = scan_segment(name, fs.read_file(os.path.join(journal_dir, name)))
-        except TornSegment:
-            cut_short.append(lsn)
-            continue
-        check_reaches(live, cut_short)
-        return live
-    check_reaches(None, cut_short)
-    return None
-
-
-def check_reaches(live: SegmentScan | None, cut_short: list[int]) -> None:
-    """A segment's creation is cut short only right after the one before it ended: its first
-    LSN is that one's next LSN (1 for a new store). A newer segment that does not parse with
-    records missing between the live one and it is damage, not a crash."""
-    if not cut_short:
-        return
-    expected = live.next_lsn if live is not None else 1
-    if min(cut_short) != expected:
-        raise CorruptionError(
-            f"journal segment {min(cut_short):016d}.wal does not parse, and the segment before "
-            f"it ends at LSN {expected - 1}: the records between are missing (media damage), "
-            "not a segment whose creation was cut short"
-        )
 
 
 def _staging_entries(fs: FileSystem, staging_dir: str) -> list[str]:
@@ -165,42 +118,26 @@ def recover(
     fs_fd: int | None = None,
     syncfs_min: int | None = None,
 ) -> Recovered:
-    """Run recovery steps 2-4. Requires: caller holds the store LOCK. Raises CorruptionError.
-    ``fs_fd`` (the LOCK's handle) lets step 4 sync with one ``syncfs`` when at least
-    ``syncfs_min`` things changed (``Applier.sync``)."""
-    names = fs.listdir(journal_dir)
-    segs = _segments(fs, journal_dir, names)
-    unfinished = [n for n in names if n.endswith(PREALLOCATING)]
-    live = _find_live(fs, journal_dir, segs)
+    """Run recovery steps 2-4: ``read_after(checkpoint)`` of the commit log, replayed by the
+    applier, then a checkpoint. Requires: caller holds the store LOCK (in a worker thread).
+    Raises CorruptionError. ``fs_fd`` (the LOCK's handle) lets step 4 sync with one
+    ``syncfs`` when at least ``syncfs_min`` things changed (``Applier.sync``)."""
+    # Step 2: recover_scan
+    journal = JournalLog.open(fs, journal_dir, sync=sync, preallocate=preallocate)
+    live = journal.found
     staged = _staging_entries(fs, staging_dir)
     applier = Applier(fs, root, staging_dir)
     applier.syncfs_min = syncfs_min  # used only with fs_fd (Applier.sync)
+    next_txid = live.checkpoint.next_txid if live is not None else 1
+    torn = live.torn_bytes if live is not None else 0
 
-    if live is None:  # a new store, or one whose first open was cut short
-        live_next_lsn, next_txid, commits, torn = 1, 1, [], 0
-    else:
-        live_next_lsn = live.next_lsn
-        next_txid = live.checkpoint.next_txid
-        commits, torn = live.commits, live.torn_bytes
-    live_name = live.name if live else None
-    others = [n for _, n in segs if n != live_name]
-
-    if live is not None and not (commits or torn or staged or others or unfinished):
+    if not (journal.left_over or staged):
         # Closed cleanly: append to the live segment as it is.
-        path = os.path.join(journal_dir, live.name)
-        fd = fs.open(path)
-        if sync:  # it may have been written by a store opened with Durability.OFF
-            try:
-                fs.fsync(fd)
-            except BaseException:
-                fs.close(fd)
-                raise
-        journal = JournalWriter.resume(
-            fs, path, fd, live, offset=live.valid_end, next_lsn=live_next_lsn
-        )
-        return Recovered(RecoveryReport(), journal, next_txid, live_next_lsn - 1, applier)
+        journal.resume()
+        return Recovered(RecoveryReport(), journal, next_txid, journal.head, applier)
 
     # Step 3: recover_replay
+    commits = journal.read_after(journal.checkpoint_lsn)
     skip = _superseded(commits)
     rolled_forward: list[int] = []
     replayed = 0
@@ -247,27 +184,11 @@ def recover(
             # through it, so the journal that holds it must stay.
             msg = _symlink_met("cannot make the replayed files durable", exc)
             raise CorruptionError(msg) from exc
-    journal = new_segment(
-        fs,
-        journal_dir,
-        fmt.Checkpoint(live_next_lsn, next_txid),
-        sync=sync,
-        preallocate=preallocate,
-    )
-    removed_segments = orphans = 0
-    spare_dirty = None
+    lsn = journal.new_segment(next_txid)
+    orphans = 0
     try:
         # The live segment first: it becomes the spare if none is left.
-        for name in sorted((n for _, n in segs), key=lambda n: n != live_name):
-            if name != os.path.basename(journal.path):
-                path = os.path.join(journal_dir, name)
-                if retire(fs, journal_dir, path, keep=bool(preallocate)) and name == live_name:
-                    assert live is not None
-                    spare_dirty = live.valid_end + live.torn_bytes
-                removed_segments += 1
-        for name in unfinished:  # a preallocation cut short: never a segment
-            with contextlib.suppress(FileNotFoundError):  # reused by the create above
-                fs.unlink(os.path.join(journal_dir, name))
+        journal.drop_segments()
         for name in _staging_entries(fs, staging_dir):
             orphans += remove_tree(fs, os.path.join(staging_dir, name))
     except BaseException:
@@ -278,10 +199,10 @@ def recover(
         rolled_back=tuple(rolled_back),
         torn_bytes=torn,
         orphans_removed=orphans,
-        segments_removed=removed_segments,
+        segments_removed=journal.retired,
         ops_replayed=replayed,
         ops_skipped=tuple(unappliable),
     )
     for what in unappliable:
         log.error("recovery skipped an op no file system can apply: %s", what)
-    return Recovered(report, journal, next_txid, live_next_lsn, applier, spare_dirty)
+    return Recovered(report, journal, next_txid, lsn, applier)
