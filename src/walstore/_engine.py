@@ -283,7 +283,8 @@ class Engine:
         self.counters = Counters()
         self.failed: StoreFailedError | None = None
         self.partial = False  # a group is half applied: reads would show half of it
-        self.next_txid = 1
+        self.next_txid = 1  # the next ``new_txid``; set by recovery or a slot at open
+        self._txids = threading.Lock()
         self.last_lsn = 0  # LSN of the last applied COMMIT (or checkpoint)
         self._lock = threading.Lock()  # the commit lock: groups, checkpoints, close
         self._gate = _Gate()
@@ -755,6 +756,14 @@ class Engine:
                 if shared:
                     self.xlock_release()
                 self.fs.release(self.root)
+
+    def new_txid(self) -> int:
+        """A txid for a new transaction: unique across reopens and, with other processes,
+        across processes (``_shared.py``). On the event loop (or any thread)."""
+        with self._txids:
+            txid = self.next_txid
+            self.next_txid += 1
+        return txid
 
     # -- staging -------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import os
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -38,6 +38,7 @@ from ._engine import (
     PendingReplace,
     PreparedTx,
     Result,
+    TxOp,
     conflict_error,
 )
 from ._errors import (
@@ -49,10 +50,10 @@ from ._errors import (
     StoreMisuseError,
 )
 from ._fs import AsyncWriter, FileStat, FileSystem, OsFileSystem, on_asyncio
-from ._limits import check_tx_size
+from ._limits import PathLimits, check_tx_size
 from ._paths import check_path
 from ._recovery import RecoveryReport
-from ._transaction import Path, Transaction, TxState, encode_json, to_bytes
+from ._transaction import Footprint, Path, Transaction, TxState, encode_json, to_bytes
 from ._worker import CommitThread
 
 log = logging.getLogger("walstore")
@@ -86,7 +87,7 @@ class _WaiterState(enum.Enum):
 
 @dataclass(eq=False)
 class _Waiter:
-    tx: Transaction
+    tx: Footprint
     prepared: PreparedTx
     event: anyio.Event
     size: int = 0  # the journal bytes of its ops, at most (``_limits.tx_bytes``)
@@ -99,7 +100,7 @@ class PendingWrite:
     """A queued transaction's write of a hot file, handed on to the next holder of its key
     before the transaction commits (``_contention.py`` rule 5)."""
 
-    tx: Transaction
+    tx: Footprint
     op: fmt.Put | fmt.Delete
     waiter: _Waiter
 
@@ -139,7 +140,7 @@ class Store:
         self._idle = anyio.Event()  # set whenever no commit is running or queued
         self._idle.set()
         self._active: Counter[int] = Counter()  # begin LSNs of open transactions
-        self._open_txs: set[Transaction] = set()
+        self._open_txs: set[Footprint] = set()
         self._hops = 0
         self._committer = CommitThread(f"walstore-commit {engine.root}")
         # A store dropped without aclose() must not leave its thread waiting forever. (Its
@@ -163,11 +164,12 @@ class Store:
         # Writes of hot files by queued transactions, in queue order, by path; and the paths
         # of each transaction's entries.
         self._pending: dict[str, list[PendingWrite]] = {}
-        self._pending_of: dict[Transaction, list[str]] = {}
+        self._pending_of: dict[Footprint, list[str]] = {}
         # Where it may be used: this thread (so its event loop), this process.
         self._thread = threading.get_ident()
         self._forks = _forks
         self._pid = os.getpid()
+        self._link = _Link(self)  # what its transactions see of it
 
     @property
     def root(self) -> str:
@@ -297,21 +299,19 @@ class Store:
 
     def _transaction(self, claim: Claim) -> Transaction:
         self._check_writable()
-        engine = self._engine
-        tx = Transaction(self, engine.next_txid, self._visible_lsn, claim)
-        engine.next_txid += 1
-        self._active[tx.begin_lsn] += 1
-        self._open_txs.add(tx)
-        return tx
+        fp = Footprint(self._engine.new_txid(), self._visible_lsn, claim)
+        self._active[fp.begin_lsn] += 1
+        self._open_txs.add(fp)
+        return Transaction(self._link, fp)
 
-    def _forget(self, tx: Transaction) -> None:
+    def _forget(self, tx: Footprint) -> None:
         """The transaction is over and its outcome published: let go of its hot paths."""
         if tx in self._open_txs:
             self._open_txs.discard(tx)
             self._active[tx.begin_lsn] -= 1
             if not self._active[tx.begin_lsn]:
                 del self._active[tx.begin_lsn]
-        self._locks.release_all(tx._claim)
+        self._locks.release_all(tx.claim)
 
     async def _admit(self, claim: Claim, key: str) -> None:
         """Before a transaction reads ``key``: wait for its turn if the key is hot."""
@@ -330,13 +330,13 @@ class Store:
     def _hand_on(self, w: _Waiter) -> None:
         """Rule 5: a transaction just queued for commit lets go of its hot keys, handing on
         the small values and deletes it writes as pending writes."""
-        claim = w.tx._claim
+        claim = w.tx.claim
         if not claim.held:
             return
         tx = w.tx
         if any(
             k not in claim.held and self._locks.hot(k)
-            for k in (*tx._reads, *map(listing_key, tx._listed), *map(listing_key, tx._subtrees))
+            for k in (*tx.reads, *map(listing_key, tx.listed), *map(listing_key, tx.subtrees))
         ):
             return  # it read a hot key out of turn: it may well fail, so hand nothing on
         ops = w.prepared.ops
@@ -356,7 +356,7 @@ class Store:
                     continue
             self._locks.release(claim, key)
 
-    def _drop_pending(self, tx: Transaction) -> None:
+    def _drop_pending(self, tx: Footprint) -> None:
         for path in self._pending_of.pop(tx, ()):
             chain = [pw for pw in self._pending.get(path, ()) if pw.tx is not tx]
             if chain:
@@ -372,10 +372,10 @@ class Store:
         rejected: dict[_Waiter, Result] = {}
         ahead: set[_Waiter] = set()
         for w in group:
-            for path, pw in w.tx._deps.items():
+            for path, pw in w.tx.deps.items():
                 r = pw.waiter.result
                 if r is not None and r.outcome is Outcome.COMMITTED:
-                    w.tx._reads[path] = r.lsn
+                    w.tx.reads[path] = r.lsn
                 elif pw.waiter in ahead:
                     w.prepared.deps[path] = pw.tx.txid
                 else:
@@ -387,24 +387,24 @@ class Store:
             ahead.add(w)
         return rejected
 
-    async def _await_deps(self, tx: Transaction) -> None:
+    async def _await_deps(self, tx: Footprint) -> None:
         """A read-only transaction that read pending writes returns once they committed
         (else ConflictError), so it never shows what was not committed. Cancellation:
         propagates (the caller rolls back)."""
-        for path, pw in tx._deps.items():
+        for path, pw in tx.deps.items():
             while pw.waiter.result is None and pw.tx.state is TxState.COMMITTING:
                 await self._published.wait()
             r = pw.waiter.result
             if r is None or r.outcome is not Outcome.COMMITTED:
                 self._engine.counters.conflicts += 1
                 raise conflict_error(tx.txid, Conflict(path, 0, f"{path!r}: its writer failed"))
-            tx._reads[path] = r.lsn
-        conflict = self._stale(tx._reads, tx._listed)
+            tx.reads[path] = r.lsn
+        conflict = self._stale(tx.reads, tx.listed)
         if conflict is not None:
             self._engine.counters.conflicts += 1
             raise conflict_error(tx.txid, conflict)
 
-    def _stale(self, reads: dict[str, int], listed: dict[str, int]) -> Conflict | None:
+    def _stale(self, reads: Mapping[str, int], listed: Mapping[str, int]) -> Conflict | None:
         """Whether a commit changed one of these files or listings since they were read.
         On the event loop: single-key lookups of the conflict index (``_conflicts.py``)."""
         return self._engine.conflicts.check(reads, listed, {})
@@ -415,13 +415,13 @@ class Store:
         while self._visible_lsn < lsn and self._leading and not self._closed:
             await self._published.wait()
 
-    async def _stage(self, tx: Transaction, index: int, data: bytes) -> fmt.PutStaged:
+    async def _stage(self, tx: Footprint, index: int, data: bytes) -> fmt.PutStaged:
         self._check_writable()
-        op = await self._run(self._engine.stage, tx.txid, index, data, not tx._staging_made)
-        tx._staging_made = True
+        op = await self._run(self._engine.stage, tx.txid, index, data, not tx.staging_made)
+        tx.staging_made = True
         return op
 
-    async def _discard(self, tx: Transaction) -> None:
+    async def _discard(self, tx: Footprint) -> None:
         """Remove what a transaction that already ended staged since (shielded)."""
         with anyio.CancelScope(shield=True):
             try:
@@ -468,13 +468,13 @@ class Store:
         self._see_others()
         return await self._run(self._engine.lstat, path)
 
-    async def _open_stream(self, tx: Transaction, index: int) -> tuple[str, AsyncWriter]:
+    async def _open_stream(self, tx: Footprint, index: int) -> tuple[str, AsyncWriter]:
         self._check_writable()
         engine = self._engine
         await self._run(engine.check_space, 0, "a streamed value")
-        if not tx._staging_made:
+        if not tx.staging_made:
             await self._run(engine.make_staging_dir, tx.txid)
-            tx._staging_made = True
+            tx.staging_made = True
         name = f"{tx.txid}/{index}"
         self._hops += 1
         return name, await engine.fs.open_writer(os.path.join(engine.staging_dir, name))
@@ -488,12 +488,12 @@ class Store:
         self._see_others()
         return await self._run(self._engine.listdir, path)
 
-    async def _end(self, tx: Transaction, state: TxState) -> None:
+    async def _end(self, tx: Footprint, *, by_close: bool = False) -> None:
         """Roll back: drop the transaction and whatever it staged (shielded)."""
-        tx.state = state
+        tx.rolled_back(by_close=by_close)
         self._drop_pending(tx)
         self._forget(tx)
-        if tx._staged:
+        if tx.staged:
             with anyio.CancelScope(shield=True):
                 try:
                     await self._run(self._engine.discard, tx.txid)
@@ -501,30 +501,30 @@ class Store:
                     log.warning("txid=%d: could not remove staged files: %s", tx.txid, exc)
         log.debug("txid=%d rolled back", tx.txid)
 
-    async def _commit(self, tx: Transaction) -> None:
+    async def _commit(self, tx: Footprint, ops: tuple[TxOp, ...]) -> None:
         try:
             self._check_writable()
             # A cancellation already pending (say, delivered in the block's last await) is
             # before the commit point: roll back.
             await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
-            await self._end(tx, TxState.ROLLED_BACK)
+            await self._end(tx)
             raise
-        tx.state = TxState.COMMITTING
+        tx.committing()
         prepared = PreparedTx(
             tx.txid,
             tx.begin_lsn,
-            tx._prepared(),
-            staged=tx._staged > 0,
-            reads=tx._reads,
-            listed=tx._listed,
-            subtrees=tx._subtrees,
+            ops,
+            staged=tx.staged > 0,
+            reads=tx.reads,
+            listed=tx.listed,
+            subtrees=tx.subtrees,
         )
         try:
             size = check_tx_size(tx.txid, prepared.ops)
             await self._check_early(tx, prepared)
             read_only = not prepared.ops and not prepared.subtrees
-            if read_only and tx._deps:
+            if read_only and tx.deps:
                 await self._await_deps(tx)
             engine = self._engine
             if read_only and not engine.exclusive and engine.shared_applied() > engine.last_lsn:
@@ -532,10 +532,10 @@ class Store:
                 # changed after it read it; the committer validates it against their commits.
                 read_only = False
         except BaseException:
-            await self._end(tx, TxState.ROLLED_BACK)
+            await self._end(tx)
             raise
         if read_only:  # no journal, no thread
-            tx.state = TxState.COMMITTED
+            tx.committed()
             self._forget(tx)
             return
         w = _Waiter(tx, prepared, anyio.Event(), size)
@@ -548,7 +548,7 @@ class Store:
             except BaseException as exc:  # a cancellation while waiting for the committer
                 if w.state is _WaiterState.QUEUED:
                     self._queue.remove(w)
-                    await self._end(tx, TxState.ROLLED_BACK)
+                    await self._end(tx)
                     raise
                 cancelled = exc  # taken or handed the lead: finish first, deliver after
         else:
@@ -561,14 +561,14 @@ class Store:
             except BaseException:  # cancelled or timed out before the commit point
                 self._queue.remove(w)
                 self._pass_lead()
-                await self._end(tx, TxState.ROLLED_BACK)
+                await self._end(tx)
                 raise
         with anyio.CancelScope(shield=True):
             if w.state is _WaiterState.LEADING:
                 try:
                     await self._lead()
                 except BaseException:  # e.g. a simulated crash: the outcome is unknown
-                    tx.state = TxState.FAILED
+                    tx.failed()
                     self._forget(tx)
                     raise
             elif w.state is _WaiterState.TAKEN:
@@ -579,24 +579,24 @@ class Store:
             raise cancelled
         await anyio.lowlevel.checkpoint()  # deliver a cancellation that arrived while shielded
 
-    async def _check_early(self, tx: Transaction, prepared: PreparedTx) -> None:
+    async def _check_early(self, tx: Footprint, prepared: PreparedTx) -> None:
         """Before queueing, on the event loop: a transaction whose reads are stale already
         fails here (ConflictError), with no thread hop and no journal work. One that writes
         a hot path it does not hold (rule 3 of ``_contention.py``) fails if it read the
         path out of turn, and takes its turn if it wrote blindly (a blind write never
         conflicts: where it cannot wait, say for its own task, it goes ahead). Cancellation:
         propagates (the caller rolls back)."""
-        conflict = self._stale(tx._reads, tx._listed)
-        claim = tx._claim
+        conflict = self._stale(tx.reads, tx.listed)
+        claim = tx.claim
         if conflict is None and self._locks:
             for op in prepared.ops:
                 if op.path in claim.held or not self._locks.hot(op.path):
                     continue
-                if op.path in tx._reads:
+                if op.path in tx.reads:
                     conflict = Conflict(op.path, 0, f"{op.path!r} is being changed in turn")
                     break
                 if await self._locks.admit(claim, op.path):  # it may have waited
-                    conflict = self._stale(tx._reads, tx._listed)
+                    conflict = self._stale(tx.reads, tx.listed)
                     if conflict is not None:
                         break
         if conflict is not None:
@@ -692,15 +692,14 @@ class Store:
                             cache.dropped(op.src)
         self._visible_lsn = max(self._visible_lsn, self._engine.last_lsn)
 
-    async def _settle(self, tx: Transaction, result: Result) -> None:
+    async def _settle(self, tx: Footprint, result: Result) -> None:
         self._forget(tx)
         if result.outcome is Outcome.COMMITTED:
-            tx.state = TxState.COMMITTED
-            tx.lsn = result.lsn
+            tx.committed(result.lsn)
         elif result.outcome is Outcome.UNKNOWN:
-            tx.state = TxState.FAILED
+            tx.failed()
         else:
-            await self._end(tx, TxState.ROLLED_BACK)
+            await self._end(tx)
         if result.error is not None:
             raise result.error
 
@@ -909,8 +908,7 @@ class Store:
                 await self._idle.wait()
             for tx in list(self._open_txs):
                 if tx.state is TxState.ACTIVE:
-                    tx._closed_with_store = True
-                    await self._end(tx, TxState.ROLLED_BACK)
+                    await self._end(tx, by_close=True)
             try:
                 if not self._readonly:
                     await self._run(self._engine.close)
@@ -931,6 +929,80 @@ class Store:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+class _Link:
+    """``TxLink``: what a transaction sees of its store, and the only way it reaches it. On
+    the event loop; the reads and writes hop to worker threads (``Store._run``)."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def check_context(self) -> None:
+        self._store._check_context()
+
+    @property
+    def limits(self) -> PathLimits:
+        return self._store._limits
+
+    # -- reads
+
+    def stale(self, reads: Mapping[str, int], listed: Mapping[str, int]) -> Conflict | None:
+        return self._store._stale(reads, listed)
+
+    async def admit(self, claim: Claim, key: str) -> None:
+        await self._store._admit(claim, key)
+
+    @property
+    def visible_lsn(self) -> int:
+        return self._store._visible_lsn
+
+    def pending_write(self, claim: Claim, path: str) -> PendingWrite | None:
+        return self._store._pending_write(claim, path)
+
+    async def read(self, path: str) -> bytes:
+        return await self._store._read_raw(path)
+
+    async def read_staged(self, name: str) -> bytes:
+        return await self._store._read_staged(name)
+
+    async def lstat(self, path: str) -> FileStat | None:
+        return await self._store._lstat_raw(path)
+
+    async def listdir(self, path: str) -> list[str]:
+        return await self._store._list_raw(path)
+
+    async def check_parents(self, path: str) -> None:
+        await self._store._check_parents(path)
+
+    # -- staging
+
+    @property
+    def inline_threshold(self) -> int:
+        return self._store._inline_threshold
+
+    async def stage(self, tx: Footprint, index: int, data: bytes) -> fmt.PutStaged:
+        return await self._store._stage(tx, index, data)
+
+    @property
+    def sync(self) -> bool:
+        return self._store._engine.sync
+
+    async def open_stream(self, tx: Footprint, index: int) -> tuple[str, AsyncWriter]:
+        return await self._store._open_stream(tx, index)
+
+    async def discard(self, tx: Footprint) -> None:
+        await self._store._discard(tx)
+
+    # -- ending
+
+    async def commit(self, tx: Footprint, ops: tuple[TxOp, ...]) -> None:
+        await self._store._commit(tx, ops)
+
+    async def roll_back(self, tx: Footprint) -> None:
+        await self._store._end(tx)
 
 
 def _take_group(queue: list[_Waiter]) -> tuple[list[_Waiter], list[_Waiter]]:

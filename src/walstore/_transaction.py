@@ -37,10 +37,11 @@ import enum
 import json
 import os
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -59,9 +60,11 @@ from ._fs import byte_view
 from ._paths import check_path, parents
 
 if TYPE_CHECKING:
+    from ._conflicts import Conflict
     from ._contention import Claim
-    from ._fs import AsyncWriter
-    from ._store import PendingWrite, Store
+    from ._fs import AsyncWriter, FileStat
+    from ._limits import PathLimits
+    from ._store import PendingWrite
 
 Path = str | os.PathLike[str]
 
@@ -101,6 +104,96 @@ MISSING = _Missing()
 _FileOp = fmt.Put | fmt.PutStaged | Move
 
 
+@dataclass(eq=False)
+class Footprint:
+    """What a transaction's store sees of it, and all it sees: what it read (each with the
+    LSN visible then), its place in the queues of hot paths, what it staged, and its state,
+    which moves only by the transitions below (the diagram at the top). The transaction
+    makes it and hands it to each ``TxLink`` call that needs it. On the event loop."""
+
+    txid: int
+    begin_lsn: int
+    claim: Claim  # its place in the queues of hot paths
+    # What it read, each with the LSN visible when it read it (the oldest, if twice):
+    reads: dict[str, int] = field(default_factory=dict)  # files read, or found missing
+    listed: dict[str, int] = field(default_factory=dict)  # directories listed
+    subtrees: dict[str, int] = field(default_factory=dict)  # directories read as a whole
+    # Hot files read as a transaction queued ahead wrote them (``_contention.py`` rule 5):
+    # path -> that transaction's pending write.
+    deps: dict[str, PendingWrite] = field(default_factory=dict)
+    staged: int = 0  # values staged (or being staged): names staging/<txid>/<n>
+    staging_made: bool = False  # staging/<txid>/ exists
+    closed_with_store: bool = False  # rolled back by Store.aclose()
+    state: TxState = TxState.ACTIVE
+    lsn: int | None = None  # LSN of the COMMIT record, once committed
+
+    def committing(self) -> None:
+        """ACTIVE -> COMMITTING: handed to the committer (``Store._commit``)."""
+        assert self.state is TxState.ACTIVE, self.state
+        self.state = TxState.COMMITTING
+
+    def committed(self, lsn: int | None = None) -> None:
+        """-> COMMITTED (at ``lsn``; None: it wrote nothing, no record)."""
+        self.state = TxState.COMMITTED
+        if lsn is not None:
+            self.lsn = lsn
+
+    def failed(self) -> None:
+        """-> FAILED: the outcome is unknown."""
+        self.state = TxState.FAILED
+
+    def rolled_back(self, *, by_close: bool = False) -> None:
+        """-> ROLLED_BACK (``by_close``: by ``Store.aclose`` while its block ran)."""
+        self.state = TxState.ROLLED_BACK
+        self.closed_with_store |= by_close
+
+
+class TxLink(Protocol):
+    """What a transaction needs of its store: the one interface between them. The store
+    hands each transaction one (``_store._Link``). On the event loop; the reads and writes
+    run their file-system work in worker threads."""
+
+    @property
+    def limits(self) -> PathLimits: ...  # the names and paths the store takes
+
+    @property
+    def inline_threshold(self) -> int: ...  # larger values are staged to disk
+
+    @property
+    def sync(self) -> bool: ...  # whether staged files are fsynced
+
+    @property
+    def visible_lsn(self) -> int: ...  # the LSN a read made now is tagged with
+
+    def check_context(self) -> None: ...  # StoreMisuseError outside its thread and process
+
+    def stale(self, reads: Mapping[str, int], listed: Mapping[str, int]) -> Conflict | None: ...
+
+    async def admit(self, claim: Claim, key: str) -> None: ...  # a turn on a hot key
+
+    def pending_write(self, claim: Claim, path: str) -> PendingWrite | None: ...
+
+    async def read(self, path: str) -> bytes: ...
+
+    async def read_staged(self, name: str) -> bytes: ...
+
+    async def lstat(self, path: str) -> FileStat | None: ...
+
+    async def listdir(self, path: str) -> builtins.list[str]: ...
+
+    async def check_parents(self, path: str) -> None: ...
+
+    async def stage(self, tx: Footprint, index: int, data: bytes) -> fmt.PutStaged: ...
+
+    async def open_stream(self, tx: Footprint, index: int) -> tuple[str, AsyncWriter]: ...
+
+    async def discard(self, tx: Footprint) -> None: ...  # what it staged, after it ended
+
+    async def commit(self, tx: Footprint, ops: tuple[TxOp, ...]) -> None: ...
+
+    async def roll_back(self, tx: Footprint) -> None: ...
+
+
 class Transaction:
     """A set of changes to the store applied all or nothing.
 
@@ -108,13 +201,12 @@ class Transaction:
     back on an exception or cancellation, which then propagates unchanged.
     """
 
-    def __init__(self, store: Store, txid: int, begin_lsn: int, claim: Claim) -> None:
-        self._store = store
-        self.txid = txid  # unique and increasing across reopens; names staging/<txid>/
-        self.begin_lsn = begin_lsn
-        self.state = TxState.ACTIVE
-        self.lsn: int | None = None  # LSN of the COMMIT record, once committed
-        self._claim = claim  # its place in the queues of hot paths
+    def __init__(self, link: TxLink, fp: Footprint) -> None:
+        self._link = link  # its store
+        self.txid = fp.txid  # unique and increasing across reopens; names staging/<txid>/
+        self.begin_lsn = fp.begin_lsn
+        self._fp = fp  # what the store sees of it
+        self._claim = fp.claim
         self._ops: dict[str, TxOp] = {}  # path -> last op on it, in order of last touch
         # Indexes of _ops, so that each op costs O(its depth), not O(the transaction's ops)
         # (16,000 deletes in one transaction took 62 s when every op scanned them all):
@@ -124,26 +216,30 @@ class Transaction:
         self._indexed = False
         self._below: dict[str, set[str]] = {}  # directory -> paths of ops strictly below it
         self._makes: dict[str, int] = {}  # directory -> ops below it that are not deletes
-        # What it read, each with the LSN visible when it read it (the oldest, if twice):
-        self._reads: dict[str, int] = {}  # files read, or found missing
-        self._listed: dict[str, int] = {}  # directories listed
-        self._subtrees: dict[str, int] = {}  # directories read as a whole
-        # Hot files read as a transaction queued ahead wrote them (``_contention.py`` rule 5):
-        # path -> that transaction's pending write.
-        self._deps: dict[str, PendingWrite] = {}
-        self._staged = 0  # values staged (or being staged): names staging/<txid>/<n>
-        self._staging_made = False  # staging/<txid>/ exists
-        self._closed_with_store = False  # rolled back by Store.aclose()
+        # What it read (``Footprint``: the same dicts).
+        self._reads, self._listed, self._subtrees = fp.reads, fp.listed, fp.subtrees
+        self._deps = fp.deps
         self._inflight = 0  # ops running that record a change when they end (``_running``)
 
     def __repr__(self) -> str:
         return f"<Transaction txid={self.txid} {self.state.value} ops={len(self._ops)}>"
 
+    @property
+    def state(self) -> TxState:
+        """Where the transaction is in its life."""
+        return self._fp.state
+
+    @property
+    def lsn(self) -> int | None:
+        """The LSN of its COMMIT record, once committed (None before, or if it wrote
+        nothing)."""
+        return self._fp.lsn
+
     def _path(self, path: Path, *, allow_root: bool = False) -> str:
-        return check_path(path, allow_root=allow_root, limits=self._store._limits)
+        return check_path(path, allow_root=allow_root, limits=self._link.limits)
 
     def _check_active(self) -> None:
-        self._store._check_context()
+        self._link.check_context()
         if self.state is not TxState.ACTIVE:
             raise TransactionClosedError(f"transaction {self.txid} is {self.state.value}")
 
@@ -169,7 +265,7 @@ class Transaction:
 
     async def _drop_late(self) -> None:
         """A value staged by an op that outlived its transaction: remove it, then raise."""
-        await self._store._discard(self)
+        await self._link.discard(self._fp)
         self._recording()
 
     def _set(self, op: TxOp) -> None:
@@ -257,7 +353,7 @@ class Transaction:
         """What to raise when the store lacks what an op needs: ConflictError if something
         this transaction read has changed since it read it (its view is stale, and a retry
         in ``Store.atomic`` may well succeed), else ``exc`` itself."""
-        conflict = self._store._stale(self._reads, self._listed)
+        conflict = self._link.stale(self._reads, self._listed)
         if conflict is not None:
             err = ConflictError(
                 f"txid={self.txid}: {exc.filename!r}: {exc.strerror}, after another commit "
@@ -274,20 +370,20 @@ class Transaction:
         if it is hot. Cancellation: propagates; nothing is remembered."""
         if path in reads or path in self._deps:
             return
-        await self._store._admit(self._claim, key)
+        await self._link.admit(self._claim, key)
         if reads is self._reads:
-            pending = self._store._pending_write(self._claim, path)
+            pending = self._link.pending_write(self._claim, path)
             if pending is not None:
                 self._deps[path] = pending
                 return
-        reads.setdefault(path, self._store._visible_lsn)
+        reads.setdefault(path, self._link.visible_lsn)
 
     async def _content(self, p: str) -> bytes:
         found = self._lookup(p)
         if isinstance(found, fmt.Put):
             return found.data
         if isinstance(found, fmt.PutStaged):
-            return await self._store._read_staged(found.staged)
+            return await self._link.read_staged(found.staged)
         if isinstance(found, Move):
             await self._note(self._reads, found.src, found.src)
             return await self._read_disk(found.src)
@@ -296,9 +392,7 @@ class Transaction:
             for e in replace.entries:
                 if e.path == rel:
                     return (
-                        e.data
-                        if isinstance(e, fmt.Put)
-                        else await self._store._read_staged(e.staged)
+                        e.data if isinstance(e, fmt.Put) else await self._link.read_staged(e.staged)
                     )
             if not self._keeps(replace, rel):
                 raise FileNotFoundError(2, "No such file or directory", p)
@@ -316,7 +410,7 @@ class Transaction:
                 return dep.op.data
             raise FileNotFoundError(2, "No such file or directory", p)
         try:
-            return await self._store._read_raw(p)
+            return await self._link.read(p)
         except FileNotFoundError as exc:
             err = self._missing(exc)
             if err is exc:
@@ -326,11 +420,11 @@ class Transaction:
     # -- writes --------------------------------------------------------------------------
 
     async def _value_op(self, p: str, value: bytes) -> fmt.Put | fmt.PutStaged:
-        if len(value) <= self._store._inline_threshold:
+        if len(value) <= self._link.inline_threshold:
             return fmt.Put(p, value)
-        index = self._staged
-        self._staged += 1  # counted first: a cancelled stage still gets cleaned up
-        staged = await self._store._stage(self, index, value)
+        index = self._fp.staged
+        self._fp.staged += 1  # counted first: a cancelled stage still gets cleaned up
+        staged = await self._link.stage(self._fp, index, value)
         if self.state is not TxState.ACTIVE:  # it ended while the value was being staged
             await self._drop_late()
         # The worker thread is never abandoned, so a cancellation that came meanwhile is
@@ -383,10 +477,10 @@ class Transaction:
             self._set(writer._op())
 
     async def _open_stream(self, p: str) -> StreamWriter:
-        index = self._staged
-        self._staged += 1
-        name, handle = await self._store._open_stream(self, index)
-        return StreamWriter(p, name, handle, self._store._engine.sync)
+        index = self._fp.staged
+        self._fp.staged += 1
+        name, handle = await self._link.open_stream(self._fp, index)
+        return StreamWriter(p, name, handle, self._link.sync)
 
     async def delete(self, path: Path, missing_ok: bool = False) -> None:
         """Delete the file ``path`` at commit. Raises FileNotFoundError if it does not exist
@@ -399,7 +493,7 @@ class Transaction:
         if kind == "dir":
             raise InvalidPathError(f"cannot delete {p!r}: it is a directory (use delete_dir)")
         if kind is None:
-            await self._store._check_parents(p)
+            await self._link.check_parents(p)
             if missing_ok:
                 return
             raise self._missing(FileNotFoundError(2, "No such file or directory", p))
@@ -537,7 +631,7 @@ class Transaction:
             dep = self._deps.get(p)
             if dep is not None:
                 return "file" if isinstance(dep.op, fmt.Put) else None
-        st = await self._store._lstat_raw(p)
+        st = await self._link.lstat(p)
         if st is None:
             return None
         return "dir" if st.kind == "dir" else "file"
@@ -594,7 +688,7 @@ class Transaction:
 
     async def _disk_names(self, p: str) -> builtins.list[str]:
         try:
-            return await self._store._list_raw(p)
+            return await self._link.listdir(p)
         except (FileNotFoundError, NotADirectoryError):
             return []
 
@@ -614,14 +708,14 @@ class Transaction:
         delivered."""
         self._check_active()
         if self._inflight:
-            await self._store._end(self, TxState.ROLLED_BACK)
+            await self._link.roll_back(self._fp)
             raise TransactionBusyError(
                 f"transaction {self.txid} was committed while {self._inflight} of its own "
                 "op(s) still ran (a write staging a value, an open_write or replace_dir "
                 "block, in another task or around this commit): it is rolled back, nothing "
                 "changed. Await every op of a transaction before it commits"
             )
-        await self._store._commit(self)
+        await self._link.commit(self._fp, self._prepared())
 
     async def rollback(self) -> None:
         """Discard every change; staged values are removed. Idempotent once rolled back.
@@ -629,7 +723,7 @@ class Transaction:
         if self.state is TxState.ROLLED_BACK:
             return
         self._check_active()
-        await self._store._end(self, TxState.ROLLED_BACK)
+        await self._link.roll_back(self._fp)
 
     async def __aenter__(self) -> Transaction:
         return self
@@ -641,7 +735,7 @@ class Transaction:
         tb: TracebackType | None,
     ) -> None:
         if self.state is not TxState.ACTIVE:
-            if self._closed_with_store and exc is None:
+            if self._fp.closed_with_store and exc is None:
                 raise StoreClosedError(
                     f"the store was closed inside transaction {self.txid}'s block; "
                     "it was rolled back"
@@ -650,7 +744,7 @@ class Transaction:
         if exc is None:
             await self.commit()
         else:
-            await self._store._end(self, TxState.ROLLED_BACK)
+            await self._link.roll_back(self._fp)
 
 
 def _keeps(keep: frozenset[str] | Callable[[str], bool], rel: str) -> bool:
