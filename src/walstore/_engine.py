@@ -1,8 +1,10 @@
 """Engine: the blocking core of a store, run from worker threads.
 
-It owns the journal writer, the applier and the lock, and runs the commit protocol of
-docs/commit-protocol.md for one group of transactions at a time. Steps are named as in the doc:
+It owns the commit log (``_commit_log.py``), the applier and the lock, and runs the commit
+protocol of docs/commit-protocol.md for one group of transactions at a time
+(``commit_group``). Steps are named as in the doc, each a method ``_step_<name>``:
 
+0. ``catch_up``      with other processes: take in what they committed (section 7)
 1. ``validate``      check each transaction's paths on disk and its reads for conflicts
 2. ``sync_staged``   fsync the staging directories of large values (their files were fsynced
                      when they were staged)
@@ -197,6 +199,29 @@ class _Validation:
     # (txid, op index) of the puts whose target is a file when they are applied: apply
     # exchanges those into place without looking the target up again.
     replacing: set[tuple[int, int]] = field(default_factory=set)
+
+
+@dataclass
+class _Group:
+    """One group as ``commit_group`` takes it through its steps."""
+
+    txs: list[PreparedTx]
+    results: list[Result | None]  # set once a transaction is refused (or the group ends)
+    log: JournalLog
+    head: int = 0  # the log's head before the group: it appends after it
+    lsn: int = 0  # the group's LSN
+    state: _Validation = field(default_factory=_Validation)
+    resolved: dict[int, tuple[fmt.Op, ...]] = field(default_factory=dict)  # index -> ops
+    staged: list[int] = field(default_factory=list)  # txids with a staging directory
+    writers: list[tuple[int, tuple[fmt.Op, ...]]] = field(default_factory=list)
+
+
+class _GroupEnded(Exception):
+    """A step ended the group early: ``results`` are every transaction's outcome."""
+
+    def __init__(self, results: list[Result]) -> None:
+        super().__init__("group ended")
+        self.results = results
 
 
 def _collides(rel: str, names: set[str]) -> bool:
@@ -812,8 +837,10 @@ class Engine:
     # -- the commit protocol -------------------------------------------------------------
 
     def commit_group(self, group: list[PreparedTx], oldest_begin: int) -> list[Result]:
-        """Run steps 1-4 for a group, in one worker call. ``oldest_begin`` is the smallest
-        begin LSN of any open transaction (older conflict records are dropped).
+        """Run steps 0-4 for a group, in one worker call (in the committer thread, never on
+        the event loop), and return each transaction's outcome for step 5, ``acknowledge``,
+        which the Store does. ``oldest_begin`` is the smallest begin LSN of any open
+        transaction (older conflict records are dropped).
 
         Under ``fs.hold()``: each directory the group's paths go through is resolved
         (beneath the root, through no symlink) once for the group instead of at every call;
@@ -825,148 +852,176 @@ class Engine:
             if self._log is None:
                 closed = StoreClosedError(f"store {self.root} is closed")
                 return [Result(Outcome.REJECTED, error=closed) for _ in group]
-            # Step 0: catch_up on what other processes committed (``_shared.py``)
+            g = _Group(group, [None] * len(group), self._log)
             try:
-                self._catch_up()
-            except OSError as exc:
-                return [Result(Outcome.REJECTED, error=exc) for _ in group]
-            except CorruptionError as exc:
-                self._fail(f"the journal is damaged: {exc}", exc)
-                return [Result(Outcome.REJECTED, error=exc) for _ in group]
-            journal = self._log
-            head = journal.head
-            lsn = head + 1
-            results: list[Result | None] = [None] * len(group)
-
-            # Step 1: validate
-            state = _Validation()
-            for i, tx in enumerate(group):
-                try:
-                    self._validate(tx, state)
-                except (InvalidPathError, ConflictError, OSError) as exc:
-                    if isinstance(exc, ConflictError):
-                        self.counters.conflicts += 1
-                    results[i] = Result(Outcome.REJECTED, error=exc)
-
-            try:
-                self._check_group_space(group, results, journal)
-            except FailStop as exc:  # nothing is committed, but a failed sync is never retried
-                self._fail(f"sync before the commit point failed: {exc}", exc)
-                return self._fill(results, Result(Outcome.REJECTED, error=exc))
-
-            # Step 2: sync_staged (moved and kept files are linked into staging first)
-            resolved: dict[int, tuple[fmt.Op, ...]] = {}
-            staged: list[int] = []
-            for i, tx in enumerate(group):
-                if results[i] is not None or not tx.ops:
-                    continue
-                try:
-                    resolved[i] = self._link_sources(tx)
-                except (InvalidPathError, OSError) as exc:
-                    results[i] = Result(Outcome.REJECTED, error=exc)
-                    continue
-                if tx.staged or resolved[i] is not tx.ops:
-                    staged.append(tx.txid)
-            writers = [(group[i].txid, ops) for i, ops in resolved.items() if results[i] is None]
-            if not writers:
-                return self._fill(results, Result(Outcome.COMMITTED, self.last_lsn))
-            try:
-                if self.sync and staged:
-                    for txid in staged:
-                        self.fs.fsync_dir(os.path.join(self.staging_dir, str(txid)))
-                    self.fs.fsync_dir(self.staging_dir)
-            except OSError as exc:
-                # Nothing is committed, but a failed fsync is never retried: what it covered
-                # may be lost while a retry reports success (fsyncgate).
-                self._fail(f"staging fsync failed: {exc}", exc)
-                return self._fill(results, Result(Outcome.REJECTED, error=exc))
-            # Step 3: append_commit. Each transaction is encoded on its own, so that one the
-            # record cannot hold (the op calls and the store refuse those first; this is the
-            # last line) is refused alone, before the commit point, and the others go on.
-            parts: list[bytes] = []
-            size = fmt.GROUP_HEADER_SIZE
-            for i, ops in resolved.items():
-                if results[i] is not None:
-                    continue
-                txid = group[i].txid
-                try:
-                    part = fmt.encode_tx(fmt.TxRecord(txid, ops))
-                except (struct.error, OverflowError, UnicodeEncodeError) as exc:
-                    results[i] = Result(Outcome.REJECTED, error=_unrecordable(txid, exc))
-                    continue
-                if size + len(part) > fmt.MAX_PAYLOAD:
-                    big = InvalidPathError(
-                        f"txid={txid}: its {len(part)} bytes do not fit the commit record"
-                    )
-                    results[i] = Result(Outcome.REJECTED, error=big)
-                    continue
-                parts.append(part)
-                size += len(part)
-            writers = [(group[i].txid, ops) for i, ops in resolved.items() if results[i] is None]
-            if not writers:
-                return self._fill(results, Result(Outcome.COMMITTED, self.last_lsn))
-            try:
-                journal.append(parts, head)
-            except LogConflict as exc:  # nothing written: the group is validated again
-                stale = ConflictError(f"another writer committed first: {exc}")
-                return self._fill(results, Result(Outcome.REJECTED, error=stale))
-            except OSError as exc:
-                return self._fill(results, Result(Outcome.REJECTED, error=exc))
-            except AppendFailed as exc:
-                self._fail(f"journal append failed and could not be undone: {exc}", exc)
-                err = StoreFailedError(f"commit outcome unknown: {exc}")
-                return self._fill(results, Result(Outcome.UNKNOWN, error=err))
-            # Step 3: sync_journal. This is the commit point.
-            try:
-                if self.sync:
-                    journal.sync()
-                    self.counters.journal_syncs += 1
-            except OSError as exc:
-                self._fail(f"journal fdatasync failed: {exc}", exc)
-                err = StoreFailedError(
-                    f"commit outcome unknown: the journal sync failed ({exc}); "
-                    "reopen the store to learn whether it committed"
-                )
-                err.__cause__ = exc
-                return self._fill(results, Result(Outcome.UNKNOWN, error=err))
-
-            # Step 4: apply
-            applied = False
-            try:
-                with self._gate.write():
-                    # Step 1 looked these up already: apply need not lstat them again.
-                    self._applier.forget_dir_cache(known=state.disk_dirs)
-                    for txid, ops in writers:
-                        self._applier.apply(txid, ops, replacing=state.replacing)
-                    for txid in staged:  # dropped at the next checkpoint
-                        self._applier.garbage.add(os.path.join(self.staging_dir, str(txid)))
-                    self.last_lsn = lsn
-                    # Still under the gate: whoever saw this group's files sees it here too
-                    # (the early check on the event loop relies on it).
-                    self.conflicts.observe(lsn, state.effects)
-                    if self._header is not None:  # other processes: it is applied
-                        self._write_header(self._header.advanced(applied_lsn=lsn))
-                applied = True
-                self._applier.drop_replaced()
-            except OSError as exc:
-                self.partial = not applied
-                self._fail(f"apply failed after the commit point: {exc}", exc)
-                err = StoreFailedError(
-                    f"committed (journal LSN {lsn}) and applied, but an old file could not be "
-                    f"removed: {exc}; reopen the store to recover"
-                    if applied
-                    else f"committed (journal LSN {lsn}) but not applied: {exc}; "
-                    "reopen the store to finish applying it"
-                )
-                err.__cause__ = exc
-                return self._fill(results, Result(Outcome.COMMITTED, lsn, err))
+                self._step_catch_up(g)  # step 0
+                self._step_validate(g)  # step 1
+                self._step_sync_staged(g)  # step 2
+                self._step_append_commit(g)  # step 3
+                self._step_sync_journal(g)  # step 3, the commit point
+                self._step_apply(g)  # step 4
+            except _GroupEnded as ended:
+                return ended.results
             self.conflicts.prune(oldest_begin)
             self.counters.groups += 1
-            self.counters.commits += len(writers)
-            self.counters.journal_bytes = journal.bytes_written
-            for txid, ops in writers:
-                log.debug("txid=%d committed lsn=%d ops=%d", txid, lsn, len(ops))
-            return self._fill(results, Result(Outcome.COMMITTED, lsn))
+            self.counters.commits += len(g.writers)
+            self.counters.journal_bytes = g.log.bytes_written
+            for txid, ops in g.writers:
+                log.debug("txid=%d committed lsn=%d ops=%d", txid, g.lsn, len(ops))
+            return self._fill(g.results, Result(Outcome.COMMITTED, g.lsn))
+
+    def _end_group(self, g: _Group, value: Result) -> _GroupEnded:
+        """End the group early: every transaction not refused yet gets ``value``."""
+        return _GroupEnded(self._fill(g.results, value))
+
+    def _step_catch_up(self, g: _Group) -> None:
+        """Step 0, ``catch_up``: take in what other processes committed (``_shared.py``)."""
+        try:
+            self._catch_up()
+        except OSError as exc:
+            raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
+        except CorruptionError as exc:
+            self._fail(f"the journal is damaged: {exc}", exc)
+            raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
+        g.head = g.log.head
+        g.lsn = g.head + 1
+
+    def _step_validate(self, g: _Group) -> None:
+        """Step 1, ``validate``: refuse each transaction whose reads are stale, whose paths
+        do not fit what is on disk (plus what the transactions ahead of it change), or whose
+        apply would eat into the space reserve. Nothing on disk is touched."""
+        for i, tx in enumerate(g.txs):
+            try:
+                self._validate_tx(tx, g.state)
+            except (InvalidPathError, ConflictError, OSError) as exc:
+                if isinstance(exc, ConflictError):
+                    self.counters.conflicts += 1
+                g.results[i] = Result(Outcome.REJECTED, error=exc)
+        try:
+            self._check_group_space(g.txs, g.results, g.log)
+        except FailStop as exc:  # nothing is committed, but a failed sync is never retried
+            self._fail(f"sync before the commit point failed: {exc}", exc)
+            raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
+
+    def _step_sync_staged(self, g: _Group) -> None:
+        """Step 2, ``sync_staged``: link moved and kept files into staging, then fsync the
+        staging directories of the transactions that staged anything, and ``staging/``."""
+        results = g.results
+        for i, tx in enumerate(g.txs):
+            if results[i] is not None or not tx.ops:
+                continue
+            try:
+                g.resolved[i] = self._link_sources(tx)
+            except (InvalidPathError, OSError) as exc:
+                results[i] = Result(Outcome.REJECTED, error=exc)
+                continue
+            if tx.staged or g.resolved[i] is not tx.ops:
+                g.staged.append(tx.txid)
+        if not self._writers(g):
+            raise self._end_group(g, Result(Outcome.COMMITTED, self.last_lsn))
+        try:
+            if self.sync and g.staged:
+                for txid in g.staged:
+                    self.fs.fsync_dir(os.path.join(self.staging_dir, str(txid)))
+                self.fs.fsync_dir(self.staging_dir)
+        except OSError as exc:
+            # Nothing is committed, but a failed fsync is never retried: what it covered
+            # may be lost while a retry reports success (fsyncgate).
+            self._fail(f"staging fsync failed: {exc}", exc)
+            raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
+
+    def _writers(self, g: _Group) -> list[tuple[int, tuple[fmt.Op, ...]]]:
+        """The transactions still in the group, with their resolved ops."""
+        g.writers = [(g.txs[i].txid, ops) for i, ops in g.resolved.items() if g.results[i] is None]
+        return g.writers
+
+    def _step_append_commit(self, g: _Group) -> None:
+        """Step 3, ``append_commit``: one COMMIT record for the group, appended in one write.
+        Each transaction is encoded on its own, so that one the record cannot hold (the op
+        calls and the store refuse those first; this is the last line) is refused alone,
+        before the commit point, and the others go on."""
+        parts: list[bytes] = []
+        size = fmt.GROUP_HEADER_SIZE
+        results = g.results
+        for i, ops in g.resolved.items():
+            if results[i] is not None:
+                continue
+            txid = g.txs[i].txid
+            try:
+                part = fmt.encode_tx(fmt.TxRecord(txid, ops))
+            except (struct.error, OverflowError, UnicodeEncodeError) as exc:
+                results[i] = Result(Outcome.REJECTED, error=_unrecordable(txid, exc))
+                continue
+            if size + len(part) > fmt.MAX_PAYLOAD:
+                big = InvalidPathError(
+                    f"txid={txid}: its {len(part)} bytes do not fit the commit record"
+                )
+                results[i] = Result(Outcome.REJECTED, error=big)
+                continue
+            parts.append(part)
+            size += len(part)
+        if not self._writers(g):
+            raise self._end_group(g, Result(Outcome.COMMITTED, self.last_lsn))
+        try:
+            g.log.append(parts, g.head)
+        except LogConflict as exc:  # nothing written: the group is validated again
+            stale = ConflictError(f"another writer committed first: {exc}")
+            raise self._end_group(g, Result(Outcome.REJECTED, error=stale)) from None
+        except OSError as exc:
+            raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
+        except AppendFailed as exc:
+            self._fail(f"journal append failed and could not be undone: {exc}", exc)
+            err = StoreFailedError(f"commit outcome unknown: {exc}")
+            raise self._end_group(g, Result(Outcome.UNKNOWN, error=err)) from None
+
+    def _step_sync_journal(self, g: _Group) -> None:
+        """Step 3, ``sync_journal``: fdatasync the journal. This is the commit point."""
+        try:
+            if self.sync:
+                g.log.sync()
+                self.counters.journal_syncs += 1
+        except OSError as exc:
+            self._fail(f"journal fdatasync failed: {exc}", exc)
+            err = StoreFailedError(
+                f"commit outcome unknown: the journal sync failed ({exc}); "
+                "reopen the store to learn whether it committed"
+            )
+            err.__cause__ = exc
+            raise self._end_group(g, Result(Outcome.UNKNOWN, error=err)) from None
+
+    def _step_apply(self, g: _Group) -> None:
+        """Step 4, ``apply``: rename every change into place with readers held off by the
+        apply gate, then (readers let in) ``drop_replaced``."""
+        lsn = g.lsn
+        applied = False
+        try:
+            with self._gate.write():
+                # Step 1 looked these up already: apply need not lstat them again.
+                self._applier.forget_dir_cache(known=g.state.disk_dirs)
+                for txid, ops in g.writers:
+                    self._applier.apply(txid, ops, replacing=g.state.replacing)
+                for txid in g.staged:  # dropped at the next checkpoint
+                    self._applier.garbage.add(os.path.join(self.staging_dir, str(txid)))
+                self.last_lsn = lsn
+                # Still under the gate: whoever saw this group's files sees it here too
+                # (the early check on the event loop relies on it).
+                self.conflicts.observe(lsn, g.state.effects)
+                if self._header is not None:  # other processes: it is applied
+                    self._write_header(self._header.advanced(applied_lsn=lsn))
+            applied = True
+            self._applier.drop_replaced()
+        except OSError as exc:
+            self.partial = not applied
+            self._fail(f"apply failed after the commit point: {exc}", exc)
+            err = StoreFailedError(
+                f"committed (journal LSN {lsn}) and applied, but an old file could not be "
+                f"removed: {exc}; reopen the store to recover"
+                if applied
+                else f"committed (journal LSN {lsn}) but not applied: {exc}; "
+                "reopen the store to finish applying it"
+            )
+            err.__cause__ = exc
+            raise self._end_group(g, Result(Outcome.COMMITTED, lsn, err)) from None
 
     def _check_group_space(
         self, group: list[PreparedTx], results: list[Result | None], journal: JournalLog
@@ -1118,7 +1173,7 @@ class Engine:
         if conflict is not None:
             raise conflict_error(tx.txid, conflict)
 
-    def _validate(self, tx: PreparedTx, state: _Validation) -> None:
+    def _validate_tx(self, tx: PreparedTx, state: _Validation) -> None:
         """Step 1 for one transaction: raise ConflictError, InvalidPathError or
         FileNotFoundError, else record its effects in ``state``. Nothing on disk is touched."""
         self._check_reads(tx, state)
