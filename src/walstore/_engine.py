@@ -48,31 +48,14 @@ from ._fs import FileStat, FileSystem, NotRegularFileError, write_all
 from ._journal_writer import NO_SPACE, AppendFailed, FailStop, synced
 from ._limits import PathLimits, limits_of
 from ._paths import RESERVED, parent, parents
+from ._peers import Peers
 from ._recovery import Recovered, RecoveryReport, recover
 from ._shared import (
-    SLOT_SHIFT,
-    SharedFile,
-    SharedHeader,
-    boot_id,
     effects_of,
-    slot_of,
-    staged_dirs,
     touched,
 )
 
 log = logging.getLogger("walstore")
-
-_forks = [0]  # bumped in every child of os.fork(): a store opened before it refuses use
-os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
-
-
-@dataclass
-class LockTicket:
-    """One wait for the commit lock (``Engine.xlock_acquire``); abandoned if the waiter is
-    cancelled or times out, in which case the thread releases what it then gets."""
-
-    abandoned: bool = False
-    fd: int | None = None
 
 
 class Durability(enum.Enum):
@@ -314,7 +297,7 @@ class Engine:
         self._lock = threading.Lock()  # the commit lock: groups, checkpoints, close
         self._gate = _Gate()
         self._lock_fd: int | None = None
-        self._log: JournalLog | None = None  # the commit log (``_commit_log.py``)
+        self.commit_log: JournalLog | None = None  # the commit log (``_commit_log.py``)
         self._applier = Applier(fs, self.root, self.staging_dir)
         self._real_root = self.root
         self._dev = 0  # the device of the root and .walstore/ (every rename starts there)
@@ -325,17 +308,9 @@ class Engine:
         self._groups_unlooked = 0  # groups admitted since the last look
         self.reserve = 1 << 20  # reserve_for() the file system's size, at the last look
         self._checkpoint_retry = 0.0  # monotonic time before which no checkpoint is due
-        # Several processes (``_shared.py``); exclusive: the LOCK is held for life instead.
+        # Several processes (``_peers.py``); exclusive: the LOCK is held for life instead.
         self.exclusive = exclusive
-        self.lock_path = os.path.join(self.meta, "LOCK")
-        self.gate_path = os.path.join(self.meta, "GATE")
-        self._shared: SharedFile | None = None
-        self._header: SharedHeader | None = None
-        self._slot_fd: int | None = None
-        self._slot_path = ""
-        self._xlock_fd: int | None = None  # the commit lock, while this process holds it
-        self._xmutex = threading.Lock()
-        self._forks = _forks[0]
+        self.peers = Peers(self)
         # Paths other processes changed, for the Store to drop from its read cache (files,
         # trees); cache_stale: drop everything.
         self.foreign: list[tuple[set[str], set[str]]] = []
@@ -362,8 +337,8 @@ class Engine:
         try:
             self._check_mounts_at_open()
             if not self.exclusive:
-                return self._open_shared()
-            lock_fd = fs.lock(self.lock_path)
+                return self.peers.open()
+            lock_fd = fs.lock(self.peers.lock_path)
         except BaseException:
             fs.release(self.root)
             raise
@@ -371,7 +346,7 @@ class Engine:
             fs.release(self.root)
             raise StoreLockedError(self._holder_message())
         try:
-            alive = self._live_slots()
+            alive = self.peers.live_slots()
             if alive:
                 raise StoreLockedError(
                     f"store {self.root} is open in {len(alive)} other process(es) (shared): "
@@ -379,245 +354,51 @@ class Engine:
                 )
             fs.truncate(lock_fd, 0)
             write_all(fs, lock_fd, f"{os.getpid()}\n".encode(), 0)
-            rec = recover(
-                fs,
-                self.root,
-                self.journal_dir,
-                self.staging_dir,
-                sync=self.sync,
-                preallocate=self.preallocate,
-                fs_fd=lock_fd,
-                syncfs_min=self.syncfs_min,
-            )
+            report = self.recover(lock_fd)
         except BaseException:
             fs.unlock(lock_fd)
             fs.release(self.root)
             raise
         self._lock_fd = lock_fd
-        self._adopt(rec)
-        return rec.report
+        return report
 
     def _adopt(self, rec: Recovered) -> None:
-        self._log = rec.journal
+        self.commit_log = rec.journal
         # Several processes: others may still read an old segment through their handle, so
         # it goes as before (no spare to recycle under them).
-        self._log.recycle = bool(self.preallocate) and self.exclusive
+        self.commit_log.recycle = bool(self.preallocate) and self.exclusive
         self._applier = rec.applier
         self.next_txid = rec.next_txid
         self.last_lsn = rec.last_lsn
         if not rec.report.clean:
             log.info("recovered %s: %s", self.root, rec.report)
 
-    # -- several processes (``_shared.py``) -------------------------------------------------
-
-    def check_fork(self) -> None:
-        if _forks[0] != self._forks:
-            raise StoreError(
-                f"store {self.root} was opened before os.fork(): a child process must open "
-                "the store itself (with gunicorn --preload, open it after the fork)"
-            )
-
-    # Fairness: a process waiting for the commit lock holds GATE while it waits, and a
-    # process takes GATE before LOCK, so one that just released LOCK cannot take it again
-    # before the waiter (flock hands a released lock to whoever asks first, not in order).
-
-    def xlock_try(self) -> bool:
-        """Take the commit lock if it and its gate are free, without waiting (on the event
-        loop)."""
-        gate = self.fs.lock(self.gate_path)
-        if gate is None:
-            return False
-        try:
-            fd = self.fs.lock(self.lock_path)
-        finally:
-            self.fs.unlock(gate)
-        if fd is None:
-            return False
-        self._xlock_fd = fd
-        return True
-
-    def xlock_acquire(self, ticket: LockTicket) -> None:
-        """Wait for the commit lock, in turn (in a worker thread the waiter may abandon)."""
-        gate = self.fs.lock(self.gate_path, wait=True)
-        try:
-            fd = self.fs.lock(self.lock_path, wait=True)
-        finally:
-            if gate is not None:
-                self.fs.unlock(gate)
-        assert fd is not None
-        with self._xmutex:
-            if ticket.abandoned:
-                self.fs.unlock(fd)
-                return
-            ticket.fd = self._xlock_fd = fd
-
-    def xlock_abandon(self, ticket: LockTicket) -> None:
-        with self._xmutex:
-            ticket.abandoned = True
-            if ticket.fd is not None and self._xlock_fd == ticket.fd:
-                self._xlock_fd = None
-                self.fs.unlock(ticket.fd)
-
-    def xlock_release(self) -> None:
-        fd, self._xlock_fd = self._xlock_fd, None
-        if fd is not None:
-            self.fs.unlock(fd)
-
-    def _assert_xlock(self) -> None:
-        assert self.exclusive or self._xlock_fd is not None, "REQUIRES: commit lock held"
-
-    def holder_message(self) -> str:
-        header = self._shared.read() if self._shared is not None else None
-        pid = header.holder_pid if header is not None else "?"
-        return (
-            f"store {self.root}: the commit lock is held by another process (last holder: "
-            f"pid {pid}) past lock_timeout"
+    def recover(self, fs_fd: int) -> RecoveryReport:
+        """Run recovery (steps 2-4) and take its state; ``fs_fd``: a handle for ``syncfs``.
+        REQUIRES: the LOCK or the commit lock held. In a worker thread."""
+        rec = recover(
+            self.fs,
+            self.root,
+            self.journal_dir,
+            self.staging_dir,
+            sync=self.sync,
+            preallocate=self.preallocate,
+            fs_fd=fs_fd,
+            syncfs_min=self.syncfs_min,
         )
+        self._adopt(rec)
+        return rec.report
 
-    def shared_applied(self) -> int:
-        """The last LSN applied by any process (0 if unknown); read outside the lock."""
-        header = self._shared.read() if self._shared is not None else None
-        return header.applied_lsn if header is not None else 0
+    # -- other processes' commits (``_peers.py`` finds them) ------------------------------
 
-    def _live_slots(self) -> set[int]:
-        """Slots of the processes that have the store open (shared), from the files of
-        ``procs/`` whose lock is held. Requires: commit lock held."""
-        fs = self.fs
-        procs = os.path.join(self.meta, "procs")
-        alive: set[int] = set()
-        if fs.lstat(procs) is None:
-            return alive
-        for name in fs.listdir(procs):
-            if not name.isdigit():
-                continue
-            fd = fs.lock(os.path.join(procs, name))
-            if fd is None:
-                alive.add(int(name))
-            else:
-                fs.unlock(fd)
-        return alive
-
-    def _drop_dead_slots(self, alive: set[int]) -> None:
-        """Remove the ``procs/`` files of processes that died with the store open."""
-        procs = os.path.join(self.meta, "procs")
-        for name in self.fs.listdir(procs):
-            if name.isdigit() and int(name) not in alive:
-                path = os.path.join(procs, name)
-                if path != self._slot_path:
-                    with suppress(FileNotFoundError):
-                        self.fs.unlink(path)
-
-    def _open_shared(self) -> RecoveryReport:
-        """Open beside other processes: under the commit lock, recover in full if no other
-        process has the store open (or the shared header is from another boot), else join
-        the live segment. Then take a slot for life."""
-        fs = self.fs
-        procs = os.path.join(self.meta, "procs")
-        if fs.lstat(procs) is None:
-            with suppress(FileExistsError):
-                fs.mkdir(procs)
-        if self._xlock_fd is None and not self.xlock_try():  # Store's open waits for it
-            raise StoreLockedError(self.holder_message())
-        lock_fd = self._xlock_fd
-        assert lock_fd is not None
-        shared: SharedFile | None = None
-        try:
-            # The last opener's pid, for `walstore info` (and a holder the open waits for).
-            fs.truncate(lock_fd, 0)
-            write_all(fs, lock_fd, f"{os.getpid()}\n".encode(), 0)
-            shared = self._shared = SharedFile(fs, os.path.join(self.meta, "shared"))
-            header = shared.read()
-            alive = self._live_slots()
-            boot = boot_id()
-            if header is None or header.boot != boot or not alive:
-                rec = recover(
-                    fs,
-                    self.root,
-                    self.journal_dir,
-                    self.staging_dir,
-                    sync=self.sync,
-                    preallocate=self.preallocate,
-                    fs_fd=shared.fd,
-                    syncfs_min=self.syncfs_min,
-                )
-                self._adopt(rec)
-                report = rec.report
-                slot = rec.next_txid >> SLOT_SHIFT
-                next_slot = slot + 1
-                if header is not None and header.boot == boot:
-                    next_slot = max(next_slot, header.next_slot)
-                assert self._log is not None
-                header = SharedHeader(
-                    boot, self._log.checkpoint_lsn, self.last_lsn, next_slot, os.getpid()
-                )
-            else:
-                slot = header.next_slot
-                report = self._join(header, alive)
-                self.next_txid = (slot << SLOT_SHIFT) | 1
-                header = self._header or header
-                header = header.advanced(next_slot=slot + 1, applied_lsn=self.last_lsn)
-            self._slot_path = os.path.join(procs, str(slot))
-            slot_fd = fs.lock(self._slot_path)
-            if slot_fd is None:
-                raise StoreError(f"slot {slot} of {self.root} is taken: {procs} was changed")
-            self._slot_fd = slot_fd
-            write_all(fs, slot_fd, f"{os.getpid()}\n".encode(), 0)
-            self._write_header(header)
-            self._drop_dead_slots(alive)
-        except BaseException:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-            if shared is not None:
-                shared.close()
-                self._shared = None
-            self.xlock_release()
-            raise
-        self.xlock_release()
-        if not report.clean:
-            log.info("opened %s beside other processes: %s", self.root, report)
-        return report
-
-    def _write_header(self, header: SharedHeader) -> None:
-        assert self._shared is not None
-        self._header = header
-        self._shared.write(header)
-
-    def _join(self, header: SharedHeader, alive: set[int]) -> RecoveryReport:
-        """Open the live segment beside the processes in ``alive``: finish the commits a
-        dead holder left unapplied, clear a torn tail and the staging of dead processes.
-        Requires: commit lock held."""
-        fs = self.fs
-        log = JournalLog.join(
-            fs, self.journal_dir, header.segment_lsn, sync=self.sync, preallocate=self.preallocate
-        )
-        log.recycle = False
-        self._log = log
-        self._header = header
-        commits = log.read_after(log.checkpoint_lsn)  # and clears a torn tail
-        unapplied = self._take_in(commits, header.applied_lsn)
-        keep = {d for c in commits for d in staged_dirs(c)}
-        orphans = 0
-        for entry in fs.listdir(self.staging_dir):
-            slot = slot_of(entry)
-            if slot is None or slot in alive or entry.split("-")[0] in keep:
-                continue
-            orphans += remove_tree(fs, os.path.join(self.staging_dir, entry))
-        self.last_lsn = log.head
-        return RecoveryReport(
-            rolled_forward=tuple(tx.txid for c in unapplied for tx in c.txs),
-            torn_bytes=log.torn_cleared,
-            orphans_removed=orphans,
-        )
-
-    def _take_in(self, commits: list[fmt.Commit], applied: int) -> list[fmt.Commit]:
+    def take_in(self, commits: list[fmt.Commit], applied: int) -> list[fmt.Commit]:
         """Records other processes appended: apply those above ``applied`` (their writer
         died after the commit point), and note all of them as this process's own (conflict
         index, read cache, what the next checkpoint syncs and drops). Returns the applied."""
         unapplied = [c for c in commits if c.lsn > applied]
         if unapplied and self.sync:
-            assert self._log is not None
-            self._log.sync()  # its writer may have died before its fdatasync
+            assert self.commit_log is not None
+            self.commit_log.sync()  # its writer may have died before its fdatasync
         with self._gate.write():
             for c in commits:
                 for tx in c.txs:
@@ -632,48 +413,14 @@ class Engine:
             log.info("applied %d commit(s) a dead process left unapplied", len(unapplied))
         return unapplied
 
-    def _catch_up(self) -> None:
-        """Take in what other processes committed since this one last held the commit lock.
-        Requires: commit lock held."""
-        self._assert_xlock()
-        if self.exclusive:
-            return
-        assert self._shared is not None and self._log is not None
-        header = self._shared.read() or self._header
-        assert header is not None
-        self._read_on(header)
-        if header.segment_lsn != self._log.checkpoint_lsn:
-            self._follow(header)
-            header = self._shared.read() or header
-        if self._header is None or header.applied_lsn < self.last_lsn:
-            self._write_header(header.advanced(applied_lsn=self.last_lsn))
-        else:
-            self._header = header
-
-    def _read_on(self, header: SharedHeader) -> None:
-        """Take in the records the commit log holds after this process's last LSN."""
-        assert self._log is not None
-        # Commits of a segment that a checkpoint has since closed are all applied.
-        same = header.segment_lsn == self._log.checkpoint_lsn
-        commits = self._log.read_after(self.last_lsn)
-        if commits:
-            self._take_in(commits, header.applied_lsn if same else 1 << 63)
-
-    def _follow(self, header: SharedHeader) -> None:
-        """Another process took a checkpoint: append to its new segment from now on."""
-        log = self._log
-        assert log is not None
-        known = log.head
-        lsn = log.follow(header.segment_lsn)
-        if lsn is None:
-            return  # the checkpoint died before its segment existed
-        if lsn > known + 1:
-            # A segment in between came and went: its commits are unknown here.
-            self.conflicts.barrier = lsn
+    def followed(self, checkpoint_lsn: int, gap: bool) -> None:
+        """Another process took a checkpoint at ``checkpoint_lsn``; ``gap``: a segment in
+        between came and went, its commits unknown here. REQUIRES: commit lock held."""
+        if gap:
+            self.conflicts.barrier = checkpoint_lsn
             self.cache_stale = True
         self._applier.forget_all()  # the checkpoint made all of it durable, dropped garbage
-        self.last_lsn = max(self.last_lsn, lsn)
-        self._read_on(header)
+        self.last_lsn = max(self.last_lsn, checkpoint_lsn)
 
     def _check_mounts_at_open(self) -> None:
         """Commits rename from ``staging/`` into place, which works within one mount only: the
@@ -716,7 +463,7 @@ class Engine:
 
     def _holder_message(self) -> str:
         try:
-            pid = self.fs.read_file(os.path.join(self.meta, "LOCK")).decode().strip()
+            pid = self.fs.read_file(self.peers.lock_path).decode().strip()
         except (OSError, UnicodeDecodeError):
             pid = "?"
         if pid == str(os.getpid()):
@@ -746,13 +493,11 @@ class Engine:
     def close(self) -> None:
         """Checkpoint if anything was committed, release the LOCK. Requires: no group runs."""
         with self._lock:
-            shared = self._shared is not None and self._forks == _forks[0]
+            shared = self.peers.sharing()
             try:
-                if shared and self._log is not None:
-                    ticket = LockTicket()
-                    self.xlock_acquire(ticket)
-                    self._catch_up()
-                j = self._log
+                if shared and self.commit_log is not None:
+                    self.peers.leave()
+                j = self.commit_log
                 if j is not None and self.failed is None and j.head > j.checkpoint_lsn:
                     try:
                         self._checkpoint_locked()
@@ -763,28 +508,18 @@ class Engine:
                         # open recovers from it, without new space (journal/spare).
                         log.warning("store %s closed without a checkpoint: %s", self.root, exc)
             finally:
-                if self._log is not None:
-                    self._log.close()
-                    self._log = None
+                if self.commit_log is not None:
+                    self.commit_log.close()
+                    self.commit_log = None
                 if self._lock_fd is not None:
                     self.fs.unlock(self._lock_fd)
                     self._lock_fd = None
-                if self._slot_fd is not None:
-                    if shared:
-                        with suppress(FileNotFoundError):
-                            self.fs.unlink(self._slot_path)
-                    self.fs.unlock(self._slot_fd)
-                    self._slot_fd = None
-                if self._shared is not None:
-                    self._shared.close()
-                    self._shared = None
-                if shared:
-                    self.xlock_release()
+                self.peers.close(shared)
                 self.fs.release(self.root)
 
     def new_txid(self) -> int:
         """A txid for a new transaction: unique across reopens and, with other processes,
-        across processes (``_shared.py``). On the event loop (or any thread)."""
+        across processes (``_peers.py``). On the event loop (or any thread)."""
         with self._txids:
             txid = self.next_txid
             self.next_txid += 1
@@ -849,10 +584,10 @@ class Engine:
             if self.failed is not None:
                 err = StoreFailedError(f"store failed earlier: {self.failed}")
                 return [Result(Outcome.REJECTED, error=err) for _ in group]
-            if self._log is None:
+            if self.commit_log is None:
                 closed = StoreClosedError(f"store {self.root} is closed")
                 return [Result(Outcome.REJECTED, error=closed) for _ in group]
-            g = _Group(group, [None] * len(group), self._log)
+            g = _Group(group, [None] * len(group), self.commit_log)
             try:
                 self._step_catch_up(g)  # step 0
                 self._step_validate(g)  # step 1
@@ -875,9 +610,9 @@ class Engine:
         return _GroupEnded(self._fill(g.results, value))
 
     def _step_catch_up(self, g: _Group) -> None:
-        """Step 0, ``catch_up``: take in what other processes committed (``_shared.py``)."""
+        """Step 0, ``catch_up``: take in what other processes committed (``_peers.py``)."""
         try:
-            self._catch_up()
+            self.peers.catch_up()
         except OSError as exc:
             raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
         except CorruptionError as exc:
@@ -1006,8 +741,7 @@ class Engine:
                 # Still under the gate: whoever saw this group's files sees it here too
                 # (the early check on the event loop relies on it).
                 self.conflicts.observe(lsn, g.state.effects)
-                if self._header is not None:  # other processes: it is applied
-                    self._write_header(self._header.advanced(applied_lsn=lsn))
+                self.peers.note_applied(lsn)  # other processes: it is applied
             applied = True
             self._applier.drop_replaced()
         except OSError as exc:
@@ -1264,7 +998,7 @@ class Engine:
                 raise InvalidPathError(f"cannot write {path!r}: {anc!r} is {what}")
 
     def checkpoint_due(self) -> bool:
-        j = self._log
+        j = self.commit_log
         if j is None or self.failed is not None:
             return False
         if self._checkpoint_retry and time.monotonic() < self._checkpoint_retry:
@@ -1293,7 +1027,7 @@ class Engine:
             if self.failed is not None:
                 raise StoreFailedError(f"store failed earlier: {self.failed}")
             try:
-                self._catch_up()
+                self.peers.catch_up()
                 self._checkpoint_locked()
             except OSError as exc:
                 if _no_space(exc):
@@ -1308,25 +1042,21 @@ class Engine:
                 raise StoreFailedError(f"checkpoint failed: {exc}") from exc
 
     def _checkpoint_locked(self) -> None:
-        journal = self._log
+        journal = self.commit_log
         assert journal is not None
         # Step 1: checkpoint_sync: applied files and directories, so the journal can go.
         if self.sync:
             # A handle open since the open, so write-back errors since are reported on it.
-            fd = self._shared.fd if self._shared is not None else self._lock_fd
+            fd = self.peers.fd if self.peers.fd is not None else self._lock_fd
             synced(lambda: self._applier.sync(fd))
         else:
             self._applier.dirty_files.clear()
             self._applier.dirty_dirs.clear()
         # Step 2: checkpoint_new_segment (``JournalLog.new_segment``).
-        if self._header is not None:
-            # Named before it exists: a process that finds it missing (this one died)
-            # goes on with the old segment, which holds every commit.
-            self._write_header(self._header.advanced(segment_lsn=journal.head + 1))
+        self.peers.note_segment(journal.head + 1)  # other processes: named before it exists
         lsn = journal.new_segment(self.next_txid)
         self.last_lsn = lsn
-        if self._header is not None:
-            self._write_header(self._header.advanced(applied_lsn=lsn))
+        self.peers.note_applied(lsn)
         # Step 3: checkpoint_drop_segments: the old segment becomes the spare (or goes).
         journal.drop_segments()
         # Step 4: checkpoint_drop_garbage

@@ -32,7 +32,6 @@ from ._contention import Claim, DeadlinePassed, PathLocks
 from ._engine import (
     Durability,
     Engine,
-    LockTicket,
     Move,
     Outcome,
     PendingReplace,
@@ -52,6 +51,7 @@ from ._errors import (
 from ._fs import AsyncWriter, FileStat, FileSystem, OsFileSystem, on_asyncio
 from ._limits import PathLimits, check_tx_size
 from ._paths import check_path
+from ._peers import LockTicket
 from ._recovery import RecoveryReport
 from ._transaction import Footprint, Path, Transaction, TxState, encode_json, to_bytes
 from ._worker import CommitThread
@@ -224,7 +224,7 @@ class Store:
         self._check_context()
         if self._closed:
             raise StoreClosedError(f"store {self.root} is closed")
-        self._engine.check_fork()
+        self._engine.peers.check_fork()
 
     def _see_others(self) -> None:
         """Before a read, with other processes: their commits since this one last looked
@@ -233,7 +233,7 @@ class Store:
         engine = self._engine
         if engine.exclusive or self._readonly:
             return
-        applied = engine.shared_applied()
+        applied = engine.peers.shared_applied()
         if applied <= self._shared_seen:
             return
         self._shared_seen = applied
@@ -245,17 +245,17 @@ class Store:
         """The commit lock, held against other processes until ``_lead`` ends. Waits up to
         ``lock_timeout`` (then StoreLockedError naming the last holder). Cancellation: the
         wait is abandoned and nothing is held."""
-        engine = self._engine
-        if engine.xlock_try():
+        peers = self._engine.peers
+        if peers.xlock_try():
             return
         ticket = LockTicket()
         try:
             with anyio.fail_after(self._lock_timeout):
-                await anyio.to_thread.run_sync(engine.xlock_acquire, ticket, abandon_on_cancel=True)
+                await anyio.to_thread.run_sync(peers.xlock_acquire, ticket, abandon_on_cancel=True)
         except BaseException as exc:
-            engine.xlock_abandon(ticket)
+            peers.xlock_abandon(ticket)
             if isinstance(exc, TimeoutError):
-                raise StoreLockedError(engine.holder_message()) from None
+                raise StoreLockedError(peers.holder_message()) from None
             raise
 
     async def _hold_xlock(self) -> None:
@@ -269,7 +269,7 @@ class Store:
     def _drop_xlock(self) -> None:
         self._xdepth -= 1
         if not self._xdepth:
-            self._engine.xlock_release()
+            self._engine.peers.xlock_release()
 
     def _pass_lead(self) -> None:
         """Hand the committer's role to the next queued transaction, or give it up."""
@@ -527,7 +527,11 @@ class Store:
             if read_only and tx.deps:
                 await self._await_deps(tx)
             engine = self._engine
-            if read_only and not engine.exclusive and engine.shared_applied() > engine.last_lsn:
+            if (
+                read_only
+                and not engine.exclusive
+                and engine.peers.shared_applied() > engine.last_lsn
+            ):
                 # Other processes committed since this one caught up: what it read may have
                 # changed after it read it; the committer validates it against their commits.
                 read_only = False
@@ -1064,7 +1068,7 @@ async def _open(
                         lambda: engine.open(create=create, readonly=readonly)
                     )
                 except BaseException:
-                    engine.xlock_release()  # held for it, if it failed before taking it over
+                    engine.peers.xlock_release()  # held for it, if it failed before taking it over
                     raise
             break
         except StoreLockedError:
@@ -1095,13 +1099,15 @@ async def _wait_for_commit_lock(engine: Engine, timeout: float) -> None:
     ticket = LockTicket()
     try:
         with anyio.fail_after(timeout):
-            await anyio.to_thread.run_sync(engine.xlock_acquire, ticket, abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(
+                engine.peers.xlock_acquire, ticket, abandon_on_cancel=True
+            )
     except (FileNotFoundError, NotADirectoryError):
         return  # no store there yet: the open makes it, or says why it cannot
     except BaseException as exc:
-        engine.xlock_abandon(ticket)
+        engine.peers.xlock_abandon(ticket)
         if isinstance(exc, TimeoutError):
-            raise StoreLockedError(engine.holder_message()) from None
+            raise StoreLockedError(engine.peers.holder_message()) from None
         raise
 
 
