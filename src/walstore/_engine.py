@@ -19,7 +19,6 @@ protocol of docs/commit-protocol.md for one group of transactions at a time
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import logging
 import os
@@ -27,14 +26,14 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from . import _journal_format as fmt
 from ._apply import SYNCFS_MIN, Applier, remove_tree
 from ._commit_log import JournalLog, LogConflict
-from ._conflicts import Conflict, ConflictIndex, GroupEffects, Reads
+from ._conflicts import ConflictIndex
 from ._errors import (
     ConflictError,
     CorruptionError,
@@ -47,75 +46,25 @@ from ._errors import (
 from ._fs import FileStat, FileSystem, NotRegularFileError, write_all
 from ._journal_writer import NO_SPACE, AppendFailed, FailStop, synced
 from ._limits import PathLimits, limits_of
-from ._paths import RESERVED, parent, parents
+from ._paths import RESERVED, parents
 from ._peers import Peers
+from ._prepared import Durability as Durability
+from ._prepared import Keep as Keep
+from ._prepared import Move as Move
+from ._prepared import Outcome as Outcome
+from ._prepared import PendingReplace as PendingReplace
+from ._prepared import PreparedTx as PreparedTx
+from ._prepared import Result as Result
+from ._prepared import TxOp as TxOp
+from ._prepared import conflict_error as conflict_error
 from ._recovery import Recovered, RecoveryReport, recover
 from ._shared import (
     effects_of,
     touched,
 )
+from ._validate import GroupValidation, Validator, collides, refused
 
 log = logging.getLogger("walstore")
-
-
-class Durability(enum.Enum):
-    """How much a returned commit survives."""
-
-    FULL = "full"  # fsync at every group commit: a returned commit survives power loss
-    NORMAL = "normal"  # atomic; on power loss the newest commits may be lost (today: as FULL)
-    OFF = "off"  # no fsync: survives a process crash, not a power loss (tests, caches)
-
-
-class Outcome(enum.Enum):
-    COMMITTED = "committed"  # durable in the journal (and applied unless error is set)
-    REJECTED = "rejected"  # nothing written: error says why
-    UNKNOWN = "unknown"  # the commit record was written but its sync failed
-
-
-@dataclass(frozen=True, slots=True)
-class Move:
-    """``tx.move``: resolved at step 2 into a PutStaged of a hard link of ``src``."""
-
-    path: str  # the destination
-    src: str
-
-
-Keep = frozenset[str] | Callable[[str], bool] | None
-
-
-@dataclass(frozen=True, slots=True)
-class PendingReplace:
-    """``tx.replace_dir``: resolved at step 2 into a ReplaceDir, kept files linked in."""
-
-    path: str
-    entries: tuple[fmt.Put | fmt.PutStaged, ...]
-    keep: Keep
-
-
-TxOp = fmt.Put | fmt.PutStaged | fmt.Delete | fmt.DeleteDir | Move | PendingReplace
-
-
-@dataclass(frozen=True)
-class PreparedTx:
-    """A transaction handed to the committer: its ops and what it read, each read with the
-    LSN visible when it was made (``_conflicts.py``)."""
-
-    txid: int
-    begin_lsn: int
-    ops: tuple[TxOp, ...]
-    staged: bool = False  # has files under staging/<txid>/
-    reads: Reads = field(default_factory=dict)  # files read, or found missing
-    listed: Reads = field(default_factory=dict)  # directories listed
-    subtrees: Reads = field(default_factory=dict)  # directories read as a whole
-    # Files read as a transaction ahead in the group wrote them, by path -> its txid.
-    deps: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Result:
-    outcome: Outcome
-    lsn: int = 0
-    error: BaseException | None = None
 
 
 @dataclass
@@ -165,26 +114,6 @@ class _Gate:
 
 
 @dataclass
-class _Overlay:
-    """Paths as a group's validated transactions leave them, before they are applied."""
-
-    kinds: dict[str, str | None] = field(default_factory=dict)  # path -> "file"/"dir"/None
-    cleared: set[str] = field(default_factory=set)  # directories deleted or replaced
-
-
-@dataclass
-class _Validation:
-    """Effects of the transactions validated so far in a group."""
-
-    overlay: _Overlay = field(default_factory=_Overlay)
-    effects: GroupEffects = field(default_factory=GroupEffects)  # for conflict checks
-    disk_dirs: set[str] = field(default_factory=set)  # seen on disk as directories
-    # (txid, op index) of the puts whose target is a file when they are applied: apply
-    # exchanges those into place without looking the target up again.
-    replacing: set[tuple[int, int]] = field(default_factory=set)
-
-
-@dataclass
 class _Group:
     """One group as ``commit_group`` takes it through its steps."""
 
@@ -193,7 +122,7 @@ class _Group:
     log: JournalLog
     head: int = 0  # the log's head before the group: it appends after it
     lsn: int = 0  # the group's LSN
-    state: _Validation = field(default_factory=_Validation)
+    state: GroupValidation = field(default_factory=GroupValidation)
     resolved: dict[int, tuple[fmt.Op, ...]] = field(default_factory=dict)  # index -> ops
     staged: list[int] = field(default_factory=list)  # txids with a staging directory
     writers: list[tuple[int, tuple[fmt.Op, ...]]] = field(default_factory=list)
@@ -205,11 +134,6 @@ class _GroupEnded(Exception):
     def __init__(self, results: list[Result]) -> None:
         super().__init__("group ended")
         self.results = results
-
-
-def _collides(rel: str, names: set[str]) -> bool:
-    """Whether ``rel`` is one of ``names``, or a directory above or below one of them."""
-    return rel in names or any(n.startswith(rel + "/") or rel.startswith(n + "/") for n in names)
 
 
 # A checkpoint is due once old versions and staged values kept until it hold this much.
@@ -259,7 +183,7 @@ def no_space_error(what: str, free: int, need: int, reserve: int) -> OSError:
     )
 
 
-class Engine:
+class Engine(Validator):
     """The blocking core. Every method runs in a worker thread, never on the event loop."""
 
     def __init__(
@@ -448,18 +372,6 @@ class Engine:
                 "place, which cannot cross mounts"
             )
         self._mounts = frozenset(mounts)
-
-    def _check_mount_points(self, op: TxOp) -> None:
-        """Step 1: refuse an op at or under a mount point below the root (any file system,
-        bind mounts too), or a directory op with one inside it."""
-        for p in (op.path, op.src) if isinstance(op, Move) else (op.path,):
-            for a in (p, *parents(p)):
-                if a in self._mounts:
-                    raise InvalidPathError(_across_mounts(a))
-        if isinstance(op, fmt.DeleteDir | fmt.ReplaceDir | PendingReplace):
-            for m in self._mounts:
-                if m.startswith(op.path + "/"):
-                    raise InvalidPathError(_across_mounts(m))
 
     def _holder_message(self) -> str:
         try:
@@ -825,7 +737,7 @@ class Engine:
                 entries = list(op.entries)
                 named = {e.path for e in entries}
                 for j, rel in enumerate(self._kept(op)):
-                    if not _collides(rel, named):  # what the new directory holds wins
+                    if not collides(rel, named):  # what the new directory holds wins
                         entries.append(self._link(f"{op.path}/{rel}", f"{tx.txid}/k{i}-{j}", rel))
                 out.append(fmt.ReplaceDir(op.path, tuple(entries)))
             else:
@@ -843,7 +755,7 @@ class Engine:
         try:  # resolved again: it may have moved behind a symlink since the lstat
             self.fs.link(full, staged)
         except OSError as exc:
-            raise _refused(exc, src) from None
+            raise refused(exc, src) from None
         if self.sync:  # it may hold data applied since the last checkpoint, not yet synced
             fd = self.fs.open(staged)
             try:
@@ -851,28 +763,6 @@ class Engine:
             finally:
                 self.fs.close(fd)
         return fmt.PutStaged(as_path, name, st.size, 0)
-
-    def _kept(self, op: PendingReplace) -> list[str]:
-        """Files of the existing directory that ``op.keep`` carries over, relative paths."""
-        if op.keep is None:
-            return []
-        base = self._applier.full(op.path)
-        st = self._lstat(op.path)
-        if st is None or st.kind != "dir":
-            return []
-        out: list[str] = []
-        for name in sorted(self.fs.listdir(base)):
-            if not (op.keep(name) if callable(op.keep) else name in op.keep):
-                continue
-            stack = [name]
-            while stack:
-                rel = stack.pop()
-                kind = self.fs.lstat(os.path.join(base, rel))
-                if kind is not None and kind.kind == "dir":
-                    stack += [f"{rel}/{c}" for c in self.fs.listdir(os.path.join(base, rel))]
-                elif kind is not None and kind.kind == "file":
-                    out.append(rel)
-        return out
 
     @staticmethod
     def _fill(results: list[Result | None], value: Result) -> list[Result]:
@@ -882,120 +772,6 @@ class Engine:
         log.error("store %s failed: %s", self.root, message)
         self.failed = StoreFailedError(message)
         self.failed.__cause__ = exc
-
-    def _kind(self, path: str, state: _Validation, local: _Overlay) -> str | None:
-        """What ``path`` is once the group so far (and this transaction so far) applied."""
-        for layer in (local, state.overlay):
-            if path in layer.kinds:
-                return layer.kinds[path]
-        for layer in (local, state.overlay):
-            if layer.cleared and any(a in layer.cleared for a in parents(path)):
-                return None
-        if path in state.disk_dirs:  # seen on disk in this group, under the commit lock
-            return "dir"
-        st = self._lstat(path)
-        if st is not None and st.kind == "dir":
-            if st.dev != self._dev:  # a file system mounted after the open
-                # Refused here, before the commit point: a rename from staging into it would
-                # fail with EXDEV after it, and so would every replay at every open.
-                raise InvalidPathError(_across_mounts(path))
-            state.disk_dirs.add(path)
-        return st.kind if st is not None else None
-
-    def _check_reads(self, tx: PreparedTx, state: _Validation) -> None:
-        conflict = self.conflicts.check(tx.reads, tx.listed, tx.subtrees, state.effects, tx.deps)
-        if conflict is not None:
-            raise conflict_error(tx.txid, conflict)
-
-    def _validate_tx(self, tx: PreparedTx, state: _Validation) -> None:
-        """Step 1 for one transaction: raise ConflictError, InvalidPathError or
-        FileNotFoundError, else record its effects in ``state``. Nothing on disk is touched."""
-        self._check_reads(tx, state)
-        local = _Overlay()
-        modified: set[str] = set()
-        listing: set[str] = set()
-        trees: set[str] = set()
-        replacing: set[tuple[int, int]] = set()
-        for index, op in enumerate(tx.ops):
-            self.limits.check_op(op)
-            if self._mounts:
-                self._check_mount_points(op)
-            if not isinstance(op, fmt.Delete):  # a delete makes no directories
-                self._check_parents(op.path, state, local, listing, modified)
-            elif "/" in op.path:  # nor unlink on another file system, which no checkpoint
-                self._kind(parent(op.path), state, local)  # syncs (a mount above: the same)
-            kind = self._kind(op.path, state, local)
-            if isinstance(op, fmt.Put | fmt.PutStaged | fmt.Delete | Move):
-                # A symlink is a plain entry: a delete removes the link itself (never what it
-                # points to); anything else refuses to replace it.
-                if kind not in (None, "file") and not (
-                    kind == "symlink" and isinstance(op, fmt.Delete)
-                ):
-                    what = {"dir": "a directory", "symlink": "a symlink"}.get(kind, "not a file")
-                    raise InvalidPathError(f"cannot change {op.path!r}: it is {what}")
-                # The source is linked at step 2, before anything of this transaction is
-                # applied: check it as the group before this transaction leaves it.
-                if isinstance(op, Move) and self._kind(op.src, state, _Overlay()) != "file":
-                    raise FileNotFoundError(2, "No such file to move", op.src)
-                if (kind is None) != isinstance(op, fmt.Delete):
-                    listing.add(parent(op.path))
-                if kind == "file" and not isinstance(op, fmt.Delete):
-                    replacing.add((tx.txid, index))
-                local.kinds[op.path] = None if isinstance(op, fmt.Delete) else "file"
-                modified.add(op.path)
-                continue
-            if isinstance(op, fmt.DeleteDir) and kind != "dir":
-                if kind is None and any(
-                    a in layer.cleared for layer in (local, state.overlay) for a in parents(op.path)
-                ):
-                    continue  # inside a directory replaced or deleted first: nothing left
-                if kind is None:
-                    raise FileNotFoundError(2, "No such directory", op.path)
-                raise InvalidPathError(f"cannot delete_dir {op.path!r}: it is not a directory")
-            if isinstance(op, PendingReplace | fmt.ReplaceDir) and kind not in (None, "dir"):
-                raise InvalidPathError(f"cannot replace {op.path!r}: it is not a directory")
-            if (kind is None) != isinstance(op, fmt.DeleteDir):
-                listing.add(parent(op.path))
-            local.cleared.add(op.path)
-            local.kinds = {k: v for k, v in local.kinds.items() if not k.startswith(op.path + "/")}
-            if isinstance(op, fmt.DeleteDir):
-                local.kinds[op.path] = None
-            else:
-                local.kinds[op.path] = "dir"
-                rels = [e.path for e in op.entries]
-                if isinstance(op, PendingReplace):
-                    named = set(rels)
-                    rels += [r for r in self._kept(op) if not _collides(r, named)]
-                for rel in rels:
-                    local.kinds.update((f"{op.path}/{a}", "dir") for a in parents(rel))
-                    local.kinds[f"{op.path}/{rel}"] = "file"
-            trees.add(op.path)
-        state.overlay.kinds.update(local.kinds)
-        state.overlay.cleared |= local.cleared
-        state.effects.modified |= modified
-        state.effects.writer.update(dict.fromkeys(modified, tx.txid))
-        state.effects.listing_changed |= listing
-        state.effects.trees |= trees
-        state.replacing |= replacing
-
-    def _check_parents(
-        self,
-        path: str,
-        state: _Validation,
-        local: _Overlay,
-        listing: set[str],
-        modified: set[str],
-    ) -> None:
-        for anc in parents(path):
-            kind = self._kind(anc, state, local)
-            if kind is None:
-                local.kinds[anc] = "dir"
-                listing.add(parent(anc))
-                # Made on the way: a transaction that found it missing read something stale.
-                modified.add(anc)
-            elif kind != "dir":
-                what = "a symlink" if kind == "symlink" else "not a directory"
-                raise InvalidPathError(f"cannot write {path!r}: {anc!r} is {what}")
 
     def checkpoint_due(self) -> bool:
         j = self.commit_log
@@ -1070,14 +846,6 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def _lstat(self, path: str) -> FileStat | None:
-        """lstat of a store path, resolved beneath the root now; a symlink on the way is
-        InvalidPathError (a symlink as the last name is reported, not followed)."""
-        try:
-            return self.fs.lstat(self._applier.full(path))
-        except OSError as exc:
-            raise _refused(exc, path) from None
-
     def _check_whole(self) -> None:
         if self.partial:
             raise StoreFailedError(
@@ -1114,7 +882,7 @@ class Engine:
         except FileNotFoundError:
             raise FileNotFoundError(2, "No such file or directory", path) from None
         except OSError as exc:
-            raise _refused(exc, path) from None
+            raise refused(exc, path) from None
 
     def _blocked(self, path: str) -> InvalidPathError:
         for anc in parents(path):
@@ -1145,29 +913,14 @@ class Engine:
             if st is None:
                 raise FileNotFoundError(2, "No such file or directory", path)
             if st.kind == "symlink":
-                raise _refused(OSError(errno.ELOOP, "a symlink"), path)
+                raise refused(OSError(errno.ELOOP, "a symlink"), path)
             if st.kind != "dir":
                 raise NotADirectoryError(20, "Not a directory", path)
             try:  # resolved again: it may have become a symlink since the lstat
                 names = self.fs.listdir(self._applier.full(path))
             except OSError as exc:
-                raise _refused(exc, path) from None
+                raise refused(exc, path) from None
         return sorted(n for n in names if path or n != RESERVED)
-
-
-def conflict_error(txid: int, conflict: Conflict) -> ConflictError:
-    return ConflictError(f"txid={txid}: {conflict.what}", paths=(conflict.key,), lsn=conflict.lsn)
-
-
-def _refused(exc: OSError, path: str) -> Exception:
-    """InvalidPathError for a symlink met on the way to ``path`` (ELOOP from the file
-    system's resolution rule); any other error as it is."""
-    if exc.errno == errno.ELOOP:
-        return InvalidPathError(
-            f"{path!r} goes through a symlink, or is one: walstore never follows a symlink "
-            "inside the store (delete removes one as a plain entry)"
-        )
-    return exc
 
 
 def _unrecordable(txid: int, exc: BaseException) -> InvalidPathError:
@@ -1176,10 +929,3 @@ def _unrecordable(txid: int, exc: BaseException) -> InvalidPathError:
     )
     err.__cause__ = exc
     return err
-
-
-def _across_mounts(path: str) -> str:
-    return (
-        f"{path!r} is a mount point: walstore commits by renaming into place, which cannot "
-        "cross mounts (another file system, or a bind mount)"
-    )
