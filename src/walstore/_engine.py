@@ -44,7 +44,7 @@ from ._errors import (
     StoreLockedError,
 )
 from ._fs import FileStat, FileSystem, NotRegularFileError, write_all
-from ._journal_writer import NO_SPACE, AppendFailed, FailStop, synced
+from ._journal_writer import AppendFailed, FailStop, synced
 from ._limits import PathLimits, limits_of
 from ._paths import RESERVED, parents
 from ._peers import Peers
@@ -62,6 +62,8 @@ from ._shared import (
     effects_of,
     touched,
 )
+from ._space import SpaceAccount, out_of_space
+from ._space import reserve_for as reserve_for
 from ._validate import GroupValidation, Validator, collides, refused
 
 log = logging.getLogger("walstore")
@@ -140,50 +142,9 @@ class _GroupEnded(Exception):
 GARBAGE_BYTES = 256 << 20
 # A checkpoint that found no space is tried again after this many seconds (or when called).
 CHECKPOINT_RETRY = 1.0
-_BLOCK = 4096  # what a new file or directory entry may cost on disk, beyond its data
-# A commit looks at free space again (statvfs) after this many groups, or once the groups
-# since the last look may have used an eighth of what was left above the reserve; between
-# looks it counts down from the last one (a look cost 11-18 µs of a 1 KiB commit's ~1 ms).
-SPACE_LOOK_EVERY = 64
 
 
-def reserve_for(total: int) -> int:
-    """Free bytes that commits and staging leave to recovery, checkpoints and deletes: 1/64
-    of the file system, at least 1 MiB, at most 64 MiB."""
-    return min(64 << 20, max(1 << 20, total // 64))
-
-
-def _space_needed(ops: tuple[TxOp, ...]) -> int:
-    """About what applying ``ops`` allocates on disk after the commit point: a block per new
-    file or directory entry and the inline values' data. Deletes need nothing."""
-    need = 0
-    for op in ops:
-        if isinstance(op, fmt.Put):
-            need += _BLOCK + -(-len(op.data) // _BLOCK) * _BLOCK
-        elif isinstance(op, fmt.ReplaceDir | PendingReplace):
-            need += _BLOCK + sum(
-                _BLOCK + (-(-len(e.data) // _BLOCK) * _BLOCK if isinstance(e, fmt.Put) else 0)
-                for e in op.entries
-            )
-        elif not isinstance(op, fmt.Delete | fmt.DeleteDir):
-            need += _BLOCK
-    return need
-
-
-def _no_space(exc: OSError) -> bool:
-    return exc.errno in NO_SPACE and not isinstance(exc, FailStop)
-
-
-def no_space_error(what: str, free: int, need: int, reserve: int) -> OSError:
-    return OSError(
-        errno.ENOSPC,
-        f"no space for {what}: {free} bytes free on the store's file system, it needs about "
-        f"{need} and {reserve} stay in reserve for recovery, checkpoints and deletes; delete "
-        "files (and checkpoint) or free space on the disk",
-    )
-
-
-class Engine(Validator):
+class Engine(Validator, SpaceAccount):
     """The blocking core. Every method runs in a worker thread, never on the event loop."""
 
     def __init__(
@@ -414,7 +375,7 @@ class Engine(Validator):
                     try:
                         self._checkpoint_locked()
                     except OSError as exc:
-                        if not _no_space(exc):
+                        if not out_of_space(exc):
                             raise
                         # Nothing is at risk: the journal holds every commit and the next
                         # open recovers from it, without new space (journal/spare).
@@ -455,20 +416,6 @@ class Engine(Validator):
         finally:
             self.fs.close(fd)
         return fmt.PutStaged("", name, len(data), zlib.crc32(data))
-
-    def look_at_space(self) -> tuple[int, int]:
-        """(free bytes, reserve) of the store's file system now; remembered for the checkpoint
-        triggers and ``walstore info``."""
-        free, total = self.fs.free_space(self.meta)
-        self.free, self.reserve = free, reserve_for(total)
-        self._spent = self._groups_unlooked = 0
-        return free, self.reserve
-
-    def check_space(self, size: int, what: str = "this value") -> None:
-        """Raise OSError ENOSPC if writing ``size`` bytes would leave less than the reserve."""
-        free, reserve = self.look_at_space()
-        if free - size - _BLOCK < reserve:
-            raise no_space_error(what, free, size + _BLOCK, reserve)
 
     def make_staging_dir(self, txid: int) -> str:
         """``staging/<txid>/`` (made if missing); returns its path."""
@@ -669,57 +616,6 @@ class Engine(Validator):
             err.__cause__ = exc
             raise self._end_group(g, Result(Outcome.COMMITTED, lsn, err)) from None
 
-    def _check_group_space(
-        self, group: list[PreparedTx], results: list[Result | None], journal: JournalLog
-    ) -> None:
-        """Step 1, space: refuse (ENOSPC, rolled back) each transaction whose apply would eat
-        into the reserve, so that nothing after the commit point runs out of space and every
-        replay of the journal finds the space its puts need. Deletes always pass; the journal
-        appends into its preallocated segment, and past it counts the record too."""
-        needs = [(i, _space_needed(tx.ops)) for i, tx in enumerate(group) if results[i] is None]
-        total = sum(n for _, n in needs)
-        if not total:
-            return
-        try:
-            last = self.free
-            if (
-                last is None
-                or self._groups_unlooked >= SPACE_LOOK_EVERY
-                or (self._spent + total) * 8 > last - self.reserve
-            ):
-                free, reserve = self.look_at_space()
-            else:
-                free, reserve = last - self._spent, self.reserve
-            a = self._applier
-            if free - reserve < 2 * total and self.sync and (a.dirty_files or a.dirty_dirs):
-                # Checkpoint step 1, early: the file system may hold back blocks for data not
-                # yet written back (XFS reserves tens of KiB per small file until then: a
-                # 48 MiB disk looked full at 15 MiB). Its sync errors fail the store.
-                lock_fd = self._lock_fd
-                synced(lambda: a.sync(lock_fd))
-                free, reserve = self.look_at_space()
-        except FailStop:
-            raise
-        except OSError as exc:
-            for i, n in needs:
-                if n:
-                    results[i] = Result(Outcome.REJECTED, error=exc)
-            return
-        left = free - reserve
-        room = journal.preallocated_room
-        for i, n in needs:
-            if not n:
-                continue
-            room -= n
-            cost = n if room >= 0 else 2 * n  # past the preallocation the record takes space
-            if cost > left:
-                err = no_space_error("this transaction", free, cost, reserve)
-                results[i] = Result(Outcome.REJECTED, error=err)
-            else:
-                left -= cost
-                self._spent += cost
-        self._groups_unlooked += 1
-
     def _link_sources(self, tx: PreparedTx) -> tuple[fmt.Op, ...]:
         """Step 2 for one transaction: hard-link the source of each move and each file a
         directory replacement keeps into ``staging/<txid>/``, fsynced, so that the commit
@@ -806,7 +702,7 @@ class Engine(Validator):
                 self.peers.catch_up()
                 self._checkpoint_locked()
             except OSError as exc:
-                if _no_space(exc):
+                if out_of_space(exc):
                     self._checkpoint_retry = time.monotonic() + CHECKPOINT_RETRY
                     log.warning("checkpoint of %s postponed: %s", self.root, exc)
                     raise OSError(
