@@ -19,15 +19,13 @@ protocol of docs/commit-protocol.md for one group of transactions at a time
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 from . import _journal_format as fmt
@@ -43,10 +41,10 @@ from ._errors import (
     StoreFailedError,
     StoreLockedError,
 )
-from ._fs import FileStat, FileSystem, NotRegularFileError, write_all
+from ._fs import FileSystem, write_all
 from ._journal_writer import AppendFailed, FailStop, synced
 from ._limits import PathLimits, limits_of
-from ._paths import RESERVED, parents
+from ._paths import RESERVED
 from ._peers import Peers
 from ._prepared import Durability as Durability
 from ._prepared import Keep as Keep
@@ -57,6 +55,7 @@ from ._prepared import PreparedTx as PreparedTx
 from ._prepared import Result as Result
 from ._prepared import TxOp as TxOp
 from ._prepared import conflict_error as conflict_error
+from ._reads import ApplyGate, refused
 from ._recovery import Recovered, RecoveryReport, recover
 from ._shared import (
     effects_of,
@@ -64,7 +63,7 @@ from ._shared import (
 )
 from ._space import SpaceAccount, out_of_space
 from ._space import reserve_for as reserve_for
-from ._validate import GroupValidation, Validator, collides, refused
+from ._validate import GroupValidation, Validator, collides
 
 log = logging.getLogger("walstore")
 
@@ -77,42 +76,6 @@ class Counters:
     checkpoints: int = 0
     journal_bytes: int = 0
     journal_syncs: int = 0
-
-
-class _Gate:
-    """Readers share it; the apply step takes it alone, so no reader sees half a group."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writer = True
-            while self._readers:
-                self._cond.wait()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 @dataclass
@@ -180,7 +143,7 @@ class Engine(Validator, SpaceAccount):
         self._txids = threading.Lock()
         self.last_lsn = 0  # LSN of the last applied COMMIT (or checkpoint)
         self._lock = threading.Lock()  # the commit lock: groups, checkpoints, close
-        self._gate = _Gate()
+        self._gate = ApplyGate()
         self._lock_fd: int | None = None
         self.commit_log: JournalLog | None = None  # the commit log (``_commit_log.py``)
         self._applier = Applier(fs, self.root, self.staging_dir)
@@ -739,84 +702,6 @@ class Engine(Validator, SpaceAccount):
                 self.look_at_space()
         self._checkpoint_retry = 0.0
         log.debug("checkpoint lsn=%d", lsn)
-
-    # -- reads ---------------------------------------------------------------------------
-
-    def _check_whole(self) -> None:
-        if self.partial:
-            raise StoreFailedError(
-                f"store {self.root} failed while applying a commit and would show half of it; "
-                "reopen it to recover"
-            )
-
-    def read(self, path: str) -> bytes:
-        with self._gate.read():
-            self._check_whole()
-            return self._read(path)
-
-    def read_cacheable(self, path: str) -> tuple[bytes, bool]:
-        """``read``, and whether its content may be cached under ``path``: always, as no
-        symlink is followed, so a path names one file and a change of it is a change of
-        ``path`` itself (what isolation records too)."""
-        with self._gate.read():
-            self._check_whole()
-            return self._read(path), True
-
-    def _read(self, path: str) -> bytes:
-        """One regular file, resolved beneath the root now, through no symlink; a FIFO or a
-        device is refused without being opened for a blocking read."""
-        try:
-            return self.fs.read_file(self._applier.full(path))
-        except NotRegularFileError as exc:
-            if exc.errno == errno.EISDIR:
-                raise IsADirectoryError(errno.EISDIR, "Is a directory", path) from None
-            raise InvalidPathError(
-                f"cannot read {path!r}: {exc.strerror} (walstore reads regular files only)"
-            ) from None
-        except NotADirectoryError:
-            raise self._blocked(path) from None
-        except FileNotFoundError:
-            raise FileNotFoundError(2, "No such file or directory", path) from None
-        except OSError as exc:
-            raise refused(exc, path) from None
-
-    def _blocked(self, path: str) -> InvalidPathError:
-        for anc in parents(path):
-            st = self._lstat(anc)
-            if st is not None and st.kind != "dir":
-                return InvalidPathError(f"{path!r}: {anc!r} is a {st.kind}, not a directory")
-        return InvalidPathError(f"{path!r}: a parent is not a directory")
-
-    def check_parents(self, path: str) -> None:
-        """Raise InvalidPathError if an existing parent of ``path`` is not a directory."""
-        with self._gate.read():
-            for anc in parents(path):
-                st = self._lstat(anc)
-                if st is None:
-                    return
-                if st.kind != "dir":
-                    raise self._blocked(path)
-
-    def lstat(self, path: str) -> FileStat | None:
-        with self._gate.read():
-            self._check_whole()
-            return self._lstat(path)
-
-    def listdir(self, path: str) -> list[str]:
-        with self._gate.read():
-            self._check_whole()
-            st = self._lstat(path)
-            if st is None:
-                raise FileNotFoundError(2, "No such file or directory", path)
-            if st.kind == "symlink":
-                raise refused(OSError(errno.ELOOP, "a symlink"), path)
-            if st.kind != "dir":
-                raise NotADirectoryError(20, "Not a directory", path)
-            try:  # resolved again: it may have become a symlink since the lstat
-                names = self.fs.listdir(self._applier.full(path))
-            except OSError as exc:
-                raise refused(exc, path) from None
-        return sorted(n for n in names if path or n != RESERVED)
 
 
 def _unrecordable(txid: int, exc: BaseException) -> InvalidPathError:

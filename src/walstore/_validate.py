@@ -8,7 +8,6 @@ lock (the engine's, and with other processes the cross-process one).
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass, field
 
@@ -16,10 +15,11 @@ from . import _journal_format as fmt
 from ._apply import Applier
 from ._conflicts import ConflictIndex, GroupEffects
 from ._errors import InvalidPathError
-from ._fs import FileStat, FileSystem
+from ._fs import FileSystem
 from ._limits import PathLimits
 from ._paths import parent, parents
 from ._prepared import Move, PendingReplace, PreparedTx, TxOp, conflict_error
+from ._reads import ReadSide
 
 
 @dataclass
@@ -47,7 +47,7 @@ def collides(rel: str, names: set[str]) -> bool:
     return rel in names or any(n.startswith(rel + "/") or rel.startswith(n + "/") for n in names)
 
 
-class Validator:
+class Validator(ReadSide):
     """Step 1 for the engine (the module docstring). REQUIRES: commit lock held."""
 
     fs: FileSystem
@@ -204,25 +204,6 @@ class Validator:
             elif kind != "dir":
                 what = "a symlink" if kind == "symlink" else "not a directory"
                 raise InvalidPathError(f"cannot write {path!r}: {anc!r} is {what}")
-
-    def _lstat(self, path: str) -> FileStat | None:
-        """lstat of a store path, resolved beneath the root now; a symlink on the way is
-        InvalidPathError (a symlink as the last name is reported, not followed)."""
-        try:
-            return self.fs.lstat(self._applier.full(path))
-        except OSError as exc:
-            raise refused(exc, path) from None
-
-
-def refused(exc: OSError, path: str) -> Exception:
-    """InvalidPathError for a symlink met on the way to ``path`` (ELOOP from the file
-    system's resolution rule); any other error as it is."""
-    if exc.errno == errno.ELOOP:
-        return InvalidPathError(
-            f"{path!r} goes through a symlink, or is one: walstore never follows a symlink "
-            "inside the store (delete removes one as a plain entry)"
-        )
-    return exc
 
 
 def _across_mounts(path: str) -> str:
