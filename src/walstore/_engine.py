@@ -1,8 +1,26 @@
 """Engine: the blocking core of a store, run from worker threads.
 
-It owns the commit log (``_commit_log.py``), the applier and the lock, and runs the commit
-protocol of docs/commit-protocol.md for one group of transactions at a time
-(``commit_group``). Steps are named as in the doc, each a method ``_step_<name>``:
+Layout: the engine owns the commit log (``_commit_log.py``) and the applier (``_apply.py``),
+and is made of one concern per module, imported one way (the engine imports them, none of
+them imports the engine): ``_validate.py`` (step 1 per transaction), ``_space.py`` (the
+reserve), ``_reads.py`` (reads, the apply gate), ``_peers.py`` (other processes, which sees the
+engine only as its ``Host``) and ``_prepared.py`` (what a group takes and returns).
+
+Threads:
+
+* the committer thread (``Store._run_committer``), one call at a time under ``_lock`` (and,
+  with other processes, the commit lock):
+  ``commit_group`` and its ``_step_*``, ``checkpoint``, and ``take_in`` and ``followed``
+  (called by ``Peers`` from step 0);
+* worker threads (``Store._run``): ``open``, ``close``, ``stage``, ``make_staging_dir``,
+  ``discard``, ``check_space`` and the reads (``_reads.py``), beside the committer thread;
+* the event loop: ``new_txid``, ``checkpoint_due`` and what ``Peers`` lists as its own; the
+  Store also reads ``last_lsn``, ``failed``, ``partial``, ``conflicts`` (single-key lookups)
+  and takes ``foreign`` there.
+
+It runs the commit protocol of docs/commit-protocol.md for one group of transactions at a
+time (``commit_group``), under its lock. Steps are named as in the doc, each a method
+``_step_<name>``:
 
 0. ``catch_up``      with other processes: take in what they committed (section 7)
 1. ``validate``      check each transaction's paths on disk and its reads for conflicts
@@ -108,7 +126,7 @@ CHECKPOINT_RETRY = 1.0
 
 
 class Engine(Validator, SpaceAccount):
-    """The blocking core. Every method runs in a worker thread, never on the event loop."""
+    """The blocking core. Which thread runs what: the module docstring."""
 
     def __init__(
         self,
@@ -168,7 +186,8 @@ class Engine(Validator, SpaceAccount):
     # -- open and close ------------------------------------------------------------------
 
     def open(self, *, create: bool, readonly: bool) -> RecoveryReport:
-        """Step 1, recover_lock, then recovery (or, read-only, just check it is a store)."""
+        """Step 1, recover_lock, then recovery (or, read-only, just check it is a store). In a
+        worker thread, once, before anything else runs."""
         fs = self.fs
         if readonly or not create:
             if fs.lstat(self.journal_dir) is None:
@@ -211,6 +230,7 @@ class Engine(Validator, SpaceAccount):
         return report
 
     def _adopt(self, rec: Recovered) -> None:
+        """Take the state recovery left (at open, in its worker thread)."""
         self.commit_log = rec.journal
         # Several processes: others may still read an old segment through their handle, so
         # it goes as before (no spare to recycle under them).
@@ -242,7 +262,8 @@ class Engine(Validator, SpaceAccount):
     def take_in(self, commits: list[fmt.Commit], applied: int) -> list[fmt.Commit]:
         """Records other processes appended: apply those above ``applied`` (their writer
         died after the commit point), and note all of them as this process's own (conflict
-        index, read cache, what the next checkpoint syncs and drops). Returns the applied."""
+        index, read cache, what the next checkpoint syncs and drops). Returns the applied.
+        In the committer thread (or the opening one). REQUIRES: commit lock held."""
         unapplied = [c for c in commits if c.lsn > applied]
         if unapplied and self.sync:
             assert self.commit_log is not None
@@ -263,7 +284,8 @@ class Engine(Validator, SpaceAccount):
 
     def followed(self, checkpoint_lsn: int, gap: bool) -> None:
         """Another process took a checkpoint at ``checkpoint_lsn``; ``gap``: a segment in
-        between came and went, its commits unknown here. REQUIRES: commit lock held."""
+        between came and went, its commits unknown here. In the committer thread. REQUIRES:
+        commit lock held."""
         if gap:
             self.conflicts.barrier = checkpoint_lsn
             self.cache_stale = True
@@ -327,7 +349,8 @@ class Engine(Validator, SpaceAccount):
                 fs.fsync_dir(d)
 
     def close(self) -> None:
-        """Checkpoint if anything was committed, release the LOCK. Requires: no group runs."""
+        """Checkpoint if anything was committed, release the LOCK. In a worker thread.
+        Requires: no group runs."""
         with self._lock:
             shared = self.peers.sharing()
             try:
@@ -365,8 +388,9 @@ class Engine(Validator, SpaceAccount):
 
     def stage(self, txid: int, index: int, data: bytes, make_dir: bool) -> fmt.PutStaged:
         """Write a large value to ``staging/<txid>/<index>`` and fsync it (outside the commit
-        lock, so many transactions stage in parallel). Returns the op without its path. Raises
-        OSError ENOSPC if it would eat into the reserve (nothing written)."""
+        lock, so many transactions stage in parallel: in worker threads, beside the committer
+        thread). Returns the op without its path. Raises OSError ENOSPC if it would eat into
+        the reserve (nothing written)."""
         self.check_space(len(data))
         if make_dir:
             self.make_staging_dir(txid)
@@ -381,14 +405,14 @@ class Engine(Validator, SpaceAccount):
         return fmt.PutStaged("", name, len(data), zlib.crc32(data))
 
     def make_staging_dir(self, txid: int) -> str:
-        """``staging/<txid>/`` (made if missing); returns its path."""
+        """``staging/<txid>/`` (made if missing); returns its path. In a worker thread."""
         d = os.path.join(self.staging_dir, str(txid))
         with contextlib.suppress(FileExistsError):
             self.fs.mkdir(d)
         return d
 
     def discard(self, txid: int) -> None:
-        """Remove what a rolled-back transaction staged."""
+        """Remove what a rolled-back transaction staged. In a worker thread."""
         remove_tree(self.fs, os.path.join(self.staging_dir, str(txid)))
 
     # -- the commit protocol -------------------------------------------------------------
@@ -628,11 +652,14 @@ class Engine(Validator, SpaceAccount):
         return [value if r is None else r for r in results]
 
     def _fail(self, message: str, exc: BaseException) -> None:
+        """Fail the store: every later commit is refused. In the committer thread."""
         log.error("store %s failed: %s", self.root, message)
         self.failed = StoreFailedError(message)
         self.failed.__cause__ = exc
 
     def checkpoint_due(self) -> bool:
+        """Whether the leader should checkpoint after its group. On the event loop, between
+        groups: it reads what the committer thread left, nothing on disk."""
         j = self.commit_log
         if j is None or self.failed is not None:
             return False
@@ -657,7 +684,8 @@ class Engine(Validator, SpaceAccount):
         """Make everything applied durable in place and start a new journal segment. Raises
         OSError ENOSPC/EDQUOT if there was no space for the segment or for removing what it
         frees: nothing committed is at risk, the store carries on and the checkpoint is tried
-        again later. Any other error fails the store (StoreFailedError)."""
+        again later. Any other error fails the store (StoreFailedError). In the committer
+        thread (or a worker thread for ``Store.checkpoint``), between groups."""
         with self._lock:
             if self.failed is not None:
                 raise StoreFailedError(f"store failed earlier: {self.failed}")
@@ -677,6 +705,8 @@ class Engine(Validator, SpaceAccount):
                 raise StoreFailedError(f"checkpoint failed: {exc}") from exc
 
     def _checkpoint_locked(self) -> None:
+        """Checkpoint steps 1-4 (docs/commit-protocol.md, section 5). REQUIRES: ``_lock`` and
+        the commit lock held."""
         journal = self.commit_log
         assert journal is not None
         # Step 1: checkpoint_sync: applied files and directories, so the journal can go.

@@ -13,7 +13,7 @@ holds it, it may trust what it reads here:
    be taken belongs to a dead process: its staging is removed by the next opener.
 3. Txids are ``slot << SLOT_SHIFT | n``: unique across processes, as are staging names.
 4. Records after the holder's last LSN were appended by others: the holder catches up on them
-   (``Engine._catch_up``) before it validates. Those above the header's applied LSN were
+   (``Peers.catch_up``) before it validates. Those above the header's applied LSN were
    committed by a process that died before it applied them: the holder applies them, as
    recovery would.
 """

@@ -298,6 +298,7 @@ class Store:
         return self._transaction(self._locks.claim())
 
     def _transaction(self, claim: Claim) -> Transaction:
+        """A transaction with a txid from the engine and its Footprint (on the event loop)."""
         self._check_writable()
         fp = Footprint(self._engine.new_txid(), self._visible_lsn, claim)
         self._active[fp.begin_lsn] += 1
@@ -489,7 +490,8 @@ class Store:
         return await self._run(self._engine.listdir, path)
 
     async def _end(self, tx: Footprint, *, by_close: bool = False) -> None:
-        """Roll back: drop the transaction and whatever it staged (shielded)."""
+        """Roll back: drop the transaction and whatever it staged (shielded; on the event
+        loop, the removal in a worker thread)."""
         tx.rolled_back(by_close=by_close)
         self._drop_pending(tx)
         self._forget(tx)
@@ -502,6 +504,8 @@ class Store:
         log.debug("txid=%d rolled back", tx.txid)
 
     async def _commit(self, tx: Footprint, ops: tuple[TxOp, ...]) -> None:
+        """``Transaction.commit``: queue, lead or wait for the group, settle (on the event
+        loop; the group runs in the committer thread)."""
         try:
             self._check_writable()
             # A cancellation already pending (say, delivered in the block's last await) is
@@ -697,6 +701,7 @@ class Store:
         self._visible_lsn = max(self._visible_lsn, self._engine.last_lsn)
 
     async def _settle(self, tx: Footprint, result: Result) -> None:
+        """Move the transaction to its outcome (on the event loop)."""
         self._forget(tx)
         if result.outcome is Outcome.COMMITTED:
             tx.committed(result.lsn)
