@@ -108,8 +108,9 @@ _FileOp = fmt.Put | fmt.PutStaged | Move
 class Footprint:
     """What a transaction's store sees of it, and all it sees: what it read (each with the
     LSN visible then), its place in the queues of hot paths, what it staged, and its state,
-    which moves only by the transitions below (the diagram at the top). The transaction
-    makes it and hands it to each ``TxLink`` call that needs it. On the event loop."""
+    which moves only by the transitions below (the diagram at the top). The store makes one
+    with each transaction (``Store._transaction``), which hands it back to each ``TxLink``
+    call that needs it. On the event loop."""
 
     txid: int
     begin_lsn: int
