@@ -193,6 +193,7 @@ def read_tail(
     other processes since (``_shared.py``). Raises CorruptionError on a record out of order."""
     size = 1 << 16
     limit = fmt.MAX_PAYLOAD + 2 * fmt.HEADER_SIZE + size
+    done: list[fmt.Commit] = []  # from the reads before, which records filled exactly
     while True:
         data = read(size, offset)
         commits: list[fmt.Commit] = []
@@ -214,4 +215,9 @@ def read_tail(
         if rest and len(data) == size and size < limit:
             size *= 4  # a record longer than what was read, or a torn one: read on
             continue
-        return Tail(commits, offset + end, rest)
+        if commits and not rest and end == len(data) == size:
+            # The records end exactly where the read did: more may follow, read on.
+            done += commits
+            offset, next_lsn = offset + end, lsn
+            continue
+        return Tail(done + commits, offset + end, rest)

@@ -79,3 +79,30 @@ def test_a_reopened_log_holds_every_record_after_its_checkpoint(tmp_path: Path) 
     clean.resume()
     assert clean.append([tx(6, "g")], expect_lsn=7) == 8
     clean.close()
+
+
+def sized(txid: int, lsn: int, record_bytes: int) -> bytes:
+    """An encoded transaction whose COMMIT record, alone at ``lsn``, is ``record_bytes`` long."""
+    empty = fmt.encode_tx(fmt.TxRecord(txid, (fmt.Put("big", b""),)))
+    overhead = fmt.HEADER_SIZE + len(fmt.encode_group(lsn, [empty]))
+    part = fmt.encode_tx(fmt.TxRecord(txid, (fmt.Put("big", bytes(record_bytes - overhead)),)))
+    assert fmt.HEADER_SIZE + len(fmt.encode_group(lsn, [part])) == record_bytes
+    return part
+
+
+@pytest.mark.parametrize("preallocate", [0, 1 << 20])
+def test_read_after_reads_on_past_records_that_fill_its_first_read_exactly(
+    tmp_path: Path, preallocate: int
+) -> None:
+    """Records of another writer that end exactly where the reader's first read (64 KiB)
+    ends, and more after them: all are read, so the reader appends after the last one."""
+    a = new_log(tmp_path, preallocate)
+    b = JournalLog.join(OsFileSystem(), str(tmp_path), 1, sync=True, preallocate=preallocate)
+    b.append([sized(1 << 40 | 1, 2, 40_000)], expect_lsn=1)
+    b.append([sized(1 << 40 | 2, 3, (1 << 16) - 40_000)], expect_lsn=2)
+    b.append([tx(1 << 40 | 3, "after the first read")], expect_lsn=3)
+    assert [c.lsn for c in a.read_after(1)] == [2, 3, 4]
+    assert a.append([tx(1, "a")], expect_lsn=4) == 5
+    assert paths(b.read_after(4)) == [(5, "a")]
+    a.close()
+    b.close()
