@@ -21,7 +21,7 @@ import pytest
 
 import walstore
 from walstore import InvalidPathError
-from walstore._fs import FileSystem, NotRegularFileError, _openat2
+from walstore._fs import _HELD_MAX, FileSystem, NotRegularFileError, _openat2
 from walstore.testing import MemoryFileSystem
 
 KINDS = [
@@ -265,5 +265,75 @@ def test_a_held_directory_is_dropped_when_renamed_or_removed(
                 fs.mkdir(f"{root}/p/d")
             fs.close(fs.open(f"{root}/p/d/y", create=True))
         assert sorted(os.listdir(f"{root}/p/d")) == ["y"]
+    finally:
+        fs.release(root)
+
+
+def confined(tmp_path: Path, resolver: str, *dirs: str) -> tuple[walstore.OsFileSystem, str]:
+    if resolver == "openat2" and _openat2 is None:
+        pytest.skip("no openat2 (Linux 5.6+)")
+    fs = walstore.OsFileSystem()
+    fs.use_openat2 = resolver == "openat2"
+    root = str(tmp_path / "r")
+    for d in dirs:
+        os.makedirs(f"{root}/{d}")
+    fs.confine(root)
+    return fs, root
+
+
+@pytest.mark.parametrize("resolver", ["openat2", "walk"])
+@pytest.mark.parametrize("how", ["directory", "parent", "symlink", "parent-symlink"])
+def test_a_kept_directory_is_checked_before_use(tmp_path: Path, resolver: str, how: str) -> None:
+    """Directory descriptors outlive a ``hold()`` block (one commit group) for the next one,
+    which uses each only if it still is that directory beneath the root: ``p/d`` (or ``p``)
+    replaced between two blocks by another directory, or by a symlink to one outside, and
+    the second block's file lands in what the path is now, or is refused (ELOOP): never in
+    the directory that moved away, never outside."""
+    fs, root = confined(tmp_path, resolver, "p/d")
+    outside = tmp_path / "outside"
+    (outside / "d").mkdir(parents=True)
+    try:
+        with fs.hold():
+            fs.close(fs.open(f"{root}/p/d/x", create=True))  # p and p/d now kept
+        moved = {"directory": "p/d", "parent": "p", "symlink": "p/d", "parent-symlink": "p"}
+        os.rename(f"{root}/{moved[how]}", f"{root}/gone")
+        if how.endswith("symlink"):
+            os.symlink(
+                outside if how == "parent-symlink" else outside / "d", f"{root}/{moved[how]}"
+            )
+            with fs.hold():
+                eloop(lambda: fs.open(f"{root}/p/d/y", create=True))
+                eloop(fs.lstat, f"{root}/p/d/x")
+        else:
+            os.makedirs(f"{root}/p/d", exist_ok=True)
+            with fs.hold():
+                fs.close(fs.open(f"{root}/p/d/y", create=True))
+            assert sorted(os.listdir(f"{root}/p/d")) == ["y"]
+        gone = f"{root}/gone" if how in ("directory", "symlink") else f"{root}/gone/d"
+        assert sorted(os.listdir(gone)) == ["x"]
+        assert os.listdir(outside / "d") == []
+    finally:
+        fs.release(root)
+
+
+@pytest.mark.parametrize("resolver", ["openat2", "walk"])
+def test_a_rename_across_more_directories_than_one_block_holds(
+    tmp_path: Path, resolver: str
+) -> None:
+    """A block holds at most so many directories; making room for a rename's target never
+    closes its source's directory (whose descriptor number the target's would then take,
+    renaming within the target's directory instead)."""
+    last = _HELD_MAX  # d0 to d{last - 1} held, d0 the first
+    fs, root = confined(tmp_path, resolver, *(f"d{i}" for i in range(last + 1)))
+    try:
+        for i in range(last + 1):
+            Path(f"{root}/d{i}/f").write_bytes(b"%d" % i)
+        with fs.hold():
+            for i in range(last):
+                assert fs.lstat(f"{root}/d{i}/f") is not None
+            fs.rename(f"{root}/d0/f", f"{root}/d{last}/g")
+        assert os.listdir(f"{root}/d0") == []
+        assert sorted(os.listdir(f"{root}/d{last}")) == ["f", "g"]
+        assert Path(f"{root}/d{last}/g").read_bytes() == b"0"
     finally:
         fs.release(root)
