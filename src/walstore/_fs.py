@@ -17,11 +17,11 @@ the group renames or removes it; the group's descriptors are then kept for the n
 which resolves each directory by checking the kept descriptor, component by component from
 the root, against what its parent holds under that name now (``fstatat`` not following a
 symlink: the same st_dev and st_ino, which no other directory can have while the descriptor
-keeps it open), and opens anew whatever differs. A symlink on the way raises ``OSError(ELOOP)``; the last name is never followed either
-(``open`` and ``read_file`` of a symlink raise ELOOP, ``unlink`` removes the link itself,
-``lstat`` reports it). ``read_file`` refuses anything but a regular file
-(``NotRegularFileError``) without blocking on it: it opens with ``O_NONBLOCK`` and checks
-``fstat`` before reading.
+keeps it open), and opens anew whatever differs. A symlink on the way raises
+``OSError(ELOOP)``; the last name is never followed either (``open`` and ``read_file`` of a
+symlink raise ELOOP, ``unlink`` removes the link itself, ``lstat`` reports it).
+``read_file`` refuses anything but a regular file (``NotRegularFileError``) without
+blocking on it: it opens with ``O_NONBLOCK`` and checks ``fstat`` before reading.
 """
 
 from __future__ import annotations
@@ -395,16 +395,30 @@ class OsFileSystem:
             raise
         return fd
 
-    def _at(self, path: str, *, trim: bool = True) -> tuple[int | None, str, int | None]:
+    def _at(self, path: str) -> tuple[int | None, str, int | None]:
         """(dir_fd, name, descriptor to close afterwards) to act on ``path`` with an ``*at``
-        call: under a confined root, its parent resolved beneath the root now. ``trim``
-        False: the second path of a call, whose first path's descriptor must stay open."""
-        return self._at_split(self._split(path), path, trim)
+        call: under a confined root, its parent resolved beneath the root now."""
+        return self._at_split(self._split(path), path)
+
+    def _make_room(self) -> None:
+        """Before a call resolves its paths: a full ``hold()`` block passes its oldest half
+        to the root to keep. Never between a call's two paths: the first's descriptor would
+        close, and the second's could take its number (acting in the wrong directory)."""
+        dirs = getattr(self._held, "dirs", None)
+        if dirs is not None and len(dirs) >= _HELD_MAX:
+            by_root: dict[_Root, list[tuple[str, _Dir]]] = {}
+            for key in list(dirs)[: len(dirs) // 2]:
+                by_root.setdefault(key[0], []).append((key[1], dirs.pop(key)))
+            for root, entries in by_root.items():
+                root.keep(entries)
 
     def _at_split(
-        self, found: tuple[_Root, str] | None, path: str, trim: bool = True
+        self, found: tuple[_Root, str] | None, path: str, room: bool = True
     ) -> tuple[int | None, str, int | None]:
-        """``_at`` of ``path``, split already (``_split``)."""
+        """``_at`` of ``path``, split already (``_split``); ``room`` False: the caller made
+        room (``_make_room``) for this path and another."""
+        if room:
+            self._make_room()
         if found is None:
             return None, path, None
         root, rel = found
@@ -424,8 +438,6 @@ class OsFileSystem:
             if held is not None:
                 return held.fd, name, None
         if dirs is not None and _plain(head):
-            if trim and len(dirs) >= _HELD_MAX:  # before the walk: it may need every one
-                root.keep([(k[1], dirs.pop(k)) for k in list(dirs)[: len(dirs) // 2]])
             return self._held_dir(dirs, root, head, path), name, None
         fd = self._open_beneath(root.fd, head, path)
         return fd, name, fd
@@ -541,7 +553,8 @@ class OsFileSystem:
         self.calls["rename"] += 1
         at_src, at_dst = self._split(src), self._split(dst)
         self._forget(at_src, at_dst)
-        sd, sn, sc = self._at_split(at_src, src)
+        self._make_room()
+        sd, sn, sc = self._at_split(at_src, src, False)
         try:
             dd, dn, dc = self._at_split(at_dst, dst, False)
             try:
@@ -559,7 +572,8 @@ class OsFileSystem:
             raise OSError(errno.ENOSYS, "renameat2 is not available", a)
         at_a, at_b = self._split(a), self._split(b)
         self._forget(at_a, at_b)
-        ad, an, ac = self._at_split(at_a, a)
+        self._make_room()
+        ad, an, ac = self._at_split(at_a, a, False)
         try:
             bd, bn, bc = self._at_split(at_b, b, False)
             try:
@@ -581,9 +595,10 @@ class OsFileSystem:
 
     def link(self, src: str, dst: str) -> None:
         self.calls["link"] += 1
-        sd, sn, sc = self._at(src)
+        self._make_room()
+        sd, sn, sc = self._at_split(self._split(src), src, False)
         try:
-            dd, dn, dc = self._at(dst, trim=False)
+            dd, dn, dc = self._at_split(self._split(dst), dst, False)
             try:
                 os.link(sn, dn, src_dir_fd=sd, dst_dir_fd=dd, follow_symlinks=False)
             finally:

@@ -21,7 +21,7 @@ import pytest
 
 import walstore
 from walstore import InvalidPathError
-from walstore._fs import _HELD_MAX, FileSystem, NotRegularFileError, _openat2
+from walstore._fs import _HELD_MAX, _KEPT_MAX, FileSystem, NotRegularFileError, _openat2
 from walstore.testing import MemoryFileSystem
 
 KINDS = [
@@ -337,3 +337,30 @@ def test_a_rename_across_more_directories_than_one_block_holds(
         assert Path(f"{root}/d{last}/g").read_bytes() == b"0"
     finally:
         fs.release(root)
+
+
+@pytest.mark.parametrize("resolver", ["openat2", "walk"])
+def test_descriptors_held_and_kept_are_bounded(tmp_path: Path, resolver: str) -> None:
+    """A block that writes into far more directories than it holds passes the oldest on to
+    be kept, and the root keeps a bounded number; release closes them all."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd")
+    before = len(os.listdir("/proc/self/fd"))
+    fs, root = confined(tmp_path, resolver, "src")
+    try:
+        most = 0
+        for block in range(3):
+            with fs.hold():
+                for i in range(300):
+                    d = f"{root}/d{i}/e"
+                    if block == 0:
+                        fs.mkdir(f"{root}/d{i}")
+                        fs.mkdir(d)
+                    fs.close(fs.open(f"{root}/src/f", create=True))
+                    fs.rename(f"{root}/src/f", f"{d}/g{block}")  # d: only ever a 2nd path
+                    most = max(most, len(os.listdir("/proc/self/fd")))
+        assert most <= before + 1 + _HELD_MAX + 2 + _KEPT_MAX, (most, before)
+        assert sorted(os.listdir(f"{root}/d299/e")) == ["g0", "g1", "g2"]
+    finally:
+        fs.release(root)
+    assert len(os.listdir("/proc/self/fd")) == before
