@@ -55,7 +55,7 @@ from ._journal_writer import (
     synced,
 )
 from ._limits import PathLimits, limits_of
-from ._paths import RESERVED, parent, parents
+from ._paths import RESERVED, PathDict, parent, parents
 from ._recovery import Recovered, RecoveryReport, recover
 from ._shared import (
     SLOT_SHIFT,
@@ -193,7 +193,7 @@ class _Gate:
 class _Overlay:
     """Paths as a group's validated transactions leave them, before they are applied."""
 
-    kinds: dict[str, str | None] = field(default_factory=dict)  # path -> "file"/"dir"/None
+    kinds: PathDict = field(default_factory=PathDict)  # path -> "file"/"dir"/None
     cleared: set[str] = field(default_factory=set)  # directories deleted or replaced
 
 
@@ -1211,7 +1211,7 @@ class Engine:
             if (kind is None) != isinstance(op, fmt.DeleteDir):
                 listing.add(parent(op.path))
             local.cleared.add(op.path)
-            local.kinds = {k: v for k, v in local.kinds.items() if not k.startswith(op.path + "/")}
+            local.kinds.drop_under(op.path)
             if isinstance(op, fmt.DeleteDir):
                 local.kinds[op.path] = None
             else:
