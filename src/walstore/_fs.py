@@ -765,6 +765,23 @@ class OsFileSystem:
         return _ThreadWriter(fd, self)
 
 
+def lstat_result(fs: OsFileSystem, path: str) -> os.stat_result | None:
+    """``fs.lstat(path)`` with all that ``lstat`` tells (``st_ino`` too), resolved as every
+    path is: for the read-only tools (``walstore verify``), which compare inodes."""
+    fs.calls["lstat"] += 1
+    try:
+        d, name, c = fs._at(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        return os.stat(name, dir_fd=d, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    finally:
+        if c is not None:
+            os.close(c)
+
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HELD_MAX = 64  # directory descriptors one hold() keeps at most (more while one call walks)
 _KEPT_MAX = 128  # those a confined root keeps between hold() blocks (each checked before use)

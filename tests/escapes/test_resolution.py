@@ -22,6 +22,7 @@ import pytest
 import walstore
 from walstore import InvalidPathError
 from walstore._fs import _HELD_MAX, _KEPT_MAX, FileSystem, NotRegularFileError, _openat2
+from walstore._inspect import Layout, verify
 from walstore.testing import MemoryFileSystem
 
 KINDS = [
@@ -364,3 +365,36 @@ def test_descriptors_held_and_kept_are_bounded(tmp_path: Path, resolver: str) ->
     finally:
         fs.release(root)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("swap", ["symlink", "fifo"])
+async def test_verify_reads_nothing_through_a_symlink_or_from_a_fifo(
+    tmp_path: Path, swap: str
+) -> None:
+    """``walstore verify`` reads the store as the store does: a staged value's directory
+    moved out of the root and replaced by a symlink to it is not read through (a path-string
+    read found the very bytes there and called the store sound), and a FIFO in a staged
+    value's place is refused at once instead of blocking the read."""
+    root, outside = tmp_path / "s", tmp_path / "outside"
+    outside.mkdir()
+    async with walstore.open(root) as store:
+        await store.write("a/big", os.urandom(300_000))
+        staging = root / ".walstore" / "staging"
+        (txid,) = os.listdir(staging)
+        if swap == "symlink":
+            os.rename(staging / txid, outside / txid)
+            os.symlink(outside / txid, staging / txid)
+        else:
+            (value,) = os.listdir(staging / txid)
+            os.unlink(staging / txid / value)
+            os.mkfifo(staging / txid / value)
+        result = await anyio.to_thread.run_sync(verify, Layout.of(str(root)))
+        assert [p.kind for p in result.problems] == ["staged"], result.problems
+        assert "unreadable" in result.problems[0].detail
+        if swap == "symlink":
+            assert "symlink" in result.problems[0].detail
+            os.unlink(staging / txid)
+            os.rename(outside / txid, staging / txid)
+        else:
+            os.unlink(staging / txid / value)
