@@ -76,6 +76,26 @@ async def test_ops_look_up_their_paths_instead_of_scanning(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_listing_looks_at_the_ops_below_it_only(tmp_path: Path) -> None:
+    async with walstore.open(tmp_path / "s", durability=Durability.OFF) as store:
+        async with store.transaction() as tx:
+            tx._ops = CountingDict()
+            for i in range(N):
+                await tx.write(f"f/{i}", b"x")
+            await tx.write("h/0", b"y")
+            async with tx.replace_dir("r") as d:
+                await d.write("a/b", b"z")
+            await tx.write("r/a/c", b"w")
+            for _ in range(100):
+                assert await tx.list("h") == ["0"]
+                assert await tx.list("r/a") == ["b", "c"]
+            assert await tx.list("") == ["f", "h", "r"]
+        # The index is built once, the root listing and the commit visit each op: N each.
+        # A scan per listing: 200 N.
+        assert CountingDict.visited <= 3 * N + 10, CountingDict.visited
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_replaced_directory_checks_its_entries_by_lookup(tmp_path: Path) -> None:
     async with walstore.open(tmp_path / "s", durability=Durability.OFF) as store:
         async with store.transaction() as tx:
