@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ._fs import FileSystem, symlink_on_path, write_all
 from ._journal_format import Delete, DeleteDir, Op, Put, PutStaged, ReplaceDir
-from ._paths import parent, parents
+from ._paths import PathSet, parent, parents
 
 _NO_EXCHANGE = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 
@@ -77,13 +77,15 @@ class Applier:
         self.fs = fs
         self.root = root
         self.staging_dir = staging_dir
-        self.dirty_files: set[str] = set()  # store paths written since the last checkpoint
-        self.dirty_dirs: set[str] = set()  # store paths of directories whose entries changed
+        # Store paths written since the last checkpoint, and of directories whose entries
+        # changed (PathSet: a delete_dir drops what lies below it without a scan of them all).
+        self.dirty_files = PathSet()
+        self.dirty_dirs = PathSet()
         self.garbage: set[str] = set()  # staging paths to remove after the next checkpoint
         self.replaced: list[str] = []  # old files exchanged out of place, to unlink
         self.garbage_bytes = 0  # staged bytes kept until the checkpoint (one of its triggers)
         self.exchange_files = True  # False once the system refused renameat2 RENAME_EXCHANGE
-        self._known_dirs: set[str] = set()
+        self._known_dirs = PathSet()
         # Checkpoints of at least this many changes use syncfs; None: never.
         self.syncfs_min: int | None = SYNCFS_MIN
 
@@ -332,15 +334,15 @@ class Applier:
         self._changed_dir(op.path, replay)
 
     def _forget_under(self, path: str) -> None:
-        prefix = path + "/"
-        self.dirty_files = {p for p in self.dirty_files if not p.startswith(prefix)}
-        self.dirty_dirs = {p for p in self.dirty_dirs if not p.startswith(prefix)}
-        self._known_dirs = {p for p in self._known_dirs if p != path and not p.startswith(prefix)}
+        self.dirty_files.discard_under(path)
+        self.dirty_dirs.discard_under(path)
+        self._known_dirs.discard_under(path)
+        self._known_dirs.discard(path)
 
     def forget_dir_cache(self, known: set[str] | None = None) -> None:
         """Start a group: directories may have changed since the last one; ``known`` were
         just seen to be directories (under the commit lock, so they still are)."""
-        self._known_dirs = set(known or ())
+        self._known_dirs = PathSet(known or ())
 
     def _changed(self, path: str, replay: bool) -> None:
         self.dirty_files.add(path)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from ._paths import PathTree
+
 
 class ReadCache:
     """LRU of file contents by store path, bounded by total bytes."""
@@ -27,6 +29,7 @@ class ReadCache:
         self.hits = 0
         self.misses = 0
         self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._at = PathTree()  # where _data's paths lie: a dropped tree costs what it holds
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -47,18 +50,25 @@ class ReadCache:
             self._put(path, data)
 
     def _put(self, path: str, data: bytes) -> None:
-        self._drop(path)
         if len(data) > self.max_file:
+            self._drop(path)
             return
+        old = self._data.pop(path, None)
+        if old is None:
+            self._at.add(path)
+        else:
+            self._bytes -= len(old)
         self._data[path] = data
         self._bytes += len(data)
         while self._bytes > self.max_bytes:
-            _, old = self._data.popitem(last=False)
+            evicted, old = self._data.popitem(last=False)
+            self._at.discard(evicted, self._data)
             self._bytes -= len(old)
 
     def _drop(self, path: str) -> None:
         old = self._data.pop(path, None)
         if old is not None:
+            self._at.discard(path, self._data)
             self._bytes -= len(old)
 
     # -- updates by the committer, after a group is applied -------------------------------
@@ -74,11 +84,11 @@ class ReadCache:
     def dropped_tree(self, path: str) -> None:
         """Forget ``path`` and everything under it (a directory deleted or replaced)."""
         self.generation += 1
-        prefix = path + "/"
-        for k in [k for k in self._data if k == path or k.startswith(prefix)]:
+        for k in [path, *self._at.under(path)]:
             self._drop(k)
 
     def clear(self) -> None:
         self.generation += 1
         self._data.clear()
+        self._at.clear()
         self._bytes = 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ._paths import parents
+from ._paths import PathTree, parents
 
 Reads = Mapping[str, int]  # path -> the LSN visible when it was read
 
@@ -64,6 +64,10 @@ class ConflictIndex:
         self._modified: dict[str, int] = {}
         self._listing: dict[str, int] = {}
         self._trees: dict[str, int] = {}
+        # Where the keys of _modified and _trees lie, so that a subtree read is checked
+        # against the changes below it, not against every change (thousands of delete_dir).
+        self._modified_at = PathTree()
+        self._trees_at = PathTree()
         # Everything read before this LSN counts as changed: commits of other processes
         # this one could not see (``_shared.py``: a checkpoint it did not follow in time).
         self.barrier = 0
@@ -75,10 +79,14 @@ class ConflictIndex:
         """Record a committed group's effects at ``lsn``. Requires: the group is applied and
         the caller holds the apply gate (whoever saw its files sees it here too)."""
         for p in effects.modified:
+            if p not in self._modified:
+                self._modified_at.add(p)
             self._modified[p] = lsn
         for d in effects.listing_changed:
             self._listing[d] = lsn
         for d in effects.trees:
+            if d not in self._trees:
+                self._trees_at.add(d)
             self._trees[d] = lsn
 
     def prune(self, oldest: int) -> None:
@@ -86,9 +94,15 @@ class ConflictIndex:
         have read at: no read can be stale because of them. Cheap when the index is small."""
         if len(self) < 4096:
             return
-        for table in (self._modified, self._listing, self._trees):
+        for table, at in (
+            (self._modified, self._modified_at),
+            (self._listing, None),
+            (self._trees, self._trees_at),
+        ):
             for key in [k for k, v in table.items() if v <= oldest]:
                 del table[key]
+                if at is not None:
+                    at.discard(key, table)
 
     def check(
         self,
@@ -127,8 +141,8 @@ class ConflictIndex:
                 return Conflict(listing_key(d), hit, f"directory {d!r} changed")
         for d, seen in subtrees.items():
             prefix = d + "/"
-            lsns = [v for k, v in modified.items() if v > seen and k.startswith(prefix)]
-            lsns += [v for k, v in trees.items() if v > seen and k.startswith(prefix)]
+            lsns = [v for k in self._modified_at.under(d) if (v := modified.get(k, 0)) > seen]
+            lsns += [v for k in self._trees_at.under(d) if (v := trees.get(k, 0)) > seen]
             hit = self._tree_changed(d, seen, group)
             if lsns or hit is not None or any(k.startswith(prefix) for k in group.modified):
                 lsn = max([*lsns, hit or 0])

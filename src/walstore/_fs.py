@@ -11,13 +11,17 @@ that root is resolved beneath it at the moment of the call, never from a string 
 earlier, and never through a symlink. Each call walks from a descriptor of the root
 (``openat2`` with ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` where Linux has it, 5.6+;
 elsewhere component by component with ``O_NOFOLLOW | O_DIRECTORY``) to the directory that
-holds the last name, and acts on that name with an ``*at`` call (inside ``hold()``, one
-commit group, a directory's descriptor is reused until the group renames or removes it). A
-symlink on the way raises ``OSError(ELOOP)``; the last name is never followed either
-(``open`` and ``read_file`` of a symlink raise ELOOP, ``unlink`` removes the link itself,
-``lstat`` reports it). ``read_file`` refuses anything but a regular file
-(``NotRegularFileError``) without blocking on it: it opens with ``O_NONBLOCK`` and checks
-``fstat`` before reading.
+holds the last name, and acts on that name with an ``*at`` call. Inside ``hold()`` (one
+commit group) a directory is resolved once, at its first use, and its descriptor reused until
+the group renames or removes it; the group's descriptors are then kept for the next group,
+which resolves each directory by checking the kept descriptor, component by component from
+the root, against what its parent holds under that name now (``fstatat`` not following a
+symlink: the same st_dev and st_ino, which no other directory can have while the descriptor
+keeps it open), and opens anew whatever differs. A symlink on the way raises
+``OSError(ELOOP)``; the last name is never followed either (``open`` and ``read_file`` of a
+symlink raise ELOOP, ``unlink`` removes the link itself, ``lstat`` reports it).
+``read_file`` refuses anything but a regular file (``NotRegularFileError``) without
+blocking on it: it opens with ``O_NONBLOCK`` and checks ``fstat`` before reading.
 """
 
 from __future__ import annotations
@@ -84,7 +88,9 @@ class FileSystem(Protocol):
     def hold(self) -> AbstractContextManager[None]:
         """A stretch of calls from this thread (one commit group, under the store's commit
         lock) in which a directory under a confined root may be resolved once and its
-        descriptor kept, until the block ends or this thread renames or removes it."""
+        descriptor kept, until the block ends or this thread renames or removes it. (A
+        FileSystem may keep descriptors for later blocks, if each is checked again at its
+        first use in a block: it resolves beneath the root as the path is then.)"""
 
     def open(self, path: str, *, create: bool = False, truncate: bool = False) -> int:
         """Open for reading and writing; returns a handle."""
@@ -240,6 +246,7 @@ class OsFileSystem:
         # False: resolve by the component walk even where openat2 exists (tests run both).
         self.use_openat2 = _openat2 is not None
         self._roots: dict[str, _Root] = {}  # confined root -> its descriptors
+        self._prefixes: tuple[tuple[str, str, _Root], ...] = ()  # (root, root + "/", its _Root)
         self._roots_lock = threading.Lock()
         self._held = threading.local()  # .dirs: (root fd, dir) -> descriptor, inside hold()
 
@@ -254,6 +261,7 @@ class OsFileSystem:
                 return
             new = _Root(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
             self._roots = {**self._roots, key: new}  # replaced, not changed: read unlocked
+            self._prefixes = _prefixes(self._roots)
 
     def release(self, root: str) -> None:
         key = root.rstrip("/") or "/"
@@ -265,6 +273,7 @@ class OsFileSystem:
             if found.users:
                 return
             self._roots = {k: v for k, v in self._roots.items() if k != key}
+            self._prefixes = _prefixes(self._roots)
         found.close()
 
     @contextmanager
@@ -273,34 +282,96 @@ class OsFileSystem:
         if outer is not None:  # nested: the outer block keeps them
             yield
             return
-        dirs: dict[tuple[int, str], int] = {}
+        dirs: dict[tuple[_Root, str], _Dir] = {}
         self._held.dirs = dirs
         try:
             yield
         finally:
             self._held.dirs = None
-            for fd in dirs.values():
-                os.close(fd)
+            by_root: dict[_Root, list[tuple[str, _Dir]]] = {}
+            for (root, rel), kept in dirs.items():
+                by_root.setdefault(root, []).append((rel, kept))
+            for root, entries in by_root.items():
+                root.keep(entries)  # for the next block, which checks each before use
 
-    def _forget(self, *paths: str) -> None:
-        """Drop held descriptors of ``paths`` and of directories below them (this thread is
-        renaming or removing them)."""
+    def _forget(self, *splits: tuple[_Root, str] | None) -> None:
+        """Drop held descriptors of these paths (``_split``) and of directories below them
+        (this thread is renaming or removing them)."""
         dirs = getattr(self._held, "dirs", None)
         if not dirs:
             return
-        for path in paths:
-            found = self._split(path)
+        for found in splits:
             if found is None:
                 continue
             rel = found[1]
             for key in [k for k in dirs if k[1] == rel or k[1].startswith(rel + "/")]:
-                os.close(dirs.pop(key))
+                os.close(dirs.pop(key).fd)
+
+    def _checked(self, found: tuple[_Root, str], st: os.stat_result) -> None:
+        """Inside ``hold()``: ``st`` is what the directory ``found`` (root, path in it) is now,
+        seen from its parent's held descriptor; a kept descriptor of it that matches it is
+        this block's from now on, as if ``_held_dir`` had checked it."""
+        dirs: dict[tuple[_Root, str], _Dir] | None = getattr(self._held, "dirs", None)
+        if dirs is None or not found[1] or found in dirs:
+            return
+        entry = found[0].take(found[1]) if _plain(found[1]) else None
+        if entry is None:
+            return
+        if entry.ino == st.st_ino and entry.dev == st.st_dev:
+            dirs[found] = entry
+        else:
+            os.close(entry.fd)
+
+    def _held_dir(
+        self, dirs: dict[tuple[_Root, str], _Dir], root: _Root, rel: str, path: str
+    ) -> int:
+        """The descriptor of the directory ``rel`` for this ``hold()`` block: the block's own;
+        else each component from its parent's, the deepest the block holds first. A component
+        kept from an earlier block is used only if it still is the entry of that name in its
+        parent, now (same st_dev and st_ino, not following a symlink: no other directory can
+        have them while the kept descriptor holds its directory); anything else is opened anew
+        with O_NOFOLLOW, as the walk does."""
+        parent, start = root.fd, 0
+        cut = rel.rfind("/")
+        while cut > 0:
+            held = dirs.get((root, rel[:cut]))
+            if held is not None:
+                parent, start = held.fd, cut + 1
+                break
+            cut = rel.rfind("/", 0, cut)
+        while True:
+            end = rel.find("/", start)
+            if end < 0:
+                end = len(rel)
+            sub, name = rel[:end], rel[start:end]
+            entry = root.take(sub)
+            if entry is not None:
+                try:
+                    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                    same = st.st_ino == entry.ino and st.st_dev == entry.dev
+                except OSError:
+                    same = False
+                if not same:
+                    os.close(entry.fd)
+                    entry = None
+            if entry is None:
+                fd = _open_part(parent, name, path)
+                try:
+                    st = os.fstat(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                entry = _Dir(fd, st.st_dev, st.st_ino)
+            dirs[(root, sub)] = entry
+            if end == len(rel):
+                return entry.fd
+            parent, start = entry.fd, end + 1
 
     def _split(self, path: str) -> tuple[_Root, str] | None:
         """(the confined root, path relative to it) for a path under a confined root."""
-        for root, r in self._roots.items():
-            if path.startswith(root) and path[len(root) : len(root) + 1] == "/":
-                return r, path[len(root) + 1 :]
+        for root, below, r in self._prefixes:
+            if path.startswith(below):
+                return r, path[len(below) :]
             if path == root:
                 return r, ""
         return None
@@ -327,7 +398,27 @@ class OsFileSystem:
     def _at(self, path: str) -> tuple[int | None, str, int | None]:
         """(dir_fd, name, descriptor to close afterwards) to act on ``path`` with an ``*at``
         call: under a confined root, its parent resolved beneath the root now."""
-        found = self._split(path)
+        return self._at_split(self._split(path), path)
+
+    def _make_room(self) -> None:
+        """Before a call resolves its paths: a full ``hold()`` block passes its oldest half
+        to the root to keep. Never between a call's two paths: the first's descriptor would
+        close, and the second's could take its number (acting in the wrong directory)."""
+        dirs = getattr(self._held, "dirs", None)
+        if dirs is not None and len(dirs) >= _HELD_MAX:
+            by_root: dict[_Root, list[tuple[str, _Dir]]] = {}
+            for key in list(dirs)[: len(dirs) // 2]:
+                by_root.setdefault(key[0], []).append((key[1], dirs.pop(key)))
+            for root, entries in by_root.items():
+                root.keep(entries)
+
+    def _at_split(
+        self, found: tuple[_Root, str] | None, path: str, room: bool = True
+    ) -> tuple[int | None, str, int | None]:
+        """``_at`` of ``path``, split already (``_split``); ``room`` False: the caller made
+        room (``_make_room``) for this path and another."""
+        if room:
+            self._make_room()
         if found is None:
             return None, path, None
         root, rel = found
@@ -343,13 +434,11 @@ class OsFileSystem:
             return fd, name, None
         dirs = getattr(self._held, "dirs", None)
         if dirs is not None:
-            key = (root.fd, head)
-            held = dirs.get(key)
-            if held is None:
-                if len(dirs) >= _HELD_MAX:
-                    os.close(dirs.pop(next(iter(dirs))))
-                held = dirs[key] = self._open_beneath(root.fd, head, path)
-            return held, name, None
+            held = dirs.get((root, head))  # a block holds plain paths only (_plain)
+            if held is not None:
+                return held.fd, name, None
+        if dirs is not None and _plain(head):
+            return self._held_dir(dirs, root, head, path), name, None
         fd = self._open_beneath(root.fd, head, path)
         return fd, name, fd
 
@@ -462,10 +551,12 @@ class OsFileSystem:
 
     def rename(self, src: str, dst: str) -> None:
         self.calls["rename"] += 1
-        self._forget(src, dst)
-        sd, sn, sc = self._at(src)
+        at_src, at_dst = self._split(src), self._split(dst)
+        self._forget(at_src, at_dst)
+        self._make_room()
+        sd, sn, sc = self._at_split(at_src, src, False)
         try:
-            dd, dn, dc = self._at(dst)
+            dd, dn, dc = self._at_split(at_dst, dst, False)
             try:
                 os.rename(sn, dn, src_dir_fd=sd, dst_dir_fd=dd)
             finally:
@@ -479,10 +570,12 @@ class OsFileSystem:
         self.calls["exchange"] += 1
         if _renameat2 is None:
             raise OSError(errno.ENOSYS, "renameat2 is not available", a)
-        self._forget(a, b)
-        ad, an, ac = self._at(a)
+        at_a, at_b = self._split(a), self._split(b)
+        self._forget(at_a, at_b)
+        self._make_room()
+        ad, an, ac = self._at_split(at_a, a, False)
         try:
-            bd, bn, bc = self._at(b)
+            bd, bn, bc = self._at_split(at_b, b, False)
             try:
                 if _renameat2(
                     _AT_FDCWD if ad is None else ad,
@@ -502,9 +595,10 @@ class OsFileSystem:
 
     def link(self, src: str, dst: str) -> None:
         self.calls["link"] += 1
-        sd, sn, sc = self._at(src)
+        self._make_room()
+        sd, sn, sc = self._at_split(self._split(src), src, False)
         try:
-            dd, dn, dc = self._at(dst)
+            dd, dn, dc = self._at_split(self._split(dst), dst, False)
             try:
                 os.link(sn, dn, src_dir_fd=sd, dst_dir_fd=dd, follow_symlinks=False)
             finally:
@@ -534,8 +628,9 @@ class OsFileSystem:
 
     def rmdir(self, path: str) -> None:
         self.calls["rmdir"] += 1
-        self._forget(path)
-        d, name, c = self._at(path)
+        found = self._split(path)
+        self._forget(found)
+        d, name, c = self._at_split(found, path)
         try:
             os.rmdir(name, dir_fd=d)
         finally:
@@ -554,8 +649,9 @@ class OsFileSystem:
 
     def lstat(self, path: str) -> FileStat | None:
         self.calls["lstat"] += 1
+        found = self._split(path)
         try:
-            d, name, c = self._at(path)
+            d, name, c = self._at_split(found, path)
         except (FileNotFoundError, NotADirectoryError):
             return None  # a parent is missing or a file; a symlink on the way raises ELOOP
         try:
@@ -567,6 +663,8 @@ class OsFileSystem:
         finally:
             if c is not None:
                 os.close(c)
+        if c is None and found is not None and stat_mod.S_ISDIR(st.st_mode):
+            self._checked(found, st)
         return FileStat(_kind(st.st_mode), st.st_size, st.st_mtime_ns, st.st_dev)
 
     def realpath(self, path: str) -> str:
@@ -667,13 +765,43 @@ class OsFileSystem:
         return _ThreadWriter(fd, self)
 
 
+def lstat_result(fs: OsFileSystem, path: str) -> os.stat_result | None:
+    """``fs.lstat(path)`` with all that ``lstat`` tells (``st_ino`` too), resolved as every
+    path is: for the read-only tools (``walstore verify``), which compare inodes."""
+    fs.calls["lstat"] += 1
+    try:
+        d, name, c = fs._at(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        return os.stat(name, dir_fd=d, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    finally:
+        if c is not None:
+            os.close(c)
+
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_HELD_MAX = 64  # directory descriptors one hold() keeps at most
+_HELD_MAX = 64  # directory descriptors one hold() keeps at most (more while one call walks)
+_KEPT_MAX = 128  # those a confined root keeps between hold() blocks (each checked before use)
+
+
+def _prefixes(roots: dict[str, _Root]) -> tuple[tuple[str, str, _Root], ...]:
+    return tuple((root, root.rstrip("/") + "/", r) for root, r in roots.items())
+
+
+def _plain(rel: str) -> bool:
+    """``rel`` is names joined by single slashes (what a store's paths are): a kept
+    descriptor is only ever looked up by such a path."""
+    return "" not in (parts := rel.split("/")) and "." not in parts and ".." not in parts
+
 
 # The store's own directories, which it needs to be real directories and never removes or
 # renames: each is resolved once per confine and its descriptor kept (every commit names
-# staging/ two or three times). The user's directories are resolved at every call: a kept
-# descriptor would go on acting in a directory another process had since moved away.
+# staging/ two or three times). The user's directories are resolved at every call, or once
+# per hold() block (checked again in each): a descriptor kept unchecked would go on acting
+# in a directory another process had since moved away.
 _PINNED = frozenset({RESERVED, f"{RESERVED}/staging", f"{RESERVED}/journal"})
 
 
@@ -684,7 +812,28 @@ class _Root:
         self.fd = fd
         self.users = 1  # confine calls not yet released
         self.pinned: dict[str, int] = {}
+        # Directories' descriptors between hold() blocks, the least recently kept first. A
+        # block takes one out (so no two threads share it) and checks it before any use.
+        self._kept: dict[str, _Dir] = {}
+        self._closed = False
         self._lock = threading.Lock()
+
+    def take(self, rel: str) -> _Dir | None:
+        with self._lock:
+            return self._kept.pop(rel, None)
+
+    def keep(self, entries: list[tuple[str, _Dir]]) -> None:
+        spare = []
+        with self._lock:
+            for rel, entry in entries:
+                if self._closed or rel in self._kept:
+                    spare.append(entry)
+                else:
+                    self._kept[rel] = entry
+            while len(self._kept) > _KEPT_MAX:
+                spare.append(self._kept.pop(next(iter(self._kept))))
+        for entry in spare:
+            os.close(entry.fd)
 
     def pin(self, rel: str, fd: int) -> int:
         with self._lock:
@@ -694,9 +843,22 @@ class _Root:
         return kept
 
     def close(self) -> None:
-        for fd in (self.fd, *self.pinned.values()):
+        with self._lock:
+            self._closed = True
+            kept, self._kept = self._kept, {}
+        for fd in (self.fd, *self.pinned.values(), *(entry.fd for entry in kept.values())):
             os.close(fd)
         self.pinned.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _Dir:
+    """A directory's descriptor and its identity: no other directory can have its st_dev and
+    st_ino while the descriptor keeps it (open, its inode is not reused)."""
+
+    fd: int
+    dev: int
+    ino: int
 
 
 def _open_part(fd: int, part: str, path: str) -> int:

@@ -21,13 +21,14 @@ import os
 import stat
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import _journal_format as fmt
 from ._engine import reserve_for
 from ._errors import CorruptionError, StoreError
-from ._fs import OsFileSystem
+from ._fs import FileStat, OsFileSystem, lstat_result
 from ._journal_reader import SegmentScan, TornSegment, scan_segment
 from ._journal_writer import MIN_SPARE, SPARE, segment_name
 from ._paths import RESERVED, parents
@@ -82,6 +83,22 @@ class Layout:
         return cls(root, meta, journal, os.path.join(meta, "staging"), os.path.join(meta, "LOCK"))
 
 
+@contextmanager
+def reading(layout: Layout, fs: OsFileSystem | None = None) -> Iterator[OsFileSystem]:
+    """``fs``, or for the block an OsFileSystem confined to the store's root: every path
+    below the root is resolved beneath it at each call, through no symlink (the store's own
+    rule, ``_fs.py``), so nothing read can be a file outside the store put in its way."""
+    if fs is not None:
+        yield fs
+        return
+    fs = OsFileSystem()
+    fs.confine(layout.root)
+    try:
+        yield fs
+    finally:
+        fs.release(layout.root)
+
+
 @dataclass(frozen=True)
 class LockState:
     held: bool  # a process has the store open to write
@@ -94,16 +111,16 @@ class LockState:
         return self.pid if self.held else None
 
 
-def _held_by_another(path: str) -> tuple[bool, bytes] | None:
+def _held_by_another(fs: OsFileSystem, path: str) -> tuple[bool, bytes] | None:
     """(whether another open file holds ``path``'s flock, its first bytes); None if the
     file does not exist. A shared, non-blocking flock on our own descriptor: it fails while
     an owner holds its exclusive lock, and is released at once."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = fs.open_regular(path)
     except FileNotFoundError:
         return None
     try:
-        raw = os.read(fd, 64)
+        raw = fs.pread(fd, 64, 0)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
@@ -112,7 +129,7 @@ def _held_by_another(path: str) -> tuple[bool, bytes] | None:
             return True, raw
         return False, raw
     finally:
-        os.close(fd)  # releases our shared lock, if we got it
+        fs.close(fd)  # releases our shared lock, if we got it
 
 
 def _pid(raw: bytes) -> int | None:
@@ -122,25 +139,26 @@ def _pid(raw: bytes) -> int | None:
         return None
 
 
-def probe_lock(layout: Layout) -> LockState:
+def probe_lock(layout: Layout, fs: OsFileSystem | None = None) -> LockState:
     """Whether the store is open for writing, and by whom, without disturbing the holders:
     a process that opened it exclusive holds LOCK for life; processes that share it each
     hold a file of ``.walstore/procs/`` for life (LOCK only while they commit). (An opener
     racing these few microseconds would find the store locked; ``lock_timeout`` waits that
     out.)"""
-    pids: list[int] = []
-    procs = os.path.join(os.path.dirname(layout.lock_path), "procs")
-    try:
-        names = sorted(os.listdir(procs), key=lambda n: (len(n), n))
-    except FileNotFoundError:
-        names = []
-    for name in names:
-        probe = _held_by_another(os.path.join(procs, name))
-        if probe is not None and probe[0]:
-            pid = _pid(probe[1])
-            if pid is not None:
-                pids.append(pid)
-    lock = _held_by_another(layout.lock_path)
+    with reading(layout, fs) as fs:
+        pids: list[int] = []
+        procs = os.path.join(os.path.dirname(layout.lock_path), "procs")
+        try:
+            names = sorted(fs.listdir(procs), key=lambda n: (len(n), n))
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            probe = _held_by_another(fs, os.path.join(procs, name))
+            if probe is not None and probe[0]:
+                pid = _pid(probe[1])
+                if pid is not None:
+                    pids.append(pid)
+        lock = _held_by_another(fs, layout.lock_path)
     if pids:
         return LockState(True, pids[0], tuple(pids))
     if lock is None:
@@ -180,20 +198,22 @@ class JournalView:
                 yield commit, tx
 
 
-def read_journal(layout: Layout, *, retry_corruption: bool = False) -> JournalView:
+def read_journal(
+    layout: Layout, *, retry_corruption: bool = False, fs: OsFileSystem | None = None
+) -> JournalView:
     """Scan the journal as recovery does (``recover_scan``), without changing it. Raises
     CorruptionError; with ``retry_corruption`` (the store is in use) only if it persists."""
-    fs = OsFileSystem()
     last: CorruptionError | None = None
-    for _ in range(SCAN_ATTEMPTS):
-        try:
-            return _read_journal_once(fs, layout)
-        except FileNotFoundError:
-            continue  # a checkpoint dropped a segment between the listing and the read
-        except CorruptionError as exc:
-            if not retry_corruption:
-                raise
-            last = exc
+    with reading(layout, fs) as fs:
+        for _ in range(SCAN_ATTEMPTS):
+            try:
+                return _read_journal_once(fs, layout)
+            except FileNotFoundError:
+                continue  # a checkpoint dropped a segment between the listing and the read
+            except CorruptionError as exc:
+                if not retry_corruption:
+                    raise
+                last = exc
     if last is not None:
         raise last
     raise StoreError(f"the journal of {layout.root} kept changing while it was read")
@@ -214,7 +234,10 @@ def _read_journal_once(fs: OsFileSystem, layout: Layout) -> JournalView:
             except TornSegment:
                 half.append(name)
         else:
-            sizes.append((name, os.stat(path).st_size))
+            st = fs.lstat(path)
+            if st is None:
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+            sizes.append((name, st.size))
     sizes.reverse()
     check_reaches(live, [lsn for lsn, n in segs if n in half])
     return JournalView(sizes, live, half)
@@ -253,10 +276,10 @@ class Space:
         }
 
 
-def space(layout: Layout, live: SegmentScan | None) -> Space:
-    fs = OsFileSystem()
-    free, total = fs.free_space(layout.meta)
-    st = fs.lstat(os.path.join(layout.journal_dir, SPARE))
+def space(layout: Layout, live: SegmentScan | None, fs: OsFileSystem | None = None) -> Space:
+    with reading(layout, fs) as fs:
+        free, total = fs.free_space(layout.meta)
+        st = fs.lstat(os.path.join(layout.journal_dir, SPARE))
     spare = st.size if st is not None and st.kind == "file" else 0
     room = max(0, live.header.size - live.valid_end) if live is not None else 0
     return Space(free, total, reserve_for(total), spare, room)
@@ -280,9 +303,12 @@ def space_notes(s: Space) -> list[str]:
     return notes
 
 
-def read_segment(layout: Layout, name: str) -> tuple[bytes, SegmentScan]:
+def read_segment(
+    layout: Layout, name: str, fs: OsFileSystem | None = None
+) -> tuple[bytes, SegmentScan]:
     """Read and scan one segment by name (FileNotFoundError if a checkpoint dropped it)."""
-    data = OsFileSystem().read_file(os.path.join(layout.journal_dir, name))
+    with reading(layout, fs) as fs:
+        data = fs.read_file(os.path.join(layout.journal_dir, name))
     return data, scan_segment(name, data)
 
 
@@ -300,14 +326,19 @@ class StagingView:
     bytes: int = 0
 
 
-def read_staging(layout: Layout) -> StagingView:
+def read_staging(layout: Layout, fs: OsFileSystem | None = None) -> StagingView:
+    with reading(layout, fs) as fs:
+        return _read_staging(fs, layout)
+
+
+def _read_staging(fs: OsFileSystem, layout: Layout) -> StagingView:
     view = StagingView()
     try:
-        names = sorted(os.listdir(layout.staging_dir))
+        names = sorted(fs.listdir(layout.staging_dir))
     except FileNotFoundError:
         return view
     for name in names:
-        files, size, entries = _tree_size(os.path.join(layout.staging_dir, name))
+        files, size, entries = _tree_size(fs, os.path.join(layout.staging_dir, name))
         if entries == 0:
             continue  # removed meanwhile
         view.entries += entries
@@ -319,22 +350,21 @@ def read_staging(layout: Layout) -> StagingView:
     return view
 
 
-def _tree_size(path: str) -> tuple[int, int, int]:
+def _tree_size(fs: OsFileSystem, path: str) -> tuple[int, int, int]:
     """(files, bytes, entries) under ``path``, tolerating entries that vanish meanwhile.
     Iterative, so a tree of any depth is counted."""
     files = size = entries = 0
     stack = [path]
     while stack:
         p = stack.pop()
-        try:
-            st = os.lstat(p)
-        except (FileNotFoundError, NotADirectoryError):
+        st = fs.lstat(p)
+        if st is None:
             continue
-        if not stat.S_ISDIR(st.st_mode):
-            files, size, entries = files + 1, size + st.st_size, entries + 1
+        if st.kind != "dir":
+            files, size, entries = files + 1, size + st.size, entries + 1
             continue
         try:
-            children = os.listdir(p)
+            children = fs.listdir(p)
         except (FileNotFoundError, NotADirectoryError):
             continue
         entries += 1
@@ -346,9 +376,14 @@ def _tree_size(path: str) -> tuple[int, int, int]:
 
 
 def info(layout: Layout) -> dict[str, Any]:
-    lock = probe_lock(layout)
-    journal = read_journal(layout, retry_corruption=lock.held)
-    staging = read_staging(layout)
+    with reading(layout) as fs:
+        return _info(fs, layout)
+
+
+def _info(fs: OsFileSystem, layout: Layout) -> dict[str, Any]:
+    lock = probe_lock(layout, fs)
+    journal = read_journal(layout, retry_corruption=lock.held, fs=fs)
+    staging = read_staging(layout, fs)
     live = journal.live
     pending = [tx.txid for _, tx in journal.transactions()]
     return {
@@ -367,7 +402,7 @@ def info(layout: Layout) -> dict[str, Any]:
         "staged_bytes": staging.bytes,
         "staging_transactions": len(staging.txids),
         "staging_other_entries": len(staging.other),
-        "space": space(layout, live).as_json(),
+        "space": space(layout, live, fs).as_json(),
     }
 
 
@@ -556,15 +591,22 @@ def crc_recorded(op: fmt.PutStaged) -> bool:
     return op.staged.rpartition("/")[2].isdigit()
 
 
-def file_crc(path: str, advance: Callable[[int], None] | None = None) -> tuple[int, int]:
-    """(size, crc32) of a file, read in 1 MiB chunks."""
+def file_crc(
+    path: str, advance: Callable[[int], None] | None = None, fs: OsFileSystem | None = None
+) -> tuple[int, int]:
+    """(size, crc32) of a regular file, read in 1 MiB chunks (through ``fs``: under a
+    confined root, not through a symlink; anything but a regular file raises at once)."""
+    fs = fs or OsFileSystem()
     crc = size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+    fd = fs.open_regular(path)
+    try:
+        while chunk := fs.pread(fd, CHUNK, size):
             crc = zlib.crc32(chunk, crc)
             size += len(chunk)
             if advance is not None:
                 advance(len(chunk))
+    finally:
+        fs.close(fd)
     return size, crc
 
 
@@ -608,20 +650,24 @@ VERIFY_ATTEMPTS = 10
 def verify(layout: Layout, progress: Progress | None = None) -> VerifyResult:
     """Check the journal, the staged values it names, and every path it touches, against
     each other; read-only. See the module docstring for how a store in use is handled."""
-    progress = progress or NoProgress()
-    lock = probe_lock(layout)
+    with reading(layout) as fs:
+        return _verify(fs, layout, progress or NoProgress())
+
+
+def _verify(fs: OsFileSystem, layout: Layout, progress: Progress) -> VerifyResult:
+    lock = probe_lock(layout, fs)
     result = VerifyResult(layout.root, lock.holder)
     for attempt in range(1, VERIFY_ATTEMPTS + 1):
         result = VerifyResult(layout.root, lock.holder, attempts=attempt)
         try:
-            before = read_journal(layout, retry_corruption=lock.held)
+            before = read_journal(layout, retry_corruption=lock.held, fs=fs)
         except CorruptionError as exc:
             result.problems.append(Problem("journal", "journal", str(exc)))
             return result
         if before.live is None:
             result.notes.append("the journal has no segment yet: the store was never opened")
             return result
-        result.notes += space_notes(space(layout, before.live))
+        result.notes += space_notes(space(layout, before.live, fs))
         result.checkpoint_lsn = before.live.checkpoint.lsn
         result.transactions = sum(1 for _ in before.transactions())
         if before.half_created:
@@ -638,12 +684,12 @@ def verify(layout: Layout, progress: Progress | None = None) -> VerifyResult:
                     else "a torn write, discarded by the next open"
                 )
             )
-        staged_problems = _check_staged(layout, before, result, progress)
-        file_problems = _check_paths(layout, before, result, progress, lock.held)
-        lock = probe_lock(layout)
+        staged_problems = _check_staged(fs, layout, before, result, progress)
+        file_problems = _check_paths(fs, layout, before, result, progress, lock.held)
+        lock = probe_lock(layout, fs)
         result.in_use_by = lock.holder
         try:
-            after = read_journal(layout, retry_corruption=lock.held)
+            after = read_journal(layout, retry_corruption=lock.held, fs=fs)
         except CorruptionError as exc:
             result.problems.append(Problem("journal", "journal", str(exc)))
             return result
@@ -685,7 +731,11 @@ def _touches(path: str, moving: set[str]) -> bool:
 
 
 def _check_staged(
-    layout: Layout, journal: JournalView, result: VerifyResult, progress: Progress
+    fs: OsFileSystem,
+    layout: Layout,
+    journal: JournalView,
+    result: VerifyResult,
+    progress: Progress,
 ) -> list[Problem]:
     problems: list[Problem] = []
     names = staged_names(journal)
@@ -696,9 +746,12 @@ def _check_staged(
         where = f"{RESERVED}/staging/{name}"
         try:
             if crc_recorded(op):
-                size, crc = file_crc(path, advance)
+                size, crc = file_crc(path, advance, fs)
             else:
-                size, crc = os.lstat(path).st_size, op.crc
+                st = fs.lstat(path)
+                if st is None:
+                    raise FileNotFoundError(errno.ENOENT, "No such file", path)
+                size, crc = st.size, op.crc
         except FileNotFoundError:
             problems.append(
                 Problem("staged", where, f"missing (value of {op.path!r}, transaction {txid})")
@@ -724,17 +777,22 @@ def _check_staged(
 
 
 def _check_paths(
-    layout: Layout, journal: JournalView, result: VerifyResult, progress: Progress, in_use: bool
+    fs: OsFileSystem,
+    layout: Layout,
+    journal: JournalView,
+    result: VerifyResult,
+    progress: Progress,
+    in_use: bool,
 ) -> list[Problem]:
     files, trees = expected_state(journal)
     problems: list[Problem] = []
     advance = progress.task("files", len(files) + len(trees))
     hint = "" if in_use else "; if the writer crashed, `walstore recover` redoes it"
-    links = _Symlinks(layout.root)
+    links = _Symlinks(fs, layout.root)
     for path, exp in sorted(files.items()):
         advance(1)
         result.paths_checked += 1
-        detail = links.on_the_way(path) or _check_file(layout, path, exp)
+        detail = links.on_the_way(path) or _check_file(fs, layout, path, exp)
         if detail:
             problems.append(Problem("file", path, f"{detail} (transaction {exp.txid}{hint})"))
     for path, (txid, exists) in sorted(trees.items()):
@@ -745,16 +803,21 @@ def _check_paths(
         if detail:
             problems.append(Problem("dir", path, f"{detail} (transaction {txid})"))
             continue
+        try:
+            st = fs.lstat(full)
+        except OSError as exc:  # a directory on the way became a symlink meanwhile
+            problems.append(Problem("dir", path, f"unreadable: {exc.strerror}"))
+            continue
         if not exists:
-            if os.path.lexists(full):
+            if st is not None:
                 problems.append(
                     Problem("dir", path, f"exists, but was deleted (transaction {txid}{hint})")
                 )
             continue
-        if not os.path.isdir(full) or os.path.islink(full):
+        if st is None or st.kind != "dir":
             problems.append(Problem("dir", path, f"missing (transaction {txid}{hint})"))
             continue
-        for rel in _files_under(full):
+        for rel in _files_under(fs, full):
             p = f"{path}/{rel}"
             if p not in files or files[p].op is None:
                 problems.append(
@@ -771,7 +834,8 @@ class _Symlinks:
     """Which directories on the way to a store path are symlinks (looked up once each):
     walstore never follows one, so what lies behind it is not the store's."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, fs: OsFileSystem, root: str) -> None:
+        self.fs = fs
         self.root = root
         self._kinds: dict[str, bool] = {}
 
@@ -779,7 +843,13 @@ class _Symlinks:
         for anc in parents(path):
             link = self._kinds.get(anc)
             if link is None:
-                link = os.path.islink(os.path.join(self.root, anc))
+                try:
+                    st = self.fs.lstat(os.path.join(self.root, anc))
+                    link = st is not None and st.kind == "symlink"
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    link = True  # one above became a symlink since it was looked at
                 self._kinds[anc] = link
             if link:
                 return (
@@ -789,22 +859,24 @@ class _Symlinks:
         return None
 
 
-def _check_file(layout: Layout, path: str, exp: _Expect) -> str | None:
+def _check_file(fs: OsFileSystem, layout: Layout, path: str, exp: _Expect) -> str | None:
     full = os.path.join(layout.root, path)
     try:
-        st = os.lstat(full)
-    except (FileNotFoundError, NotADirectoryError):
+        st = lstat_result(fs, full)
+    except OSError as exc:  # a directory on the way became a symlink meanwhile
+        return f"unreadable: {exc.strerror}"
+    if st is None:
         return None if exp.op is None else "missing"
     if exp.op is None:
         return "exists, but was deleted"
-    if not os.path.isfile(full) or os.path.islink(full):
+    if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
     op = exp.op
     want = len(op.data) if isinstance(op, fmt.Put) else op.size
     if isinstance(op, fmt.PutStaged):
         try:
-            staged = os.lstat(os.path.join(layout.staging_dir, op.staged))
-        except FileNotFoundError:
+            staged = lstat_result(fs, os.path.join(layout.staging_dir, op.staged))
+        except OSError:
             staged = None
         if staged is not None and (staged.st_ino, staged.st_dev) == (st.st_ino, st.st_dev):
             return None  # the very file the commit staged (its content is checked above)
@@ -813,7 +885,7 @@ def _check_file(layout: Layout, path: str, exp: _Expect) -> str | None:
     if st.st_size != want:
         return f"{st.st_size} bytes, committed {want}"
     try:
-        size, crc = file_crc(full)
+        size, crc = file_crc(full, fs=fs)
     except OSError as exc:
         return f"unreadable: {exc.strerror}"
     expect = zlib.crc32(op.data) if isinstance(op, fmt.Put) else op.crc
@@ -822,25 +894,40 @@ def _check_file(layout: Layout, path: str, exp: _Expect) -> str | None:
     return None
 
 
-def _files_under(path: str) -> Iterator[str]:
+def _files_under(fs: OsFileSystem, path: str) -> Iterator[str]:
     """Files (and other non-directories) below ``path``, as relative paths, in name order.
     Iterative, so a tree of any depth is listed."""
-    stack: list[tuple[str, Iterator[str]]] = [("", iter(_sorted_names(path)))]
+    stack: list[tuple[str, Iterator[str]]] = [("", iter(_sorted_names(fs, path)))]
     while stack:
         rel, names = stack[-1]
         for n in names:
             r = f"{rel}/{n}" if rel else n
             full = os.path.join(path, r)
-            if os.path.isdir(full) and not os.path.islink(full):
-                stack.append((r, iter(_sorted_names(full))))
+            st = _lstat_or_none(fs, full)
+            if st is not None and st.kind == "dir":
+                stack.append((r, iter(_sorted_names(fs, full))))
                 break
             yield r
         else:
             stack.pop()
 
 
-def _sorted_names(path: str) -> list[str]:
+def _sorted_names(fs: OsFileSystem, path: str) -> list[str]:
     try:
-        return sorted(os.listdir(path))
+        return sorted(fs.listdir(path))
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        return []  # became a symlink meanwhile: never followed
+
+
+def _lstat_or_none(fs: OsFileSystem, path: str) -> FileStat | None:
+    """``fs.lstat``; None also where a directory on the way became a symlink meanwhile."""
+    try:
+        return fs.lstat(path)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        return None

@@ -648,37 +648,30 @@ class Transaction:
         if kind is None:
             raise self._missing(FileNotFoundError(2, "No such file or directory", p))
         prefix = p + "/" if p else ""
-        # The newest directory op at or above p decides the starting point.
+        # The newest directory op at or above p decides the starting point; the ops below p
+        # made after it (found in the index, not among all the transaction's ops) add to it.
         names: set[str] = set()
-        start = 0
-        keys = list(self._ops)
-        base: PendingReplace | None = None
-        for idx in range(len(keys) - 1, -1, -1):
-            k, op = keys[idx], self._ops[keys[idx]]
-            if isinstance(op, fmt.DeleteDir | PendingReplace) and (
-                k == p or prefix.startswith(k + "/")
-            ):
-                start = idx + 1
-                base = op if isinstance(op, PendingReplace) else None
-                if base is not None:
-                    rel = p[len(k) + 1 :] if k != p else ""
-                    sub = rel + "/" if rel else ""
-                    names |= {
-                        e.path[len(sub) :].split("/")[0]
-                        for e in base.entries
-                        if e.path.startswith(sub)
-                    }
-                    if base.keep is not None:
-                        await self._note(self._subtrees, base.path, listing_key(base.path))
-                        on_disk = await self._disk_names(p)
-                        names |= {n for n in on_disk if rel or self._keeps(base, n)}
-                break
-        else:
+        seq, start, top = self._seq, -1, ""
+        for k in (*parents(p), p) if p else ():
+            if isinstance(self._ops.get(k), fmt.DeleteDir | PendingReplace) and seq[k] > start:
+                start, top = seq[k], k
+        base = self._ops.get(top) if top else None
+        if base is None:
             await self._note(self._listed, p, listing_key(p))
             names = set(await self._disk_names(p))
-        for k in keys[start:]:
-            if not k.startswith(prefix):
-                continue
+        elif isinstance(base, PendingReplace):
+            rel = p[len(top) + 1 :] if top != p else ""
+            sub = rel + "/" if rel else ""
+            names |= {
+                e.path[len(sub) :].split("/")[0] for e in base.entries if e.path.startswith(sub)
+            }
+            if base.keep is not None:
+                await self._note(self._subtrees, base.path, listing_key(base.path))
+                on_disk = await self._disk_names(p)
+                names |= {n for n in on_disk if rel or self._keeps(base, n)}
+        self._build_index()
+        below = self._below.get(p, ()) if p else self._ops
+        for k in sorted((k for k in below if seq[k] > start), key=seq.__getitem__):
             op = self._ops[k]
             name, sep, _ = k[len(prefix) :].partition("/")
             if sep or not isinstance(op, fmt.Delete | fmt.DeleteDir):

@@ -17,7 +17,7 @@ from ._conflicts import ConflictIndex, GroupEffects
 from ._errors import InvalidPathError
 from ._fs import FileSystem
 from ._limits import PathLimits
-from ._paths import parent, parents
+from ._paths import PathDict, parent, parents
 from ._prepared import Move, PendingReplace, PreparedTx, TxOp, conflict_error
 from ._reads import ReadSide
 
@@ -26,7 +26,7 @@ from ._reads import ReadSide
 class Overlay:
     """Paths as a group's validated transactions leave them, before they are applied."""
 
-    kinds: dict[str, str | None] = field(default_factory=dict)  # path -> "file"/"dir"/None
+    kinds: PathDict = field(default_factory=PathDict)  # path -> "file"/"dir"/None
     cleared: set[str] = field(default_factory=set)  # directories deleted or replaced
 
 
@@ -165,7 +165,7 @@ class Validator(ReadSide):
             if (kind is None) != isinstance(op, fmt.DeleteDir):
                 listing.add(parent(op.path))
             local.cleared.add(op.path)
-            local.kinds = {k: v for k, v in local.kinds.items() if not k.startswith(op.path + "/")}
+            local.kinds.drop_under(op.path)
             if isinstance(op, fmt.DeleteDir):
                 local.kinds[op.path] = None
             else:

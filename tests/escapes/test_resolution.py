@@ -21,7 +21,8 @@ import pytest
 
 import walstore
 from walstore import InvalidPathError
-from walstore._fs import FileSystem, NotRegularFileError, _openat2
+from walstore._fs import _HELD_MAX, _KEPT_MAX, FileSystem, NotRegularFileError, _openat2
+from walstore._inspect import Layout, verify
 from walstore.testing import MemoryFileSystem
 
 KINDS = [
@@ -267,3 +268,133 @@ def test_a_held_directory_is_dropped_when_renamed_or_removed(
         assert sorted(os.listdir(f"{root}/p/d")) == ["y"]
     finally:
         fs.release(root)
+
+
+def confined(tmp_path: Path, resolver: str, *dirs: str) -> tuple[walstore.OsFileSystem, str]:
+    if resolver == "openat2" and _openat2 is None:
+        pytest.skip("no openat2 (Linux 5.6+)")
+    fs = walstore.OsFileSystem()
+    fs.use_openat2 = resolver == "openat2"
+    root = str(tmp_path / "r")
+    for d in dirs:
+        os.makedirs(f"{root}/{d}")
+    fs.confine(root)
+    return fs, root
+
+
+@pytest.mark.parametrize("resolver", ["openat2", "walk"])
+@pytest.mark.parametrize("how", ["directory", "parent", "symlink", "parent-symlink"])
+def test_a_kept_directory_is_checked_before_use(tmp_path: Path, resolver: str, how: str) -> None:
+    """Directory descriptors outlive a ``hold()`` block (one commit group) for the next one,
+    which uses each only if it still is that directory beneath the root: ``p/d`` (or ``p``)
+    replaced between two blocks by another directory, or by a symlink to one outside, and
+    the second block's file lands in what the path is now, or is refused (ELOOP): never in
+    the directory that moved away, never outside."""
+    fs, root = confined(tmp_path, resolver, "p/d")
+    outside = tmp_path / "outside"
+    (outside / "d").mkdir(parents=True)
+    try:
+        with fs.hold():
+            fs.close(fs.open(f"{root}/p/d/x", create=True))  # p and p/d now kept
+        moved = {"directory": "p/d", "parent": "p", "symlink": "p/d", "parent-symlink": "p"}
+        os.rename(f"{root}/{moved[how]}", f"{root}/gone")
+        if how.endswith("symlink"):
+            os.symlink(
+                outside if how == "parent-symlink" else outside / "d", f"{root}/{moved[how]}"
+            )
+            with fs.hold():
+                eloop(lambda: fs.open(f"{root}/p/d/y", create=True))
+                eloop(fs.lstat, f"{root}/p/d/x")
+        else:
+            os.makedirs(f"{root}/p/d", exist_ok=True)
+            with fs.hold():
+                fs.close(fs.open(f"{root}/p/d/y", create=True))
+            assert sorted(os.listdir(f"{root}/p/d")) == ["y"]
+        gone = f"{root}/gone" if how in ("directory", "symlink") else f"{root}/gone/d"
+        assert sorted(os.listdir(gone)) == ["x"]
+        assert os.listdir(outside / "d") == []
+    finally:
+        fs.release(root)
+
+
+@pytest.mark.parametrize("resolver", ["openat2", "walk"])
+def test_a_rename_across_more_directories_than_one_block_holds(
+    tmp_path: Path, resolver: str
+) -> None:
+    """A block holds at most so many directories; making room for a rename's target never
+    closes its source's directory (whose descriptor number the target's would then take,
+    renaming within the target's directory instead)."""
+    last = _HELD_MAX  # d0 to d{last - 1} held, d0 the first
+    fs, root = confined(tmp_path, resolver, *(f"d{i}" for i in range(last + 1)))
+    try:
+        for i in range(last + 1):
+            Path(f"{root}/d{i}/f").write_bytes(b"%d" % i)
+        with fs.hold():
+            for i in range(last):
+                assert fs.lstat(f"{root}/d{i}/f") is not None
+            fs.rename(f"{root}/d0/f", f"{root}/d{last}/g")
+        assert os.listdir(f"{root}/d0") == []
+        assert sorted(os.listdir(f"{root}/d{last}")) == ["f", "g"]
+        assert Path(f"{root}/d{last}/g").read_bytes() == b"0"
+    finally:
+        fs.release(root)
+
+
+@pytest.mark.parametrize("resolver", ["openat2", "walk"])
+def test_descriptors_held_and_kept_are_bounded(tmp_path: Path, resolver: str) -> None:
+    """A block that writes into far more directories than it holds passes the oldest on to
+    be kept, and the root keeps a bounded number; release closes them all."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd")
+    before = len(os.listdir("/proc/self/fd"))
+    fs, root = confined(tmp_path, resolver, "src")
+    try:
+        most = 0
+        for block in range(3):
+            with fs.hold():
+                for i in range(300):
+                    d = f"{root}/d{i}/e"
+                    if block == 0:
+                        fs.mkdir(f"{root}/d{i}")
+                        fs.mkdir(d)
+                    fs.close(fs.open(f"{root}/src/f", create=True))
+                    fs.rename(f"{root}/src/f", f"{d}/g{block}")  # d: only ever a 2nd path
+                    most = max(most, len(os.listdir("/proc/self/fd")))
+        assert most <= before + 1 + _HELD_MAX + 2 + _KEPT_MAX, (most, before)
+        assert sorted(os.listdir(f"{root}/d299/e")) == ["g0", "g1", "g2"]
+    finally:
+        fs.release(root)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("swap", ["symlink", "fifo"])
+async def test_verify_reads_nothing_through_a_symlink_or_from_a_fifo(
+    tmp_path: Path, swap: str
+) -> None:
+    """``walstore verify`` reads the store as the store does: a staged value's directory
+    moved out of the root and replaced by a symlink to it is not read through (a path-string
+    read found the very bytes there and called the store sound), and a FIFO in a staged
+    value's place is refused at once instead of blocking the read."""
+    root, outside = tmp_path / "s", tmp_path / "outside"
+    outside.mkdir()
+    async with walstore.open(root) as store:
+        await store.write("a/big", os.urandom(300_000))
+        staging = root / ".walstore" / "staging"
+        (txid,) = os.listdir(staging)
+        if swap == "symlink":
+            os.rename(staging / txid, outside / txid)
+            os.symlink(outside / txid, staging / txid)
+        else:
+            (value,) = os.listdir(staging / txid)
+            os.unlink(staging / txid / value)
+            os.mkfifo(staging / txid / value)
+        result = await anyio.to_thread.run_sync(verify, Layout.of(str(root)))
+        assert [p.kind for p in result.problems] == ["staged"], result.problems
+        assert "unreadable" in result.problems[0].detail
+        if swap == "symlink":
+            assert "symlink" in result.problems[0].detail
+            os.unlink(staging / txid)
+            os.rename(outside / txid, staging / txid)
+        else:
+            os.unlink(staging / txid / value)
