@@ -69,6 +69,9 @@ class CommitLog(Protocol):
 
     def sync(self) -> None: ...
 
+    def unappend(self) -> None:
+        """After a failed ``sync``: erase what was appended since the last good one."""
+
     def checkpoint(self, next_txid: int) -> int: ...
 
     def close(self) -> None: ...
@@ -97,6 +100,7 @@ class JournalLog:
         self._writer: JournalWriter | None = None
         self._found: SegmentScan | None = None  # open: the live segment, until resumed
         self._head = 0
+        self._synced_head = self._head  # the head as of the last good sync
         self._checkpoint_lsn = 0
         self._start = 0  # offset of the live segment's first COMMIT
         self._bytes_written = 0  # by the segments closed so far
@@ -121,7 +125,7 @@ class JournalLog:
         live = _find_live(fs, journal_dir, segs)
         log._found = live
         if live is not None:
-            log._head = live.next_lsn - 1
+            log._head = log._synced_head = live.next_lsn - 1
             log._checkpoint_lsn = live.checkpoint.lsn
             log._known = live.commits
         # Retired by the first checkpoint: the live segment first (it becomes the spare if
@@ -207,6 +211,7 @@ class JournalLog:
             self.fs, path, fd, scan, offset=offset, next_lsn=next_lsn
         )
         self._head = next_lsn - 1
+        self._synced_head = self._head  # the head as of the last good sync
         self._checkpoint_lsn = scan.checkpoint.lsn
         self._start = scan.checkpoint_end
         self._known = []
@@ -282,7 +287,8 @@ class JournalLog:
         if new:
             w.next_lsn = new[-1].lsn + 1
             self._head = new[-1].lsn
-        w.offset = end
+        w.offset = w.synced = end  # theirs: synced by their writer
+        self._synced_head = self._head
         self.torn_cleared = torn
         if torn:  # a record torn by a process that died mid-append
             write_all(self.fs, w.fd, bytes(torn), end)
@@ -319,6 +325,19 @@ class JournalLog:
         already dropped)."""
         assert self._writer is not None
         self._writer.sync()
+        self._synced_head = self._head
+
+    def unappend(self) -> None:
+        """After a failed ``sync``: erase what was appended since the last good one, so that
+        no process, this one included, ever applies it, and sync the erasure; the head goes
+        back. Raises OSError if that fails too (the records may then be durable or not)."""
+        w = self._writer
+        assert w is not None
+        w.unappend()
+        self._head = self._synced_head
+        w.next_lsn = self._head + 1
+        self._known = [c for c in self._known if c.lsn <= self._head]
+        w.fdatasync_at(w.offset)  # the erasure is durable: the records are gone for good
 
     def checkpoint(self, next_txid: int) -> int:
         """Checkpoint steps 2 and 3 (``new_segment``, ``drop_segments``). Requires: every
@@ -345,9 +364,13 @@ class JournalLog:
         old, self._writer = self._writer, writer
         if old is not None:
             self._bytes_written += old.bytes_written
+        if self._old is not None:  # a checkpoint failed before it dropped its old segment
+            self._stale.append((self._old.path, self._old.high))
+            self._old.close()
         self._old = old
         self._found = None
         self._head = self._checkpoint_lsn = cp.lsn
+        self._synced_head = self._head
         self._start = writer.offset
         self._known = []
         return cp.lsn

@@ -354,8 +354,8 @@ class Engine(Validator, SpaceAccount):
         with self._lock:
             shared = self.peers.sharing()
             try:
-                if shared and self.commit_log is not None:
-                    self.peers.leave()
+                if shared and self.commit_log is not None and self.failed is None:
+                    self.peers.leave()  # failed: nothing more is applied or checkpointed
                 j = self.commit_log
                 if j is not None and self.failed is None and j.head > j.checkpoint_lsn:
                     try:
@@ -563,6 +563,18 @@ class Engine(Validator, SpaceAccount):
                 self.counters.journal_syncs += 1
         except OSError as exc:
             self._fail(f"journal fdatasync failed: {exc}", exc)
+            # The record is in the page cache, maybe on disk: erase it, so that no process
+            # (other processes catching up, this one closing) applies what a power loss
+            # could still take back. If that fails too it may or may not be durable.
+            try:
+                g.log.unappend()
+                log.error("store %s: the record of the failed sync is erased", self.root)
+            except OSError as exc2:
+                log.error(
+                    "store %s: erasing the record of the failed sync failed too: %s",
+                    self.root,
+                    exc2,
+                )
             err = StoreFailedError(
                 f"commit outcome unknown: the journal sync failed ({exc}); "
                 "reopen the store to learn whether it committed"
@@ -717,6 +729,9 @@ class Engine(Validator, SpaceAccount):
         else:
             self._applier.dirty_files.clear()
             self._applier.dirty_dirs.clear()
+        # With other processes open the old segment goes at step 3, not to the spare: one of
+        # them may still read it through its handle.
+        journal.recycle = bool(self.preallocate) and (self.exclusive or self.peers.alone())
         # Step 2: checkpoint_new_segment (``JournalLog.new_segment``).
         self.peers.note_segment(journal.head + 1)  # other processes: named before it exists
         lsn = journal.new_segment(self.next_txid)

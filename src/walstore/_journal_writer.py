@@ -83,6 +83,7 @@ class JournalWriter:
         self.fd = fd
         self.salt = salt
         self.offset = offset  # end of the last good record
+        self.synced = offset  # end of the records a sync (this process's or theirs) covered
         self.next_lsn = next_lsn
         self.checkpoint_lsn = checkpoint_lsn  # LSN of the CHECKPOINT that opens the segment
         self.bytes_written = 0
@@ -242,7 +243,23 @@ class JournalWriter:
     def sync(self) -> None:
         """fdatasync the segment. Raises OSError; the caller must then fail the store, never
         retry (a retried fsync can report success for data the kernel already dropped)."""
+        end = self.offset
+        self.fdatasync_at(end)
+
+    def fdatasync_at(self, end: int) -> None:
         self.fs.fdatasync(self.fd)
+        self.synced = end
+
+    def unappend(self) -> None:
+        """After a failed sync: zero the records appended since the last good one, as they
+        were preallocated (in the page cache, which every process reads: none takes them for
+        committed). Raises OSError, the records left as they were, if that fails."""
+        end, self.offset = self.offset, self.synced
+        try:
+            self._cut_back(end)
+        except BaseException:
+            self.offset = end
+            raise
 
     def close(self) -> None:
         self.fs.close(self.fd)

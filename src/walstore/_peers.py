@@ -124,7 +124,7 @@ class Peers:
         try:
             fd = self.fs.lock(self.lock_path)
         finally:
-            self.fs.unlock(gate)
+            self._close_lock(gate)
         if fd is None:
             return False
         self._xlock_fd = fd
@@ -137,11 +137,11 @@ class Peers:
             fd = self.fs.lock(self.lock_path, wait=True)
         finally:
             if gate is not None:
-                self.fs.unlock(gate)
+                self._close_lock(gate)
         assert fd is not None
         with self._xmutex:
             if ticket.abandoned:
-                self.fs.unlock(fd)
+                self._close_lock(fd)
                 return
             ticket.fd = self._xlock_fd = fd
 
@@ -151,13 +151,22 @@ class Peers:
             ticket.abandoned = True
             if ticket.fd is not None and self._xlock_fd == ticket.fd:
                 self._xlock_fd = None
-                self.fs.unlock(ticket.fd)
+                self._close_lock(ticket.fd)
 
     def xlock_release(self) -> None:
         """Release the commit lock if held (on the event loop, or in the closing thread)."""
         fd, self._xlock_fd = self._xlock_fd, None
         if fd is not None:
+            self._close_lock(fd)
+
+    def _close_lock(self, fd: int) -> None:
+        """Release a lock of GATE or LOCK. An error closing its descriptor is logged, never
+        raised: close(2) frees the descriptor, and so the lock, even when it fails, and a
+        raise here would lose track of a lock taken just before."""
+        try:
             self.fs.unlock(fd)
+        except OSError as exc:
+            log.warning("closing a lock's descriptor failed: %s", exc)
 
     def assert_xlock(self) -> None:
         assert self.host.exclusive or self._xlock_fd is not None, "REQUIRES: commit lock held"
@@ -198,6 +207,16 @@ class Peers:
 
     # -- slots -----------------------------------------------------------------------------
 
+    def alone(self) -> bool:
+        """Whether no other process has the store open (False if that cannot be told).
+        REQUIRES: commit lock held (no other process can open it meanwhile)."""
+        mine = os.path.basename(self._slot_path)
+        try:
+            return self.live_slots() <= ({int(mine)} if mine.isdigit() else set())
+        except OSError as exc:  # not knowing is not being alone: the old segment just goes
+            log.warning("could not tell which processes have the store open: %s", exc)
+            return False
+
     def live_slots(self) -> set[int]:
         """Slots of the processes that have the store open (shared), from the files of
         ``procs/`` whose lock is held. REQUIRES: commit lock held (or the LOCK, exclusive)."""
@@ -212,7 +231,7 @@ class Peers:
             if fd is None:
                 alive.add(int(name))
             else:
-                fs.unlock(fd)
+                self._close_lock(fd)
         return alive
 
     def _drop_dead_slots(self, alive: set[int]) -> None:
@@ -361,7 +380,8 @@ class Peers:
     def leave(self) -> None:
         """At close, before the last checkpoint: take the commit lock and catch up. REQUIRES:
         ``sharing()``, no group runs (the engine's lock held)."""
-        self.xlock_acquire(LockTicket())
+        if self._xlock_fd is None:  # (held already if a failure left it so)
+            self.xlock_acquire(LockTicket())
         self.catch_up()
 
     def close(self, shared: bool) -> None:
@@ -371,7 +391,7 @@ class Peers:
             if shared:
                 with suppress(FileNotFoundError):
                     self.fs.unlink(self._slot_path)
-            self.fs.unlock(self._slot_fd)
+            self._close_lock(self._slot_fd)
             self._slot_fd = None
         if self.shared is not None:
             self.shared.close()

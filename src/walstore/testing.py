@@ -589,12 +589,14 @@ class MemoryFileSystem:
 
     def unlock(self, fd: int) -> None:
         with self._lock:
-            self._call("unlock", self._fd_path(fd))
-            ino = self._fds.pop(fd, None)
-            self._fd_names.pop(fd, None)
-            if ino is not None and self._locks.get(ino) == fd:
-                del self._locks[ino]
-                self._unlocked.notify_all()
+            try:
+                self._call("unlock", self._fd_path(fd))
+            finally:  # close(2) frees the descriptor, and so the flock, even when it fails
+                ino = self._fds.pop(fd, None)
+                self._fd_names.pop(fd, None)
+                if ino is not None and self._locks.get(ino) == fd:
+                    del self._locks[ino]
+                    self._unlocked.notify_all()
 
     def map_file(self, fd: int, size: int) -> _MemoryMap:
         with self._lock:
@@ -716,8 +718,10 @@ class _MemoryMap:
         self._fs, self._ino, self._size = fs, ino, size
 
     def read(self) -> bytes:
-        with self._fs._lock:
-            return bytes(self._fs._inodes[self._ino].data[: self._size])
+        # Without the file system's lock, as a real mapping is read with no system call: a
+        # call blocked by a fault hook holds that lock, and the event loop reads the header.
+        # One slice under the GIL, so a read is never torn here.
+        return bytes(self._fs._inodes[self._ino].data[: self._size])
 
     def close(self) -> None:
         pass

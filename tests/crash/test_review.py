@@ -109,9 +109,29 @@ def test_io_error_at_every_call_of_commit_and_checkpoint(err: int) -> None:
         fs.fault = lambda i, n, p, k=k: OSError(err, "injected") if i == k else None
         tx, exc = attempt(store, TX)
         _, name, path = t.trace[k - start]
+        # Closing a lock's descriptor (GATE or LOCK, per commit) or the checkpoint's look at
+        # which processes have the store open may fail and change nothing (logged).
+        tolerated = path.startswith(ROOT + "/.walstore/") and (
+            name == "unlock"
+            or (name in ("lstat", "listdir", "lock") and path.startswith(ROOT + "/.walstore/procs"))
+        )
+        if tolerated:
+            assert exc is None, (k, exc)
+            assert tx.state is walstore.TxState.COMMITTED, k
+            fs.fault = None
+            anyio.run(store.checkpoint)
+            anyio.run(run_tx, store, [("probe", b"p")])
+            anyio.run(store.aclose)
+            verdicts |= {"tolerated"}
+            fs.reboot(power_loss=random.Random(k))
+            what = f"errno {err} at call {k} ({t.trace[k - start][1:]})"
+            found = reopen(fs, [applied(after, [("probe", b"p")])], what, close=False)
+            survives_power_cut(fs, found, what, seeds=1)
+            continue
         # No space for the checkpoint's own files (not a sync): postponed, not a failure.
         postponed = k >= tx_end and (
             name == "free_space"  # the checkpoint's last look at space: it may fail
+            or (name == "lock" and path.startswith(ROOT + "/.walstore/"))  # it did nothing
             or (
                 err == errno.ENOSPC
                 and name not in ("fsync", "fdatasync", "fsync_dir", "syncfs")
@@ -125,7 +145,7 @@ def test_io_error_at_every_call_of_commit_and_checkpoint(err: int) -> None:
             try:
                 anyio.run(store.checkpoint)
             except OSError as cp_exc:
-                assert cp_exc.errno == errno.ENOSPC == err, cp_exc
+                assert cp_exc.errno == err and (err == errno.ENOSPC or name == "lock"), cp_exc
         else:
             assert exc is None, (k, exc)
             with pytest.raises(walstore.StoreFailedError):
@@ -164,7 +184,7 @@ def test_io_error_at_every_call_of_commit_and_checkpoint(err: int) -> None:
         fs.reboot(power_loss=random.Random(k))
         found = reopen(fs, allowed, what, close=False)
         survives_power_cut(fs, found, what, seeds=1)
-    want = {"usable", "failed", "failed before the commit point"}
+    want = {"usable", "failed", "failed before the commit point", "tolerated"}
     assert verdicts == want | {"checkpoint postponed"}
 
 
@@ -197,8 +217,11 @@ def test_io_error_at_every_call_of_recovery(err: int) -> None:
             fs = base.clone()
             fs.fault = lambda i, n, p, k=k: OSError(err, "injected") if i == k else None
             what = f"errno {err} at recovery call {k} {t.trace[k][1:]} power={power}"
-            with pytest.raises(OSError):
-                open_store(fs, FULL)
+            if t.trace[k][1] == "unlock" and "/.walstore/" in t.trace[k][2]:
+                anyio.run(open_store(fs, FULL).aclose)  # a lock's close: tolerated, logged
+            else:
+                with pytest.raises(OSError):
+                    open_store(fs, FULL)
             fs.fault = None
             fs.reboot(power_loss=random.Random(k) if power else None)
             reopen(fs, [after], what, close=False)

@@ -114,7 +114,37 @@ def test_failed_journal_sync_fails_the_store_with_outcome_unknown() -> None:
     assert fs.calls["fdatasync"] == syncs  # never retried
     assert anyio.run(store.read, "a") == b"old"  # reads still work
     anyio.run(store.aclose)
-    # A process restart: the record reached the page cache, so it rolls forward.
+    # A process restart: the record reached the page cache, but the store erased it (and
+    # synced the erasure) when the sync failed, so it is not there to roll forward.
+    fs.reboot()
+    store = open_store(fs, FULL)
+    assert tx.txid not in store.recovery.rolled_forward
+    assert user_files(fs) == {"a": b"old"}
+    anyio.run(store.aclose)
+
+
+def test_a_failed_sync_whose_record_cannot_be_erased_stays_unknown() -> None:
+    """If erasing the record fails too (its zeros cannot be written), the record stays where
+    every process reads it: a restart rolls it forward. Outcome unknown meant just that."""
+    fs = MemoryFileSystem()
+    store = _store_with(fs, {"a": b"old"})
+    failed: list[str] = []
+
+    def hook(index: int, call: str, path: str) -> BaseException | None:
+        if ".wal" in path and (
+            (call == "fdatasync" and not failed) or (call == "pwrite" and failed)
+        ):
+            failed.append(call)
+            return _eio()
+        return None
+
+    fs.fault = hook
+    tx = store.transaction()
+    with pytest.raises(walstore.StoreFailedError, match="outcome unknown"):
+        anyio.run(_commit_tx, tx, {"a": b"new"})
+    assert failed[:2] == ["fdatasync", "pwrite"]
+    fs.fault = None
+    anyio.run(store.aclose)
     fs.reboot()
     store = open_store(fs, FULL)
     assert tx.txid in store.recovery.rolled_forward
