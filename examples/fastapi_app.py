@@ -4,11 +4,12 @@ The lifespan opens the store once for the app (recovering it after a crash) and 
 shutdown; every endpoint that changes several files does it in one ``store.atomic`` call, so
 concurrent requests never lose an update and a crash never leaves half a change.
 
-Run it from a clone of walstore (one worker process: a store has one writer process at a
-time)::
+Run it from a clone of walstore, with as many worker processes as you like: each worker
+opens the store itself (in the lifespan, after uvicorn started it), and their commits take
+turns under the store's commit lock::
 
     pip install -e . fastapi uvicorn
-    WALSTORE_ROOT=/tmp/app-data uvicorn examples.fastapi_app:app
+    WALSTORE_ROOT=/tmp/app-data uvicorn examples.fastapi_app:app --workers 4
     curl -X POST localhost:8000/counters/visits/increment
 """
 
@@ -97,7 +98,8 @@ def create_app(root: str | os.PathLike[str]) -> FastAPI:
 
     @app.post("/counters/{name}/increment")
     async def post_increment(name: str, request: Request) -> Any:
-        return {"value": await store_of(request).atomic(increment, name)}
+        value = await store_of(request).atomic(increment, name)
+        return {"value": value, "worker": os.getpid()}  # which worker process answered
 
     return app
 

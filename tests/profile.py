@@ -29,8 +29,11 @@ SLOW = {
     "tests/fuzz/test_reader_fuzz.py": "150,000 mutated journals and a Hypothesis search",
     "tests/fuzz/test_atheris.py": "150,000 coverage-guided inputs",
     "tests/fuzz/test_recovery_fuzz.py": "5,000 mutated journals recovered",
-    "tests/fulldisk/test_full_disk.py::test_fill_the_disk_through_the_store[xfs-4k]": (
+    "tests/fulldisk/test_full_disk.py::test_fill_the_disk_through_the_store[xfs-4k-shared]": (
         "an XFS disk filled with 4 KiB values twice (ext4's runs by default)"
+    ),
+    "tests/fulldisk/test_full_disk.py::test_fill_the_disk_through_the_store[xfs-4k-exclusive]": (
+        "the same, the store opened exclusive"
     ),
 }
 ENABLED = bool(os.environ.get("WALSTORE_SLOW") or os.environ.get("WALSTORE_SOAK"))

@@ -3,7 +3,7 @@
 A thread hop costs hundreds of microseconds, an in-memory lookup under one. The
 store knows every change made through it: the committer updates the cache after each group
 is applied, on the event-loop thread, in one synchronous step, so a reader sees either none or
-all of a group. Changes of other processes (``exclusive=False``) are dropped from it when this
+all of a group. Changes of other processes that share the store are dropped from it when this
 one catches up on them, or wholesale when a read finds it behind (``Store._see_others``).
 Only the event-loop thread touches it.
 

@@ -309,10 +309,13 @@ def cmd_recover(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
 def cmd_checkpoint(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     layout = _inspect.Layout.of(args.root)
     before = _inspect.info(layout)
-    if before["lock"]["held"]:
+    if before["lock"]["held"] and not before["lock"]["processes"]:
         raise StoreLockedError(
-            f"store {layout.root} is locked by another process (pid {before['lock']['pid']})"
+            f"store {layout.root} is locked by another process (pid {before['lock']['pid']}, "
+            "which opened it exclusive)"
         )
+    # Beside processes that share the store: it opens as one more of them, and takes the
+    # checkpoint in its turn under the commit lock.
     rec, _ = anyio.run(_open_and, layout.root, True)
     after = _inspect.info(layout)
     d = {

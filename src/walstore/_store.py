@@ -128,8 +128,10 @@ class Store:
         self._lock_timeout = lock_timeout  # for the commit lock, with other processes
         # The commit lock is held by this process while _xdepth > 0: by the leader of a
         # group, or by an atomic retry that runs under it (``atomic``); taken under _xtake.
+        # _xfree is set whenever _xdepth drops to 0.
         self._xdepth = 0
         self._xtake = anyio.Lock()
+        self._xfree = anyio.Event()
         self._recovery = report
         self._inline_threshold = inline_threshold
         self._limits = engine.limits  # names and paths this store takes (``_limits.py``)
@@ -258,18 +260,36 @@ class Store:
                 raise StoreLockedError(peers.holder_message()) from None
             raise
 
-    async def _hold_xlock(self) -> None:
-        """Hold the commit lock (re-entrant within this process). Cancellation: as
-        ``_take_xlock``."""
-        async with self._xtake:
-            if not self._xdepth:
-                await self._take_xlock()
-            self._xdepth += 1
+    async def _hold_xlock(self, *, join: bool = True) -> None:
+        """Hold the commit lock. ``join``: share it if this process holds it already (a
+        group's leader joins the atomic retry whose commit it carries). Without ``join`` (an
+        atomic retry that runs under the lock), wait until this process has let it go and
+        take it afresh, behind any other process that waits for it: retries that joined
+        each other could hold it for ever. Cancellation: as ``_take_xlock``."""
+        if not self._xtake.locked():  # the fast paths: no wait, no checkpoint
+            if join and self._xdepth:
+                self._xdepth += 1  # held here already
+                return
+            if not self._xdepth and self._engine.peers.xlock_try():
+                self._xdepth = 1  # free, and no other process waits for it
+                return
+        while True:
+            while not join and self._xdepth:
+                await self._xfree.wait()
+            async with self._xtake:
+                if self._xdepth and not join:
+                    continue  # another retry took it first: wait for it again
+                if not self._xdepth:
+                    await self._take_xlock()
+                self._xdepth += 1
+                return
 
     def _drop_xlock(self) -> None:
         self._xdepth -= 1
         if not self._xdepth:
             self._engine.peers.xlock_release()
+            self._xfree.set()
+            self._xfree = anyio.Event()
 
     def _pass_lead(self) -> None:
         """Hand the committer's role to the next queued transaction, or give it up."""
@@ -321,10 +341,9 @@ class Store:
 
     def _pending_write(self, claim: Claim, path: str) -> PendingWrite | None:
         """The newest queued write of ``path``, if ``claim`` holds its key: that is what the
-        holder reads (rule 5). Not with other processes: their commits, which this one
-        cannot order, fail the writer and with it every reader down the chain."""
-        if not self._engine.exclusive:
-            return None
+        holder reads (rule 5). With other processes, a commit of theirs that lands first can
+        fail the writer and with it every reader down the chain: those retry, and from their
+        third try on run under the commit lock (``atomic``), where no other process commits."""
         chain = self._pending.get(path)
         return chain[-1] if chain and path in claim.held else None
 
@@ -804,16 +823,19 @@ class Store:
         try:
             while True:
                 try:
-                    if hot:
-                        await self._locks.acquire_all(claim, hot)
                     tries += 1
                     # With other processes, turns taken here do not hold them off: from the
                     # third try on, the try runs under the commit lock (SQLite's BEGIN
-                    # IMMEDIATE), so what it reads stays as it read it until it commits.
+                    # IMMEDIATE), so what it reads stays as it read it until it commits. The
+                    # lock is taken first, with no turn held: a retry that holds it may wait
+                    # for a turn, never a turn holder for it.
                     locked = tries > 2 and not self._engine.exclusive
                     if locked:
-                        await self._hold_xlock()
+                        self._locks.release_all(claim)
+                        await self._hold_xlock(join=False)
                     try:
+                        if hot:
+                            await self._locks.acquire_all(claim, hot)
                         async with self._transaction(claim) as tx:
                             result = await fn(tx, *args, **kwargs)
                     finally:
@@ -1103,6 +1125,8 @@ async def _wait_for_commit_lock(engine: Engine, timeout: float) -> None:
     ``timeout`` seconds; cancellation: the wait is abandoned."""
     ticket = LockTicket()
     try:
+        if engine.peers.xlock_try():  # free: taken without a wait (lock_timeout=0 can open)
+            return
         with anyio.fail_after(timeout):
             await anyio.to_thread.run_sync(
                 engine.peers.xlock_acquire, ticket, abandon_on_cancel=True
@@ -1153,7 +1177,7 @@ def open(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     cache_max_file: int = 64 << 10,
     checkpoint_syncfs: bool = True,
-    exclusive: bool = True,
+    exclusive: bool = False,
 ) -> _Opener:
     """Open (creating if ``create``) the store at ``root`` and recover it.
 
@@ -1169,11 +1193,13 @@ def open(
     ``SYNCFS_MIN`` (16) or more files and directories to make durable does it with one
     ``syncfs`` of the store's file system, where that reports errors (Linux 5.8+);
     ``checkpoint_syncfs=False`` fsyncs each instead, for a file system shared with writers
-    whose dirty data a syncfs should not wait for. ``exclusive=False`` (a preview) lets
-    several processes open the store for writing at once: each holds the commit lock only
-    while it commits, and ``lock_timeout`` (default 10 s then) bounds each wait for it
-    (docs/commit-protocol.md, section 7). Cancellation: recovery runs to its end shielded;
-    the store is then closed again and the cancellation delivered.
+    whose dirty data a syncfs should not wait for. Any number of processes may open the
+    store for writing at once: each holds the commit lock only while it commits, and
+    ``lock_timeout`` (default 10 s) bounds each wait for it (docs/commit-protocol.md,
+    section 7). ``exclusive=True`` holds the lock for the process's life instead: another
+    writer process gets StoreLockedError (``lock_timeout`` default 0 then). Cancellation:
+    recovery runs to its end shielded; the store is then closed again and the cancellation
+    delivered.
     """
     return _Opener(
         root=root,

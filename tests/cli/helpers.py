@@ -101,11 +101,12 @@ def user_files(root: Path) -> dict[str, bytes]:
 
 
 class Holder:
-    """A child process that has the store open (its LOCK held) until stopped."""
+    """A child process that has the store open until stopped (``exclusive``: its LOCK held)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, exclusive: bool = False) -> None:
+        mode = "hold-exclusive" if exclusive else "hold"
         self.proc = subprocess.Popen(
-            [sys.executable, WRITER, "hold", str(root)],
+            [sys.executable, WRITER, mode, str(root)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

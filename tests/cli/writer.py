@@ -2,7 +2,8 @@
 
 * ``crash``: commit a mix of every op kind, then exit without closing (no checkpoint), as a
   crash after the last acknowledgement would: the journal holds the commits.
-* ``hold``: like ``crash``, then keep the store open (its LOCK held) until stdin closes.
+* ``hold``: like ``crash``, then keep the store open until stdin closes; ``hold-exclusive``
+  the same, opened ``exclusive=True`` (its LOCK held).
 * ``bank``: transfers between accounts (each with a ledger entry staged as a large value) and a
   conversation directory replaced over and over, from many tasks, until killed; prints
   ``ACK <n>`` after each transfer commits. Small checkpoints, so that they happen often.
@@ -46,8 +47,8 @@ async def crash_workload(store: walstore.Store) -> None:
     await store.write_text("docs/b.txt", "bravo")
 
 
-async def crash(root: str, hold: bool) -> None:
-    store = await walstore.open(root, inline_threshold=INLINE)
+async def crash(root: str, hold: bool, exclusive: bool = False) -> None:
+    store = await walstore.open(root, inline_threshold=INLINE, exclusive=exclusive)
     await crash_workload(store)
     if hold:
         print("READY", flush=True)
@@ -104,8 +105,8 @@ async def bank(root: str) -> None:
 
 def main() -> None:
     mode, root = sys.argv[1], sys.argv[2]
-    if mode in ("crash", "hold"):
-        anyio.run(crash, root, mode == "hold")
+    if mode in ("crash", "hold", "hold-exclusive"):
+        anyio.run(crash, root, mode != "crash", mode == "hold-exclusive")
     elif mode == "bank":
         anyio.run(bank, root)
     else:

@@ -30,14 +30,20 @@ fast on a small machine (under heavy contention a commit costs ~15 worker-thread
 
 
 class Blocker:
-    """A MemoryFileSystem fault hook: the first call matching ``at`` (an index, or a
-    predicate on (index, name, path)) blocks its worker thread until ``release()``.
+    """A MemoryFileSystem fault hook: the first call matching ``at`` (the ``at``-th call made
+    off the event loop's thread, or a predicate on (index, name, path)) blocks its worker
+    thread until ``release()``.
 
-    ``reached`` is set when the call blocks, or when ``done()`` says the operation ended
-    without getting there, so a waiting test never hangs."""
+    Only calls made in worker threads count and block: the store makes a few calls on the
+    event loop itself (taking and releasing the commit lock when it is free, without a thread
+    hop), and nothing can be delivered to the loop while such a call runs, so no cancellation
+    can land inside one. ``reached`` is set when the call blocks, or when ``done()`` says the
+    operation ended without getting there, so a waiting test never hangs."""
 
     def __init__(self, at: int | Callable[[int, str, str], bool]) -> None:
         self._at = at
+        self._loop_thread = threading.current_thread()  # made by the test, on its loop
+        self._seen = 0
         self.reached = threading.Event()
         self._released = threading.Event()
         self.call: Call | None = None  # the call that blocked
@@ -45,10 +51,13 @@ class Blocker:
 
     def _matches(self, index: int, name: str, path: str) -> bool:
         if isinstance(self._at, int):
-            return index == self._at
+            self._seen += 1
+            return self._seen - 1 == self._at
         return self._at(index, name, path)
 
     def __call__(self, index: int, name: str, path: str) -> BaseException | None:
+        if threading.current_thread() is self._loop_thread:
+            return None
         with self._mutex:
             if self.call is not None or not self._matches(index, name, path):
                 return None
@@ -101,9 +110,9 @@ async def cancel_at_call(
     op: Callable[[], Awaitable[Any]],
 ) -> Cancelled:
     """Run ``op``; when the file-system call ``at`` blocks, cancel the scope around ``op``,
-    then let the call go on. An int ``at`` is counted from the start of ``op``."""
-    start = fs.count
-    blocker = Blocker(start + at if isinstance(at, int) else at)
+    then let the call go on. An int ``at`` counts the calls ``op`` makes in worker threads
+    (``Blocker``), from 0."""
+    blocker = Blocker(at)
     fs.fault = blocker
     scope = anyio.CancelScope()
     out = Cancelled(blocked=None, cancelled_caught=False)
@@ -132,10 +141,22 @@ async def cancel_at_call(
 
 
 async def count_calls(fs: MemoryFileSystem, op: Callable[[], Awaitable[Any]]) -> int:
-    """How many file-system calls ``op`` makes (the dry run of a sweep)."""
-    start = fs.count
-    await op()
-    return fs.count - start
+    """How many file-system calls ``op`` makes in worker threads (the dry run of a sweep:
+    the calls a cancellation can arrive during, as ``Blocker`` counts them)."""
+    loop_thread = threading.current_thread()
+    calls = 0
+
+    def count(index: int, name: str, path: str) -> None:
+        nonlocal calls
+        if threading.current_thread() is not loop_thread:
+            calls += 1
+
+    fs.fault = count
+    try:
+        await op()
+    finally:
+        fs.fault = None
+    return calls
 
 
 def user_files(fs: MemoryFileSystem, root: str = ROOT) -> dict[str, bytes]:

@@ -7,6 +7,10 @@ python shared_child.py die ROOT K TRACE       one transaction; dies (os._exit) a
                                               file-system call, logging each call to TRACE
 python shared_child.py hold ROOT              takes the commit lock after a commit and
                                               prints "held", then waits for EOF on stdin
+python shared_child.py eio ROOT ERASE         commits a.json=1, then a.json=2 with its journal
+                                              fdatasync failing (EIO; ERASE=no: the zeroing
+                                              that erases the record fails too); prints
+                                              "failed", waits for EOF on stdin, closes
 """
 
 from __future__ import annotations
@@ -122,6 +126,50 @@ async def hold(root: str) -> None:
         os.close(fd)
 
 
+class FailingSyncFS(walstore.OsFileSystem):
+    """Once armed: the next journal fdatasync fails with EIO, and with ``erase`` False so
+    does every journal write after it (the zeros that would erase the record)."""
+
+    def __init__(self, erase: bool) -> None:
+        super().__init__()
+        self.erase = erase
+        self.armed = False
+        self.failed = False
+
+    def fdatasync(self, fd: int) -> None:
+        if self.armed and not self.failed and os.readlink(f"/proc/self/fd/{fd}").endswith(".wal"):
+            self.failed = True
+            raise OSError(5, "injected EIO")
+        super().fdatasync(fd)
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        if self.failed and not self.erase and os.readlink(f"/proc/self/fd/{fd}").endswith(".wal"):
+            raise OSError(5, "injected EIO")
+        return super().pwrite(fd, data, offset)
+
+
+async def eio(root: str, erase: bool) -> None:
+    fs = FailingSyncFS(erase)
+    async with walstore.open(root, fs=fs) as store:
+        await store.write_json("a.json", 1)
+        fs.armed = True
+        try:
+            await store.write_json("a.json", 2)
+        except walstore.StoreFailedError as exc:
+            assert "outcome unknown" in str(exc), exc
+        else:
+            raise AssertionError("the failed sync was not reported")
+        try:
+            await store.write_json("b.json", 1)
+        except walstore.StoreFailedError:
+            pass  # fail-stop: no more writes here
+        else:
+            raise AssertionError("a failed store took a write")
+        print("failed", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)
+    print("closed", flush=True)
+
+
 def main() -> None:
     mode, root, *rest = sys.argv[1:]
     if mode == "count":
@@ -132,6 +180,8 @@ def main() -> None:
         anyio.run(die, root, int(rest[0]), rest[1])
     elif mode == "hold":
         anyio.run(hold, root)
+    elif mode == "eio":
+        anyio.run(eio, root, rest[0] == "yes")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,9 @@ async def test_every_transaction_ready_joins_the_next_group() -> None:
     assert after["groups"] - before["groups"] == 2
     assert after["journal_syncs"] - before["journal_syncs"] == 2
     assert delta["fdatasync"] == 2
-    assert delta["pwrite"] == 2 + 2 * TASKS  # 2 journal appends; one tmp file per value
+    # 2 journal appends; one tmp file per value; after each group's apply, the applied LSN
+    # in the header other processes read (.walstore/shared)
+    assert delta["pwrite"] == 2 + 2 * TASKS + 2
     assert after["thread_hops"] - before["thread_hops"] == 2
     assert {tx.lsn for tx in txs[1:]} == {txs[1].lsn} != {txs[0].lsn}
     assert all(tx.state is TxState.COMMITTED for tx in txs)
@@ -331,10 +333,10 @@ async def test_commits_run_in_the_committer_thread_on_asyncio(anyio_backend: str
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_store_dropped_without_closing_stops_its_thread(anyio_backend: str) -> None:
     """A store garbage-collected without aclose() stops its committer thread (a server that
-    forgets to close stores would gather one per store). Its LOCK stays held, and opening the
-    store again in this process says so plainly."""
+    forgets to close stores would gather one per store). Opened ``exclusive``, its LOCK stays
+    held, and opening the store again in this process says so plainly."""
     fs = MemoryFileSystem()
-    store = await open_memory(fs)
+    store = await open_memory(fs, exclusive=True)
     await store.write("x", b"1")
     thread = store._committer._thread
     assert thread is not None and thread.is_alive()
@@ -345,4 +347,4 @@ async def test_a_store_dropped_without_closing_stops_its_thread(anyio_backend: s
     thread.join(GUARD)  # ends once the finalizer has told it to
     assert not thread.is_alive()
     with pytest.raises(walstore.StoreLockedError, match="already open in this process"):
-        await walstore.open(ROOT, fs=fs, create=False)
+        await walstore.open(ROOT, fs=fs, create=False, exclusive=True)

@@ -15,6 +15,7 @@ import fcntl
 import os
 import signal
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,8 @@ def _journal(root: Path) -> dict[str, bytes]:
     return {n: (d / n).read_bytes() for n in sorted(os.listdir(d))}
 
 
-def _lock_is_held(root: Path) -> bool:
-    fd = os.open(root / ".walstore" / "LOCK", os.O_RDONLY)
+def _lock_is_held(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -183,9 +184,11 @@ def _lock_is_held(root: Path) -> bool:
     return False
 
 
-def test_a_store_used_after_fork_raises_in_the_child(tmp_path: Path) -> None:
+@pytest.mark.parametrize("exclusive", [False, True], ids=["shared", "exclusive"])
+def test_a_store_used_after_fork_raises_in_the_child(tmp_path: Path, exclusive: bool) -> None:
     root = tmp_path / "s"
-    store = anyio.run(walstore.open, root)  # opened, then used, by loops run one by one
+    # opened, then used, by loops run one by one
+    store = anyio.run(partial(walstore.open, root, exclusive=exclusive))
     anyio.run(store.write, "a.txt", b"a")
     before = _journal(root)
     pid = os.fork()
@@ -199,7 +202,10 @@ def test_a_store_used_after_fork_raises_in_the_child(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == _CHILD_OK
     assert _journal(root) == before  # the child wrote nothing through the shared handles
-    assert _lock_is_held(root)  # and its close did not unlock the parent's LOCK
+    # and its close did not unlock what the parent holds for life: LOCK, or shared, its
+    # slot among the processes that have the store open
+    meta = root / ".walstore"
+    assert _lock_is_held(meta / "LOCK" if exclusive else next((meta / "procs").iterdir()))
     anyio.run(store.write, "b.txt", b"b")  # the parent goes on
     anyio.run(store.aclose)
 

@@ -1,5 +1,6 @@
 """Several processes on one store, on both backends, the other process running the same
-backend as the test: one writer at a time (flock on LOCK), readonly readers alongside.
+backend as the test, the store opened ``exclusive=True``: one writer at a time (flock on LOCK),
+readonly readers alongside.
 
 tests/unit/test_lock.py covers the lock on asyncio with an idle holder; here the other
 process is a writer that keeps working, and the test and the child run on trio as well.
@@ -56,7 +57,7 @@ CHILD = textwrap.dedent(
 
     async def worker(root):
         # A writer that works on command: "step", "burst N"; closes at EOF.
-        async with walstore.open(root) as store:
+        async with walstore.open(root, exclusive=True) as store:
             if not await store.exists("a.json"):
                 async with store.transaction() as tx:
                     await tx.write_json("a.json", {"seq": 0, "amount": 50})
@@ -77,7 +78,7 @@ CHILD = textwrap.dedent(
     async def try_open(root, timeout):
         fs = CountingFS()
         try:
-            store = await walstore.open(root, fs=fs, lock_timeout=timeout)
+            store = await walstore.open(root, exclusive=True, fs=fs, lock_timeout=timeout)
         except walstore.StoreLockedError as exc:
             print("LOCKED", fs.refused, exc, flush=True)
             return
@@ -174,7 +175,7 @@ async def test_writer_process_waits_then_gets_locked_error_with_our_pid(
     """We hold the store and keep committing; another writer process waits its
     lock_timeout (retrying), then gets StoreLockedError naming our pid."""
     with anyio.fail_after(GUARD):
-        async with walstore.open(root) as store:
+        async with walstore.open(root, exclusive=True) as store:
             await store.write("ours", b"0")
             answer: list[str] = []
 
@@ -206,13 +207,13 @@ async def test_we_wait_then_get_locked_error_while_a_writer_process_works(
         async with proc:
             fs = CountingFS()
             with pytest.raises(walstore.StoreLockedError, match=rf"\bpid {pid}\b"):
-                await walstore.open(root, fs=fs, lock_timeout=0.3)
+                await walstore.open(root, exclusive=True, fs=fs, lock_timeout=0.3)
             assert fs.refused >= 2  # it retried before giving up
             assert lock_pid(root) == pid
             await child.send("step")  # the worker is unharmed and still working
             assert await child.line() == "DONE 1"
             await child.finish()
-        async with walstore.open(root) as store:
+        async with walstore.open(root, exclusive=True) as store:
             assert (await store.read_json("a.json"))["seq"] == 1
             assert await store.read_text("worker.txt") == str(pid)
 
@@ -228,7 +229,7 @@ async def test_a_waiting_writer_gets_the_store_when_the_worker_exits(
         opened: list[walstore.Store] = []
 
         async def wait_for_store() -> None:
-            opened.append(await walstore.open(root, fs=fs, lock_timeout=GUARD))
+            opened.append(await walstore.open(root, exclusive=True, fs=fs, lock_timeout=GUARD))
 
         async with proc, anyio.create_task_group() as tg:
             tg.start_soon(wait_for_store)
@@ -250,7 +251,7 @@ async def test_readonly_reads_while_a_writer_process_works(root: Path, anyio_bac
     with anyio.fail_after(GUARD):
         proc, child, pid = await start_worker(root, anyio_backend)
         async with proc:
-            async with walstore.open(root, readonly=True) as ro:
+            async with walstore.open(root, exclusive=True, readonly=True) as ro:
                 assert lock_pid(root) == pid  # readonly did not take the lock
 
                 async def both() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -293,6 +294,6 @@ async def test_readonly_reads_while_a_writer_process_works(root: Path, anyio_bac
                 with pytest.raises(walstore.StoreError):
                     await ro.write("x", b"")
                 with pytest.raises(walstore.StoreLockedError, match=rf"\bpid {pid}\b"):
-                    await walstore.open(root)
+                    await walstore.open(root, exclusive=True)
             await child.finish()
         assert reads >= 1

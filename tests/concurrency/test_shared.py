@@ -251,3 +251,83 @@ async def test_several_processes_checkpoint_and_follow_each_other(root: Path) ->
         ]
         assert await store.read_json("counter.json") == 80
     assert json.loads((root / "counter.json").read_text()) == 80
+
+
+@pytest.mark.parametrize("erase", [True, False], ids=["erased", "erase-failed"])
+async def test_a_failed_journal_sync_in_one_process_while_another_commits(
+    root: Path, erase: bool
+) -> None:
+    """Process A's journal fdatasync fails (EIO) while this process commits beside it. A
+    fails (outcome unknown) and refuses writes; this process goes on. A erased its record
+    before it let the commit lock go, so no process ever applies it and a restart does not
+    roll it forward; only if the erasure failed too is it taken as committed (as recovery
+    after a restart would take it: the outcome was unknown)."""
+    async with walstore.open(root) as store:
+        await store.write_json("ours.json", 0)
+        a = spawn("eio", str(root), "yes" if erase else "no", stdin=subprocess.PIPE)
+        assert a.stdout is not None and a.stdin is not None
+        with anyio.fail_after(GUARD):
+            line = await anyio.to_thread.run_sync(a.stdout.readline)
+        assert line == "failed\n", a.stderr.read() if a.stderr else ""
+        for i in range(1, 21):  # A is still open, failed; we commit on
+            await store.write_json("ours.json", i)
+        expected_a = 1 if erase else 2
+        assert await store.read_json("a.json") == expected_a
+        assert await store.exists("b.json") is False
+        out, err = a.communicate("", timeout=GUARD * 4)  # EOF: A closes its store
+        assert a.returncode == 0 and "closed" in out, err
+        await store.write_json("ours.json", 21)
+    async with walstore.open(root) as store:
+        assert await store.read_json("a.json") == expected_a
+        assert await store.read_json("ours.json") == 21
+        assert not await store.exists("b.json")
+
+
+async def test_the_command_reads_backs_up_and_checkpoints_beside_two_writers(
+    root: Path, tmp_path: Path
+) -> None:
+    """`walstore info`, `log`, `verify`, `backup` and `checkpoint` while two processes keep
+    transferring: each succeeds, the writers never stop, the backup holds a whole state, and
+    the checkpoint is taken in its turn (the writers follow it)."""
+    from tests.cli.helpers import run_cli
+
+    accounts = 6
+    async with walstore.open(root) as store, store.transaction() as tx:
+        for i in range(accounts):
+            await tx.write_json(f"bank/acc{i}.json", 100)
+    procs = [spawn("bank", str(root), str(accounts)) for _ in range(2)]
+    acked: set[str] = set()
+
+    def some_acks(n: int) -> None:
+        for p in procs:
+            assert p.stdout is not None
+            for _ in range(n):
+                line = p.stdout.readline()
+                assert line.startswith("ack "), line
+                acked.add(line.split()[1])
+
+    try:
+        some_acks(10)
+        for argv in (["info"], ["log"], ["verify"], ["backup", str(tmp_path / "b")]):
+            r = await anyio.to_thread.run_sync(lambda a=argv: run_cli(a[0], str(root), *a[1:]))
+            assert r.code == 0, (argv, r.out, r.err)
+            some_acks(3)  # the writers went on
+        before = json.loads(run_cli("info", str(root), "--json").out)["checkpoint_lsn"]
+        r = await anyio.to_thread.run_sync(lambda: run_cli("checkpoint", str(root), "--json"))
+        assert r.code == 0, r.out + r.err
+        assert json.loads(r.out)["checkpoint_lsn"] > before
+        some_acks(10)  # they followed the new segment
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            out, _ = p.communicate(timeout=GUARD * 4)
+            acked.update(x.split()[1] for x in out.splitlines() if x.startswith("ack "))
+    [backup] = list((tmp_path / "b").iterdir())
+    ledgers = {}
+    for where in (root, backup):
+        async with walstore.open(where) as store:
+            balances = [await store.read_json(f"bank/acc{i}.json") for i in range(accounts)]
+            ledgers[where] = set(await store.list("ledger"))
+        assert sum(balances) == 100 * accounts, where
+    assert {a.split("/")[1] for a in acked} <= ledgers[root]
+    assert ledgers[backup] < ledgers[root]  # an earlier state

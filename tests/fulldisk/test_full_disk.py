@@ -137,9 +137,9 @@ def cli(*argv: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-async def scenario(mnt: Path, size: int) -> None:
+async def scenario(mnt: Path, size: int, exclusive: bool) -> None:
     root = mnt / "store"
-    store = await walstore.open(root)
+    store = await walstore.open(root, exclusive=exclusive)
     try:
         names = await fill(store, size, 0)
         assert len(names) >= (ROOM // 3) // size, len(names)
@@ -154,17 +154,18 @@ async def scenario(mnt: Path, size: int) -> None:
     finally:
         await store.aclose()  # on the full disk: raises nothing
     assert_full(mnt, size)
-    async with walstore.open(root) as store:  # ON the full disk
+    async with walstore.open(root, exclusive=exclusive) as store:  # ON the full disk
         await check_all(store, names, size)
         names = await free_half_and_refill(store, mnt, names, size)
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=exclusive) as store:
         assert store.recovery.clean
         await check_all(store, names, size)
 
 
+@pytest.mark.parametrize("exclusive", [False, True], ids=["shared", "exclusive"])
 @pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
-def test_fill_the_disk_through_the_store(disk: Disk, size: int) -> None:
-    anyio.run(scenario, disk.mnt, size)
+def test_fill_the_disk_through_the_store(disk: Disk, size: int, exclusive: bool) -> None:
+    anyio.run(scenario, disk.mnt, size, exclusive)
 
 
 def run_writer_until_killed(root: Path, size: int, start: int, tries: int) -> list[str]:

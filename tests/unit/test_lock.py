@@ -1,4 +1,4 @@
-"""One writer process at a time: the flock on ``.walstore/LOCK``.
+"""One writer process at a time (``exclusive=True``): the flock on ``.walstore/LOCK``.
 
 Other processes are real subprocesses running this interpreter. They are coordinated with
 pipes only: a holder prints ``READY <pid>`` once it has the store open and closes it when its
@@ -30,7 +30,8 @@ TRY_OPEN = textwrap.dedent(
 
     async def main():
         try:
-            store = await walstore.open(sys.argv[1], lock_timeout=float(sys.argv[2]))
+            timeout = float(sys.argv[2])
+            store = await walstore.open(sys.argv[1], exclusive=True, lock_timeout=timeout)
         except walstore.StoreLockedError as exc:
             print("LOCKED", exc, flush=True)
             return
@@ -63,7 +64,8 @@ WAITER = textwrap.dedent(
 
     async def main():
         fs = FS()
-        async with walstore.open(sys.argv[1], fs=fs, lock_timeout=float(sys.argv[2])) as s:
+        timeout = float(sys.argv[2])
+        async with walstore.open(sys.argv[1], exclusive=True, fs=fs, lock_timeout=timeout) as s:
             await s.write(f"from-{os.getpid()}.txt", b"child")
         print("OPENED", os.getpid(), fs.refused, flush=True)
 
@@ -78,7 +80,7 @@ HOLDER = textwrap.dedent(
     import walstore
 
     async def main():
-        async with walstore.open(sys.argv[1]) as store:
+        async with walstore.open(sys.argv[1], exclusive=True) as store:
             await store.write("held.txt", str(os.getpid()).encode())
             print("READY", os.getpid(), flush=True)
             await asyncio.to_thread(sys.stdin.read)
@@ -191,7 +193,7 @@ class CountingFS(walstore.OsFileSystem):
 
 @pytest.mark.asyncio
 async def test_second_process_gets_store_locked_error_with_holder_pid(root: Path) -> None:
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=True) as store:
         await store.write("a.txt", b"ours")
         assert lock_path(root).is_file()
         assert lock_pid(root) == os.getpid()
@@ -208,18 +210,18 @@ async def test_second_process_gets_store_locked_error_with_holder_pid(root: Path
 
 @pytest.mark.asyncio
 async def test_second_open_in_the_same_process_is_refused(root: Path) -> None:
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=True) as store:
         with pytest.raises(walstore.StoreLockedError, match=rf"\bpid {os.getpid()}\b"):
-            await walstore.open(root)
+            await walstore.open(root, exclusive=True)
         await store.write("a.txt", b"still usable")
         assert lock_pid(root) == os.getpid()
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=True) as store:
         assert await store.read("a.txt") == b"still usable"
 
 
 @pytest.mark.asyncio
 async def test_after_close_another_process_can_open(root: Path) -> None:
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=True) as store:
         await store.write("a.txt", b"ours")
     assert lock_path(root).is_file()  # closing never unlinks it
 
@@ -230,7 +232,7 @@ async def test_after_close_another_process_can_open(root: Path) -> None:
     assert lock_path(root).is_file()
     assert lock_pid(root) == child  # the last holder's pid stays in the file
 
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=True) as store:
         assert lock_pid(root) == os.getpid()
         assert await store.read(f"from-{child}.txt") == b"child"
         assert await store.read("a.txt") == b"ours"
@@ -238,21 +240,21 @@ async def test_after_close_another_process_can_open(root: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_lock_file_is_never_unlinked(root: Path) -> None:
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=True) as store:
         await store.write("a", b"1")
         ino = os.stat(lock_path(root)).st_ino
         try_open(root)  # refused
         assert os.stat(lock_path(root)).st_ino == ino
     assert os.stat(lock_path(root)).st_ino == ino
     for _ in range(3):
-        async with walstore.open(root) as store:
+        async with walstore.open(root, exclusive=True) as store:
             assert os.stat(lock_path(root)).st_ino == ino
             await store.write("a", b"2")
             await store.checkpoint()
         assert os.stat(lock_path(root)).st_ino == ino
     assert try_open(root).startswith("OPENED ")
     assert os.stat(lock_path(root)).st_ino == ino
-    async with walstore.open(root, readonly=True):
+    async with walstore.open(root, exclusive=True, readonly=True):
         pass
     assert os.stat(lock_path(root)).st_ino == ino
 
@@ -264,7 +266,7 @@ async def test_lock_file_is_never_unlinked(root: Path) -> None:
 async def test_held_by_another_process_refuses_at_once(root: Path, holder: Holder) -> None:
     fs = CountingFS()
     with pytest.raises(walstore.StoreLockedError, match=rf"\bpid {holder.pid}\b"):
-        await walstore.open(root, fs=fs)
+        await walstore.open(root, exclusive=True, fs=fs)
     assert fs.refused == 1  # lock_timeout=0: one attempt
     assert lock_pid(root) == holder.pid
     assert holder.proc.poll() is None  # still holding
@@ -277,7 +279,7 @@ async def test_lock_timeout_succeeds_when_the_holder_closes_in_time(
 ) -> None:
     fs = CountingFS()
     fs.on_refused.append(holder.release)  # once we have been refused, let the holder go
-    async with walstore.open(root, fs=fs, lock_timeout=TIMEOUT) as store:
+    async with walstore.open(root, exclusive=True, fs=fs, lock_timeout=TIMEOUT) as store:
         assert fs.refused >= 1  # we did wait
         assert holder.proc.wait(timeout=TIMEOUT) == 0
         assert lock_pid(root) == os.getpid()
@@ -291,12 +293,12 @@ async def test_lock_timeout_succeeds_when_the_holder_closes_in_time(
 async def test_lock_timeout_fails_when_the_holder_keeps_it(root: Path, holder: Holder) -> None:
     fs = CountingFS()
     with pytest.raises(walstore.StoreLockedError, match=rf"\bpid {holder.pid}\b"):
-        await walstore.open(root, fs=fs, lock_timeout=0.1)
+        await walstore.open(root, exclusive=True, fs=fs, lock_timeout=0.1)
     assert fs.refused >= 2  # it retried before giving up
     assert holder.proc.poll() is None
     assert lock_pid(root) == holder.pid
     assert "CLOSED" in holder.wait()
-    async with walstore.open(root) as store:  # free now
+    async with walstore.open(root, exclusive=True) as store:  # free now
         assert await store.read("held.txt") == str(holder.pid).encode()
 
 
@@ -304,7 +306,7 @@ async def test_lock_timeout_fails_when_the_holder_keeps_it(root: Path, holder: H
 async def test_a_waiting_process_gets_the_store_when_we_close(root: Path) -> None:
     """The waiting side in another process: it reports its first refusal on stdout, then we
     close and its ``lock_timeout`` wait succeeds."""
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=True) as store:
         await store.write("a.txt", b"ours")
         proc = subprocess.Popen(
             [sys.executable, "-c", WAITER, str(root), str(TIMEOUT)],
@@ -326,7 +328,7 @@ async def test_a_waiting_process_gets_the_store_when_we_close(root: Path) -> Non
     assert out.split()[0] == "OPENED", out
     child = int(out.split()[1])
     assert lock_pid(root) == child
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=True) as store:
         assert await store.read(f"from-{child}.txt") == b"child"
 
 
@@ -337,11 +339,11 @@ async def test_a_waiting_process_gets_the_store_when_we_close(root: Path) -> Non
 async def test_readonly_opens_and_reads_while_another_process_holds_the_lock(
     root: Path,
 ) -> None:
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=True) as store:
         await store.write_json("docs/a.json", {"a": 1})
     h = Holder(root)
     try:
-        async with walstore.open(root, readonly=True) as ro:
+        async with walstore.open(root, exclusive=True, readonly=True) as ro:
             assert await ro.read_json("docs/a.json") == {"a": 1}
             assert await ro.read("held.txt") == str(h.pid).encode()
             assert await ro.list() == ["docs", "held.txt"]
@@ -352,7 +354,7 @@ async def test_readonly_opens_and_reads_while_another_process_holds_the_lock(
         # Closing the readonly store released nothing: the holder still holds it.
         assert lock_pid(root) == h.pid
         with pytest.raises(walstore.StoreLockedError, match=rf"\bpid {h.pid}\b"):
-            await walstore.open(root)
+            await walstore.open(root, exclusive=True)
         assert h.proc.poll() is None
     finally:
         out = h.wait()
@@ -361,9 +363,9 @@ async def test_readonly_opens_and_reads_while_another_process_holds_the_lock(
 
 @pytest.mark.asyncio
 async def test_readonly_in_the_same_process_while_we_hold_the_lock(root: Path) -> None:
-    async with walstore.open(root) as store:
+    async with walstore.open(root, exclusive=True) as store:
         await store.write("a", b"1")
-        async with walstore.open(root, readonly=True) as ro:
+        async with walstore.open(root, exclusive=True, readonly=True) as ro:
             assert await ro.read("a") == b"1"
             await store.write("a", b"2")
             assert await ro.read("a") == b"2"  # plain files: sees the commit at once
