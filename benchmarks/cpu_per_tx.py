@@ -3,6 +3,7 @@ telling whether per-op checks cost anything: process CPU time (all threads) over
 medians of rounds. Durability.OFF by default so that fsync waits do not hide the CPU.
 
     python benchmarks/cpu_per_tx.py [--n 3000] [--rounds 5] [--durability off|full] [--ops 1]
+        [--mode shared|exclusive]
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import walstore
 
 
 async def _round(
-    root: str, n: int, ops: int, durability: walstore.Durability
+    root: str, n: int, ops: int, durability: walstore.Durability, exclusive: bool
 ) -> tuple[float, float]:
     """(process CPU, event-loop thread CPU) per transaction."""
     value = os.urandom(1024)
-    async with walstore.open(root, durability=durability) as store:
+    async with walstore.open(root, durability=durability, exclusive=exclusive) as store:
         start, loop_start = time.process_time(), time.thread_time()
         for i in range(n):
             async with store.transaction() as tx:
@@ -40,13 +41,16 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=1)
     ap.add_argument("--durability", default="off", choices=["off", "full"])
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--mode", default="shared", choices=["shared", "exclusive"])
     args = ap.parse_args()
     durability = walstore.Durability(args.durability)
     per_tx, on_loop = [], []
     for _ in range(args.rounds):
         root = tempfile.mkdtemp(prefix="walstore-cpu-", dir=args.dir)
         try:
-            cpu, loop = anyio.run(_round, root, args.n, args.ops, durability)
+            cpu, loop = anyio.run(
+                _round, root, args.n, args.ops, durability, args.mode == "exclusive"
+            )
             per_tx.append(cpu)
             on_loop.append(loop)
         finally:
@@ -54,7 +58,8 @@ def main() -> None:
     print(
         f"{walstore.__file__}: CPU per tx {statistics.median(per_tx) * 1e6:.1f} us, of it "
         f"on the event loop {statistics.median(on_loop) * 1e6:.1f} us (medians of "
-        f"{args.rounds}; {args.ops} write(s) of 1 KiB per tx, durability {args.durability})"
+        f"{args.rounds}; {args.ops} write(s) of 1 KiB per tx, durability {args.durability}, "
+        f"{args.mode})"
     )
 
 
