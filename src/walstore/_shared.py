@@ -106,6 +106,8 @@ class SharedFile:
         self.fs = fs
         self.fd = fs.open(path, create=True)
         self._map: MappedFile | None = None
+        self._raw = b""  # the bytes of the last header read, and what they decoded to
+        self._last: SharedHeader | None = None
         try:
             if len(fs.pread(self.fd, HEADER_SIZE, 0)) < HEADER_SIZE:  # new: make it whole
                 write_all(fs, self.fd, bytes(HEADER_SIZE), 0)
@@ -117,8 +119,12 @@ class SharedFile:
     def read(self) -> SharedHeader | None:
         assert self._map is not None
         for _ in range(3):
-            header = SharedHeader.decode(self._map.read())
+            raw = self._map.read()
+            if raw == self._raw:  # unchanged since the last read (read before every read)
+                return self._last
+            header = SharedHeader.decode(raw)
             if header is not None:
+                self._raw, self._last = raw, header
                 return header
         return None
 
