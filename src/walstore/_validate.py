@@ -178,6 +178,8 @@ class Validator(ReadSide):
                     local.kinds.update((f"{op.path}/{a}", "dir") for a in parents(rel))
                     local.kinds[f"{op.path}/{rel}"] = "file"
             trees.add(op.path)
+        for tree in local.cleared:  # what earlier transactions of the group left there is gone
+            state.overlay.kinds.drop_under(tree)
         state.overlay.kinds.update(local.kinds)
         state.overlay.cleared |= local.cleared
         state.effects.modified |= modified

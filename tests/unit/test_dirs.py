@@ -178,3 +178,29 @@ async def test_group_write_of_a_file_where_another_tx_deleted_below_it(
         engine.peers.xlock_release()
     assert [r.outcome for r in results] == [Outcome.COMMITTED, Outcome.COMMITTED], results
     assert await store.read("n") == b"file n"
+
+
+async def test_group_write_below_a_file_that_an_earlier_tx_deleted_with_its_directory(
+    store: walstore.Store,
+) -> None:
+    """In one group: tx1 writes file a/f, tx2 deletes directory a, tx3 writes a/f/x. After
+    tx2 there is no a/f, so tx3 makes a/ and a/f/ afresh: it is not refused for writing
+    below a file. (The group is handed to the engine directly, as above.)"""
+    import anyio
+
+    from walstore._engine import Outcome, PreparedTx
+    from walstore._journal_format import DeleteDir, Put
+
+    engine = store._engine
+    group = [
+        PreparedTx(1001, engine.last_lsn, (Put("a/f", b"file"),)),
+        PreparedTx(1002, engine.last_lsn, (DeleteDir("a"),)),
+        PreparedTx(1003, engine.last_lsn, (Put("a/f/x", b"x"),)),
+    ]
+    assert engine.peers.xlock_try()
+    try:
+        results = await anyio.to_thread.run_sync(engine.commit_group, group, engine.last_lsn)
+    finally:
+        engine.peers.xlock_release()
+    assert [r.outcome for r in results] == [Outcome.COMMITTED] * 3, results
+    assert await store.read("a/f/x") == b"x"
