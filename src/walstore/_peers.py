@@ -173,11 +173,19 @@ class Peers:
 
     def holder_message(self) -> str:
         header = self.shared.read() if self.shared is not None else None
-        pid = header.holder_pid if header is not None else "?"
+        pid: int | str = header.holder_pid if header is not None else self._lock_file_pid()
         return (
             f"store {self.host.root}: the commit lock is held by another process (last "
             f"holder: pid {pid}) past lock_timeout"
         )
+
+    def _lock_file_pid(self) -> str:
+        """The pid a process that opened the store exclusive wrote in LOCK (before this one
+        has read the shared header: waiting to open), or "?"."""
+        try:
+            return self.fs.read_file(self.lock_path).decode().strip() or "?"
+        except (OSError, UnicodeDecodeError):
+            return "?"
 
     def shared_applied(self) -> int:
         """The last LSN applied by any process (0 if unknown); read outside the lock."""

@@ -371,3 +371,15 @@ async def test_readonly_in_the_same_process_while_we_hold_the_lock(root: Path) -
             assert await ro.read("a") == b"2"  # plain files: sees the commit at once
         await store.write("b", b"still writable")
         assert lock_pid(root) == os.getpid()
+
+
+@pytest.mark.asyncio
+async def test_a_shared_open_beside_an_exclusive_holder_times_out_naming_it(
+    root: Path, holder: Holder
+) -> None:
+    """The holder opened the store exclusive (LOCK held for life): a shared open waits its
+    lock_timeout for the commit lock, then says whose it is."""
+    with pytest.raises(walstore.StoreLockedError, match=rf"\bpid {holder.pid}\b"):
+        await walstore.open(root, lock_timeout=0.1)
+    assert holder.proc.poll() is None
+    assert "CLOSED" in holder.wait()
