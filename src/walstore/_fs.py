@@ -166,6 +166,15 @@ class FileSystem(Protocol):
 
     def unlock(self, fd: int) -> None: ...
 
+    def flock(self, fd: int) -> bool:
+        """Take the exclusive advisory lock of a handle from ``open`` without waiting, as
+        ``lock`` does for a path: False when another handle holds it. For a lock taken and
+        given up often (the commit lock), where ``lock`` and ``unlock`` would open and
+        close the file each time."""
+
+    def funlock(self, fd: int) -> None:
+        """Release the lock ``flock`` took; the handle stays open."""
+
     def map_file(self, fd: int, size: int) -> MappedFile:
         """Map the first ``size`` bytes of an open file, for reads that make no system call
         (the shared header, read on the event loop). The file must be that long."""
@@ -750,6 +759,20 @@ class OsFileSystem:
     def unlock(self, fd: int) -> None:
         self.calls["unlock"] += 1
         os.close(fd)  # closing the descriptor releases the flock
+
+    def flock(self, fd: int) -> bool:
+        self.calls["flock"] += 1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        return True
+
+    def funlock(self, fd: int) -> None:
+        self.calls["funlock"] += 1
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
     def map_file(self, fd: int, size: int) -> MappedFile:
         self.calls["map_file"] += 1

@@ -89,6 +89,11 @@ class Peers:
         self._slot_fd: int | None = None
         self._slot_path = ""
         self._xlock_fd: int | None = None  # the commit lock, while this process holds it
+        self._xlock_kept = False  # ... through _lock_fd
+        # GATE and LOCK, open from ``open`` to ``close`` for ``xlock_try``: opening and
+        # closing them for every group cost four more system calls a group.
+        self._gate_fd: int | None = None
+        self._lock_fd: int | None = None
         self._xmutex = threading.Lock()
         self._forks = _forks[0]
 
@@ -117,7 +122,9 @@ class Peers:
 
     def xlock_try(self) -> bool:
         """Take the commit lock if it and its gate are free, without waiting (on the event
-        loop)."""
+        loop). Past ``open``, through handles of GATE and LOCK kept open for it."""
+        if self._gate_fd is not None and self._lock_fd is not None:
+            return self._xlock_try_kept(self._gate_fd, self._lock_fd)
         gate = self.fs.lock(self.gate_path)
         if gate is None:
             return False
@@ -127,8 +134,41 @@ class Peers:
             self._close_lock(gate)
         if fd is None:
             return False
-        self._xlock_fd = fd
+        self._xlock_fd, self._xlock_kept = fd, False
         return True
+
+    def _xlock_try_kept(self, gate: int, lock: int) -> bool:
+        # A wait in a worker thread (``xlock_acquire``) opens handles of its own: one it
+        # abandons, and that then takes the lock, must not take it for this handle too.
+        fs = self.fs
+        if not fs.flock(gate):
+            return False
+        try:
+            got = fs.flock(lock)
+        finally:
+            self._funlock_kept(gate)
+        if got:
+            self._xlock_fd, self._xlock_kept = lock, True
+        return got
+
+    def _funlock_kept(self, fd: int) -> None:
+        """Release a lock taken through a kept handle. If that fails, the lock may still be
+        held: close the handle (which frees it for sure) and go on without it."""
+        try:
+            self.fs.funlock(fd)
+        except OSError as exc:
+            log.warning("releasing a lock failed: %s; closing its descriptor", exc)
+            if fd == self._gate_fd:
+                self._gate_fd = None
+            if fd == self._lock_fd:
+                self._lock_fd = None
+            self._close_fd(fd)
+
+    def _close_fd(self, fd: int) -> None:
+        try:
+            self.fs.close(fd)
+        except OSError as exc:
+            log.warning("closing a lock's descriptor failed: %s", exc)
 
     def xlock_acquire(self, ticket: LockTicket) -> None:
         """Wait for the commit lock, in turn (in a worker thread the waiter may abandon)."""
@@ -144,6 +184,7 @@ class Peers:
                 self._close_lock(fd)
                 return
             ticket.fd = self._xlock_fd = fd
+            self._xlock_kept = False
 
     def xlock_abandon(self, ticket: LockTicket) -> None:
         """Give up a wait (on the event loop, as the waiter is cancelled or times out)."""
@@ -157,7 +198,10 @@ class Peers:
         """Release the commit lock if held (on the event loop, or in the closing thread)."""
         fd, self._xlock_fd = self._xlock_fd, None
         if fd is not None:
-            self._close_lock(fd)
+            if self._xlock_kept:
+                self._funlock_kept(fd)
+            else:
+                self._close_lock(fd)
 
     def _close_lock(self, fd: int) -> None:
         """Release a lock of GATE or LOCK. An error closing its descriptor is logged, never
@@ -298,7 +342,10 @@ class Peers:
             write_all(fs, slot_fd, f"{os.getpid()}\n".encode(), 0)
             self.write_header(header)
             self._drop_dead_slots(alive)
+            self._gate_fd = fs.open(self.gate_path, create=True)
+            self._lock_fd = fs.open(self.lock_path)
         except BaseException:
+            self._close_kept()
             if host.commit_log is not None:
                 host.commit_log.close()
                 host.commit_log = None
@@ -406,3 +453,12 @@ class Peers:
             self.shared = None
         if shared:
             self.xlock_release()
+        self._close_kept()
+
+    def _close_kept(self) -> None:
+        if self._xlock_kept:  # (a forked child's copy: the parent's holds the lock)
+            self._xlock_fd = None
+        for fd in (self._gate_fd, self._lock_fd):
+            if fd is not None:
+                self._close_fd(fd)
+        self._gate_fd = self._lock_fd = None

@@ -24,7 +24,7 @@ import os
 import struct
 import uuid
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from . import _journal_format as fmt
 from ._conflicts import GroupEffects
@@ -88,12 +88,12 @@ class SharedHeader:
         next_slot: int | None = None,
     ) -> SharedHeader:
         """This header as the calling process rewrites it."""
-        return replace(
-            self,
-            segment_lsn=self.segment_lsn if segment_lsn is None else segment_lsn,
-            applied_lsn=self.applied_lsn if applied_lsn is None else applied_lsn,
-            next_slot=self.next_slot if next_slot is None else next_slot,
-            holder_pid=os.getpid(),
+        return SharedHeader(
+            self.boot,
+            self.segment_lsn if segment_lsn is None else segment_lsn,
+            self.applied_lsn if applied_lsn is None else applied_lsn,
+            self.next_slot if next_slot is None else next_slot,
+            os.getpid(),
         )
 
 
@@ -129,7 +129,10 @@ class SharedFile:
         return None
 
     def write(self, header: SharedHeader) -> None:
-        write_all(self.fs, self.fd, header.encode(), 0)
+        raw = header.encode()
+        self._raw, self._last = b"", None  # unknown if the write fails
+        write_all(self.fs, self.fd, raw, 0)
+        self._raw, self._last = raw, header  # the next read finds it unchanged: no decode
 
     def close(self) -> None:
         if self._map is not None:

@@ -312,8 +312,11 @@ class MemoryFileSystem:
     def close(self, fd: int) -> None:
         with self._lock:
             self._call("close", self._fd_path(fd))
-            self._fds.pop(fd, None)
+            ino = self._fds.pop(fd, None)
             self._fd_names.pop(fd, None)
+            if ino is not None and self._locks.get(ino) == fd:  # its flock goes with it
+                del self._locks[ino]
+                self._unlocked.notify_all()
 
     def read_file(self, path: str) -> bytes:
         with self._lock:
@@ -597,6 +600,23 @@ class MemoryFileSystem:
                 if ino is not None and self._locks.get(ino) == fd:
                     del self._locks[ino]
                     self._unlocked.notify_all()
+
+    def flock(self, fd: int) -> bool:
+        with self._lock:
+            self._call("flock", self._fd_path(fd))
+            ino = self._fds[fd]
+            if self._locks.get(ino, fd) != fd:
+                return False
+            self._locks[ino] = fd
+            return True
+
+    def funlock(self, fd: int) -> None:
+        with self._lock:
+            self._call("funlock", self._fd_path(fd))
+            ino = self._fds[fd]
+            if self._locks.get(ino) == fd:
+                del self._locks[ino]
+                self._unlocked.notify_all()
 
     def map_file(self, fd: int, size: int) -> _MemoryMap:
         with self._lock:

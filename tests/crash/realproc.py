@@ -66,6 +66,8 @@ SEAM = (
     "free_space",
     "lock",
     "unlock",
+    "flock",
+    "funlock",
 )
 STREAM = ("open_writer", "stream_write", "stream_sync", "stream_close")
 

@@ -171,6 +171,7 @@ def test_every_seam_method_was_a_crash_point(pool: tuple[Any, str]) -> None:
     # and in the phase each belongs to
     commit = {"open", "pwrite", "fsync", "fdatasync", "close", "rename", "exchange", "link"}
     commit |= {"unlink", "mkdir", "rmdir", "lstat", "listdir", "fsync_dir", "unlock", *STREAM}
+    commit |= {"flock", "funlock"}  # the commit lock, through GATE's and LOCK's kept handles
     commit |= {"syncfs"}  # a checkpoint of many files
     commit |= {"free_space"}  # the reserve, before the commit point
     recovery = {"lock", "unlock", "truncate", "realpath", "read_file", "listdir", "lstat"}

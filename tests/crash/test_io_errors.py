@@ -226,7 +226,7 @@ def commit_case(s: Setup, at: int, kind: str, mode: str, power: bool) -> tuple[s
             bad.append(f"store not poisoned after the commit point: {probe_exc!r}")
     if close_exc is not None and not isinstance(close_exc, OSError | walstore.StoreError):
         bad.append(f"aclose raised {close_exc!r}")
-    leaked = not persistent and fired and fired[0][1] not in ("close", "unlock")
+    leaked = not persistent and fired and fired[0][1] not in ("close", "unlock", "funlock")
     if (leaked or kind == "short write") and fs.open_fds():
         bad.append(f"fd leak: {fs.open_fds()} handles open after aclose")
     if not bad and with_probe and user_files(fs) not in allowed:
@@ -239,8 +239,10 @@ def commit_case(s: Setup, at: int, kind: str, mode: str, power: bool) -> tuple[s
 def _tolerated(call: tuple[int, str, str]) -> bool:
     _, name, path = call
     meta = ROOT + "/.walstore/"
-    if name == "unlock":
+    if name in ("unlock", "funlock"):  # releasing a lock: logged, its handle closed
         return path.startswith(meta)
+    if name == "close" and path in (meta + "GATE", meta + "LOCK"):
+        return True  # the kept handle of a lock whose release failed: logged
     return name in ("lstat", "listdir", "lock") and path.startswith(meta + "procs")
 
 
@@ -253,7 +255,7 @@ def _postponable(kind: str, call: tuple[int, str, str], tx_end: int) -> bool:
         return False
     if name == "free_space":  # the checkpoint's last look, for its triggers
         return True
-    if name == "lock" and path.startswith(ROOT + "/.walstore/"):
+    if name in ("lock", "flock") and path.startswith(ROOT + "/.walstore/"):
         return True  # the checkpoint could not take the commit lock: it did nothing yet
     meta = ROOT + "/.walstore/"
     return kind in NO_SPACE and name not in SYNCS | {"syncfs"} and path.startswith(meta)
@@ -298,7 +300,7 @@ def recovery_case(
         elif not isinstance(exc, OSError | walstore.StoreError):
             bad.append(f"failed recovery: raised {exc!r}")
         # (a close that fails keeps its handle in the simulation; a real close frees it)
-        closes = persistent or (fired and fired[0][1] in ("close", "unlock"))
+        closes = persistent or (fired and fired[0][1] in ("close", "unlock", "funlock"))
         if fs.open_fds() and not closes:
             bad.append(f"fd leak: {fs.open_fds()} handles open after a failed recovery")
     fs.fault = None

@@ -125,3 +125,30 @@ async def test_commits_overwrite_a_preallocated_segment(tmp_path: Path) -> None:
     async with walstore.open(tmp_path / "s", checkpoint_bytes=1 << 20) as store:
         assert store.recovery.clean
         assert len(await store.list()) == 101
+
+
+async def _calls_of_one_commit(root: Path, exclusive: bool) -> dict[str, int]:
+    fs = OsFileSystem()
+    async with walstore.open(root, fs=fs, exclusive=exclusive) as store:
+        await store.write("users/0.json", b"{}")  # the first commit after open, out of the way
+        before = fs.calls.copy()
+        async with store.transaction() as tx:
+            await tx.write("users/1.json", b'{"n": 1}')
+        return dict(fs.calls - before)
+
+
+@pytest.mark.asyncio
+async def test_what_sharing_the_store_adds_to_a_commit(tmp_path: Path) -> None:
+    """Beside no other process, a shared store's commit adds to the exclusive one's calls:
+    taking and releasing GATE and LOCK through handles kept open (no open or close of
+    them), one read of the journal's tail (catch-up) and one write of the shared header."""
+    exclusive = await _calls_of_one_commit(tmp_path / "x", exclusive=True)
+    shared = await _calls_of_one_commit(tmp_path / "s", exclusive=False)
+    added = {k: shared.get(k, 0) - exclusive.get(k, 0) for k in shared.keys() | exclusive.keys()}
+    assert {k: n for k, n in added.items() if n} == {
+        "flock": 2,  # GATE, then LOCK
+        "funlock": 2,
+        "pread": 1,
+        "pwrite": 1,
+    }
+    assert exclusive["fdatasync"] == shared["fdatasync"] == 1
