@@ -174,8 +174,14 @@ def test_io_error_at_every_call_of_commit_and_checkpoint(err: int) -> None:
                 allowed, verdicts = [probe], verdicts | {"usable"}
         else:  # at or after it: the store refuses writes until reopened
             if k < tx_end:
-                assert isinstance(exc, walstore.StoreFailedError), what
-                want = walstore.TxState.FAILED if k == cp else walstore.TxState.COMMITTED
+                unknown = k == cp  # the journal sync: the outcome is unknown
+                want_exc = (
+                    walstore.CommitOutcomeUnknownError
+                    if unknown
+                    else walstore.CommittedNotAppliedError
+                )
+                assert type(exc) is want_exc, (what, exc)
+                want = walstore.TxState.FAILED if unknown else walstore.TxState.COMMITTED
                 assert tx.state is want, what
             with pytest.raises(walstore.StoreFailedError):
                 anyio.run(run_tx, store, [("probe", b"p")])
@@ -321,7 +327,7 @@ def test_group_commit_crash_sweep() -> None:
     anyio.run(commit_all, store)
     anyio.run(store.aclose)
     syncs = [i for i, name, path in t.trace if name == "fdatasync" and path.endswith(".wal")]
-    assert len(syncs) == 2 and store.stats()["groups"] == 2
+    assert len(syncs) == 2 and store.stats().groups == 2
     assert user_files(t) == s2 and not ungated
     assert t.files(STAGING, skip=()) == {}  # a clean close leaves nothing staged
     for k in range(start, t.count + 1):
@@ -470,7 +476,7 @@ def test_failed_store_never_shows_half_a_group() -> None:
         OSError(errno.EIO, "x") if n in ("rename", "exchange") and p.endswith("/b") else None
     )
     _, exc = attempt(store, [("a", b"new"), ("b", b"new")])
-    assert isinstance(exc, walstore.StoreFailedError)
+    assert isinstance(exc, walstore.CommittedNotAppliedError)
 
     async def both() -> tuple[bytes, bytes] | None:
         try:
