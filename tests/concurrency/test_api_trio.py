@@ -12,7 +12,7 @@ import pytest
 import walstore
 from walstore import TxState
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="asyncio and trio")]
 
 THRESHOLD = 1024
 BIG = bytes(range(256)) * 40  # over THRESHOLD: staged while the transaction runs

@@ -37,7 +37,7 @@ from .helpers import (
     user_files,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="Cancellation never half-commits")]
 
 INLINE = 64  # inline threshold: BIG is staged on disk while the transaction runs
 BIG = bytes(range(256)) * 2

@@ -22,7 +22,7 @@ from walstore.testing import MemoryFileSystem
 
 from .helpers import STRESS, Blocker, nth_call, open_memory
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="Contention never fails atomic")]
 
 
 async def incr(tx: walstore.Transaction, path: str, calls: list[int] | None = None) -> int:

@@ -17,7 +17,7 @@ from walstore.testing import MemoryFileSystem
 
 from .helpers import GUARD, ROOT, Blocker, nth_call, open_memory, user_files
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="One fdatasync per commit group")]
 
 TASKS = 64
 

@@ -21,7 +21,7 @@ from walstore.testing import MemoryFileSystem
 
 from .helpers import STRESS, Blocker, nth_call, open_memory, staging_leftovers, user_files
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="Isolated")]
 
 
 async def increment(tx: walstore.Transaction, path: str) -> int:

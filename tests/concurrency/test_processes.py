@@ -29,7 +29,10 @@ import walstore
 
 from .helpers import GUARD
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.guarantee(name="One writer process, with exclusive=True"),
+]
 
 CHILD = textwrap.dedent(
     """

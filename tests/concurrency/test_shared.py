@@ -22,7 +22,10 @@ import walstore
 
 from .helpers import GUARD
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.guarantee(name="Several writer processes (the default)"),
+]
 
 CHILD = str(Path(__file__).with_name("shared_child.py"))
 

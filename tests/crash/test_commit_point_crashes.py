@@ -27,6 +27,12 @@ from tests.crash.oracle import (
 )
 from tests.support import ROOT, Ops, applied, fresh, open_store, run_tx, user_files
 
+pytestmark = [
+    pytest.mark.guarantee(name="Atomic"),
+    pytest.mark.guarantee(name="Durable"),
+    pytest.mark.guarantee(name="Recovered on open"),
+]
+
 
 def test_two_crashes_in_a_row_inside_recovery() -> None:
     base, after = crashed_mid_apply()

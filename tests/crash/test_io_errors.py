@@ -32,6 +32,7 @@ import random
 from collections.abc import Awaitable, Callable
 
 import anyio
+import pytest
 
 import walstore
 from tests.crash.shapes import BY_NAME, SHAPES, SOAK, TUNING, Shape, TxOps, fill, run_tx
@@ -39,6 +40,11 @@ from tests.crash.simcheck import check as check_recovered
 from tests.crash.simcheck import recover
 from tests.support import ROOT, Model, tally, user_files
 from walstore.testing import MemoryFileSystem, ShortWrite
+
+pytestmark = [
+    pytest.mark.guarantee(name="Fail-stop"),
+    pytest.mark.guarantee(name="A full disk locks no one out"),
+]
 
 TALLY = tally("injected I/O errors")
 ERRNOS = (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS)

@@ -29,6 +29,8 @@ from tests.crash.oracle import (
 )
 from tests.support import ROOT, applied, fresh, open_store, run_tx, user_files
 
+pytestmark = pytest.mark.guarantee(name="Fail-stop")
+
 
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
 def test_io_error_at_every_call_of_commit_and_checkpoint(err: int) -> None:

@@ -14,6 +14,8 @@ import pytest
 from tests.crash.oracle import LoseAll
 from walstore.testing import MemoryFileSystem
 
+pytestmark = pytest.mark.guarantee(name="Durable")
+
 
 def _disk() -> MemoryFileSystem:
     fs = MemoryFileSystem()

@@ -17,6 +17,7 @@ from tests.support import fresh, open_store, run_tx, user_files
 from walstore.testing import MemoryFileSystem
 
 
+@pytest.mark.guarantee(name="Durable")
 def test_layout_of_a_crashed_first_open_is_made_durable() -> None:
     t = MemoryFileSystem()
     t.trace = []
@@ -36,6 +37,7 @@ def test_layout_of_a_crashed_first_open_is_made_durable() -> None:
     assert not lost
 
 
+@pytest.mark.guarantee(name="Durable")
 def test_full_after_off_is_durable() -> None:
     fs, _ = fresh([])
     store = open_store(fs, OFF)
@@ -48,6 +50,7 @@ def test_full_after_off_is_durable() -> None:
     assert user_files(fs).get("a") == b"acked"
 
 
+@pytest.mark.guarantee(name="Recovered on open")
 @pytest.mark.parametrize("same_tx", [False, True])
 def test_replay_delete_of_a_name_that_became_a_directory(same_tx: bool) -> None:
     fs, _ = fresh([("a", b"file")])
@@ -62,6 +65,8 @@ def test_replay_delete_of_a_name_that_became_a_directory(same_tx: bool) -> None:
     reopen(fs, [{"a/b": b"nested"}], "replay")
 
 
+@pytest.mark.guarantee(name="Readers see whole transactions")
+@pytest.mark.guarantee(name="Fail-stop")
 def test_failed_store_never_shows_half_a_group() -> None:
     fs, _ = fresh([("a", b"old"), ("b", b"old")])
     store = open_store(fs, FULL)
@@ -80,6 +85,7 @@ def test_failed_store_never_shows_half_a_group() -> None:
     assert anyio.run(both) in (None, (b"old", b"old"), (b"new", b"new"))
 
 
+@pytest.mark.guarantee(name="Fail-stop")
 def test_failed_staging_fsync_is_not_retried() -> None:
     """An EIO from fsync_dir(staging/) before the commit point rolls its group back and fails
     the store: a later group must not retry that fsync and acknowledge a transaction whose
@@ -116,6 +122,7 @@ def test_failed_staging_fsync_is_not_retried() -> None:
     reopen(fs, [{}], "after fsyncgate")
 
 
+@pytest.mark.guarantee(name="Recovered on open")
 def test_failed_recovery_leaks_no_handle() -> None:
     base, _ = crashed_mid_apply()
     fs = base.clone()

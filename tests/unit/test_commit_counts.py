@@ -41,6 +41,7 @@ class RecordingFs(OsFileSystem):
         super().fsync_dir(path)
 
 
+@pytest.mark.guarantee(name="One fdatasync per commit group")
 @pytest.mark.asyncio
 async def test_one_small_transaction_costs_one_journal_fdatasync(tmp_path: Path) -> None:
     fs = RecordingFs()
@@ -61,6 +62,7 @@ async def test_one_small_transaction_costs_one_journal_fdatasync(tmp_path: Path)
         assert (tmp_path / "s" / "users" / "2.json").read_bytes() == b'{"n": 2}'
 
 
+@pytest.mark.guarantee(name="One fdatasync per commit group")
 @pytest.mark.asyncio
 async def test_staged_value_is_synced_when_staged_not_at_commit(tmp_path: Path) -> None:
     fs = RecordingFs()
@@ -76,6 +78,7 @@ async def test_staged_value_is_synced_when_staged_not_at_commit(tmp_path: Path) 
         assert fs.synced[-1].endswith(".wal")
 
 
+@pytest.mark.guarantee(name="One fdatasync per commit group")
 def test_concurrent_commits_share_journal_syncs(tmp_path: Path) -> None:
     """64 tasks committing at once: far fewer journal fdatasyncs than commits."""
 

@@ -13,6 +13,8 @@ import walstore
 from tests.support import ROOT, open_store, user_files
 from walstore.testing import MemoryFileSystem, ShortWrite
 
+pytestmark = pytest.mark.guarantee(name="Fail-stop")
+
 FULL = walstore.Durability.FULL
 F, C = walstore.TxState.FAILED, walstore.TxState.COMMITTED
 UNKNOWN = walstore.CommitOutcomeUnknownError

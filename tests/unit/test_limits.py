@@ -26,7 +26,7 @@ from walstore._inspect import Layout, read_staging, verify
 from walstore._limits import PathLimits
 from walstore.testing import MemoryFileSystem
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="No input poisons the store")]
 
 LONG_NAME = "n" * 256  # one byte over Linux's NAME_MAX
 LONG_UTF8_NAME = "é" * 128  # 128 characters, 256 bytes

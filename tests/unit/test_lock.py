@@ -20,6 +20,8 @@ import pytest
 
 import walstore
 
+pytestmark = pytest.mark.guarantee(name="One writer process, with exclusive=True")
+
 TIMEOUT = 60  # seconds; only a guard against a hung child, never waited out when all is well
 
 # Tries to open the store once (or for lock_timeout seconds) and reports what happened.

@@ -24,6 +24,8 @@ import pytest
 import walstore
 from walstore.testing import MemoryFileSystem
 
+pytestmark = pytest.mark.guarantee(name="Mount points are checked")
+
 ROOT = "/store"
 
 

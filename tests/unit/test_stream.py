@@ -11,6 +11,8 @@ import pytest
 
 import walstore
 
+pytestmark = pytest.mark.guarantee(name="Flat memory for big values")
+
 CHUNK = 64 * 1024
 
 
