@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import resource
@@ -84,7 +85,7 @@ async def _walstore(d: str, proc: int, tasks: int, seconds: float) -> Result:
                 await tx.write(_key(proc, task, i), os.urandom(1024))
 
         out = await _drive(tasks, seconds, one)
-        out["stats"] = store.stats()
+        out["stats"] = dataclasses.asdict(store.stats())  # printed as JSON
         return out
 
 

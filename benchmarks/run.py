@@ -457,9 +457,9 @@ async def rmw_walstore(d: str, n: int, docs: int) -> Result:
         after = store.stats()
         total = sum([(await store.read_json(f"doc{k}.json"))["n"] for k in range(docs)])
         assert total == n, f"lost updates: {total} != {n}"
-    commits = after["commits"] - before["commits"]
-    r["conflicts_per_commit"] = (after["conflicts"] - before["conflicts"]) / commits
-    r["hops_per_commit"] = (after["thread_hops"] - before["thread_hops"]) / commits
+    commits = after.commits - before.commits
+    r["conflicts_per_commit"] = (after.conflicts - before.conflicts) / commits
+    r["hops_per_commit"] = (after.thread_hops - before.thread_hops) / commits
     return r
 
 

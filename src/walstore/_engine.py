@@ -51,12 +51,15 @@ from ._apply import SYNCFS_MIN, Applier, remove_tree
 from ._commit_log import JournalLog, LogConflict
 from ._conflicts import ConflictIndex
 from ._errors import (
+    CommitOutcomeUnknownError,
+    CommittedNotAppliedError,
     ConflictError,
     CorruptionError,
     InvalidPathError,
+    NotAStoreError,
     StoreClosedError,
-    StoreError,
     StoreFailedError,
+    StoreLayoutError,
     StoreLockedError,
 )
 from ._fs import FileSystem, write_all
@@ -191,7 +194,7 @@ class Engine(Validator, SpaceAccount):
         fs = self.fs
         if readonly or not create:
             if fs.lstat(self.journal_dir) is None:
-                raise StoreError(f"{self.root} is not a walstore store (no {RESERVED}/journal)")
+                raise NotAStoreError(f"{self.root} is not a walstore store (no {RESERVED}/journal)")
         else:
             self._make_layout()
         self._real_root = fs.realpath(self.root)
@@ -301,7 +304,7 @@ class Engine(Validator, SpaceAccount):
         for d in (self._real_root, self.meta, self.journal_dir, self.staging_dir):
             st = fs.lstat(d)
             if st is not None and st.kind != "dir":  # a symlink could lead to another mount
-                raise StoreError(
+                raise StoreLayoutError(
                     f"{d} is a {st.kind}, not a directory: the store's root and {RESERVED}/ "
                     "must be real directories on one mount (commits rename between them)"
                 )
@@ -312,7 +315,7 @@ class Engine(Validator, SpaceAccount):
         mounts = [os.path.relpath(m, self._real_root) for m in fs.mount_points(self._real_root)]
         inside = [os.path.join(self.root, m) for m in mounts if m.split(os.sep)[0] == RESERVED]
         if other or inside:
-            raise StoreError(
+            raise StoreLayoutError(
                 f"{(other or inside)[0]} is on another file system or mount than the store's "
                 f"root {self.root}: walstore commits by renaming from {RESERVED}/staging into "
                 "place, which cannot cross mounts"
@@ -340,7 +343,8 @@ class Engine(Validator, SpaceAccount):
                 with suppress(FileExistsError):
                     fs.mkdir(d)
             elif st.kind != "dir":
-                raise StoreError(f"{d} exists and is not a directory")
+                bad = NotAStoreError if d == self.root else StoreLayoutError
+                raise bad(f"{d} exists and is not a directory")
         if self.sync:
             # Every time, not only when made: a first open that crashed after its mkdirs
             # left them unsynced, and a store last used with Durability.OFF left its live
@@ -552,7 +556,7 @@ class Engine(Validator, SpaceAccount):
             raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
         except AppendFailed as exc:
             self._fail(f"journal append failed and could not be undone: {exc}", exc)
-            err = StoreFailedError(f"commit outcome unknown: {exc}")
+            err = CommitOutcomeUnknownError(f"commit outcome unknown: {exc}")
             raise self._end_group(g, Result(Outcome.UNKNOWN, error=err)) from None
 
     def _step_sync_journal(self, g: _Group) -> None:
@@ -575,7 +579,7 @@ class Engine(Validator, SpaceAccount):
                     self.root,
                     exc2,
                 )
-            err = StoreFailedError(
+            err = CommitOutcomeUnknownError(
                 f"commit outcome unknown: the journal sync failed ({exc}); "
                 "reopen the store to learn whether it committed"
             )
@@ -605,7 +609,7 @@ class Engine(Validator, SpaceAccount):
         except OSError as exc:
             self.partial = not applied
             self._fail(f"apply failed after the commit point: {exc}", exc)
-            err = StoreFailedError(
+            err = CommittedNotAppliedError(
                 f"committed (journal LSN {lsn}) and applied, but an old file could not be "
                 f"removed: {exc}; reopen the store to recover"
                 if applied

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from . import _journal_format as fmt
 from ._engine import reserve_for
-from ._errors import CorruptionError, StoreError
+from ._errors import CorruptionError, NotAStoreError, StoreError
 from ._fs import FileStat, OsFileSystem, lstat_result
 from ._journal_reader import SegmentScan, TornSegment, scan_segment
 from ._journal_writer import MIN_SPARE, SPARE, segment_name
@@ -38,8 +38,9 @@ SCAN_ATTEMPTS = 20  # journal scans retried when a checkpoint swaps the segment 
 CHUNK = 1 << 20
 
 
-class NotAStoreError(StoreError):
-    """The path is not a walstore store."""
+class JournalBusyError(StoreError):
+    """The journal changed under every one of ``SCAN_ATTEMPTS`` scans of it (checkpoints of
+    a busy store swapping segments): try again when it is quieter."""
 
 
 # -- progress ----------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def read_journal(
                 last = exc
     if last is not None:
         raise last
-    raise StoreError(f"the journal of {layout.root} kept changing while it was read")
+    raise JournalBusyError(f"the journal of {layout.root} kept changing while it was read")
 
 
 def _read_journal_once(fs: OsFileSystem, layout: Layout) -> JournalView:

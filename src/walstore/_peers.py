@@ -27,7 +27,7 @@ from typing import Protocol
 from . import _journal_format as fmt
 from ._apply import remove_tree
 from ._commit_log import JournalLog
-from ._errors import StoreError, StoreLockedError
+from ._errors import StoreLayoutError, StoreLockedError, StoreMisuseError
 from ._fs import FileSystem, write_all
 from ._recovery import RecoveryReport
 from ._shared import SLOT_SHIFT, SharedFile, SharedHeader, boot_id, slot_of, staged_dirs
@@ -107,9 +107,9 @@ class Peers:
         return self.shared.fd if self.shared is not None else None
 
     def check_fork(self) -> None:
-        """StoreError in a child of ``os.fork()`` of the process that opened the store."""
+        """StoreMisuseError in a child of ``os.fork()`` of the process that opened the store."""
         if _forks[0] != self._forks:
-            raise StoreError(
+            raise StoreMisuseError(
                 f"store {self.host.root} was opened before os.fork(): a child process must "
                 "open the store itself (with gunicorn --preload, open it after the fork)"
             )
@@ -337,7 +337,9 @@ class Peers:
             self._slot_path = os.path.join(self.procs, str(slot))
             slot_fd = fs.lock(self._slot_path)
             if slot_fd is None:
-                raise StoreError(f"slot {slot} of {host.root} is taken: {self.procs} was changed")
+                raise StoreLayoutError(
+                    f"slot {slot} of {host.root} is taken: {self.procs} was changed"
+                )
             self._slot_fd = slot_fd
             write_all(fs, slot_fd, f"{os.getpid()}\n".encode(), 0)
             self.write_header(header)

@@ -41,12 +41,13 @@ from ._engine import (
     conflict_error,
 )
 from ._errors import (
+    CommitOutcomeUnknownError,
     ConflictError,
     StoreClosedError,
-    StoreError,
     StoreFailedError,
     StoreLockedError,
     StoreMisuseError,
+    StoreReadOnlyError,
 )
 from ._fs import AsyncWriter, FileStat, FileSystem, OsFileSystem, on_asyncio
 from ._limits import PathLimits, check_tx_size
@@ -108,6 +109,22 @@ class PendingWrite:
 # How long a process waits for the commit lock another process holds (a group, a checkpoint
 # or an open takes milliseconds; a holder stopped by SIGSTOP or a debugger can take any time).
 DEFAULT_LOCK_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counters of one store instance since it was opened (``store.stats()``)."""
+
+    commits: int  # transactions committed (a rollback or an empty transaction is none)
+    groups: int  # commit groups: one journal write each (and, durable, one fdatasync)
+    mean_group_size: float  # commits per group (0.0 before the first)
+    conflicts: int  # transactions refused with ConflictError
+    checkpoints: int  # checkpoints run (background, ``checkpoint()`` and the close's)
+    journal_bytes: int  # bytes this instance wrote to the journal
+    journal_syncs: int  # fdatasyncs of the journal: the commit points
+    fsyncs: int  # every fsync/fdatasync the store made, directory syncs and syncfs included
+    thread_hops: int  # calls handed to a worker thread (a whole commit group is one)
+    turn_waits: int  # times a transaction waited for its turn on a hot path
 
 
 class Store:
@@ -304,7 +321,7 @@ class Store:
     def _check_writable(self) -> None:
         self._check_open()
         if self._readonly:
-            raise StoreError(f"store {self.root} was opened readonly")
+            raise StoreReadOnlyError(f"store {self.root} was opened readonly")
         if self._engine.failed is not None:
             raise StoreFailedError(
                 f"store {self.root} failed and refuses writes: {self._engine.failed}; "
@@ -651,7 +668,7 @@ class Store:
             except BaseException as exc:
                 if self._cache is not None:
                     self._cache.clear()
-                err = StoreFailedError(f"commit outcome unknown: {exc!r}")
+                err = CommitOutcomeUnknownError(f"commit outcome unknown: {exc!r}")
                 err.__cause__ = exc
                 for w in group:
                     w.result = rejected.get(w) or Result(Outcome.UNKNOWN, error=err)
@@ -903,25 +920,22 @@ class Store:
                 self._pass_lead()
         await anyio.lowlevel.checkpoint()
 
-    def stats(self) -> dict[str, float]:
-        """Counters since open: commits, groups, mean_group_size, conflicts, checkpoints,
-        journal_bytes, journal_syncs, fsyncs (every fsync/fdatasync the store made, directory
-        syncs and syncfs included), thread_hops and turn_waits (times a transaction waited
-        for its turn on a hot path)."""
+    def stats(self) -> StoreStats:
+        """Counters since open: see ``StoreStats``."""
         c = self._engine.counters
         calls = self._engine.fs.calls
-        return {
-            "commits": c.commits,
-            "groups": c.groups,
-            "mean_group_size": c.commits / c.groups if c.groups else 0.0,
-            "conflicts": c.conflicts,
-            "checkpoints": c.checkpoints,
-            "journal_bytes": c.journal_bytes,
-            "journal_syncs": c.journal_syncs,
-            "fsyncs": calls["fsync"] + calls["fdatasync"] + calls["fsync_dir"] + calls["syncfs"],
-            "thread_hops": self._hops,
-            "turn_waits": self._locks.waits,
-        }
+        return StoreStats(
+            commits=c.commits,
+            groups=c.groups,
+            mean_group_size=c.commits / c.groups if c.groups else 0.0,
+            conflicts=c.conflicts,
+            checkpoints=c.checkpoints,
+            journal_bytes=c.journal_bytes,
+            journal_syncs=c.journal_syncs,
+            fsyncs=calls["fsync"] + calls["fdatasync"] + calls["fsync_dir"] + calls["syncfs"],
+            thread_hops=self._hops,
+            turn_waits=self._locks.waits,
+        )
 
     async def aclose(self) -> None:
         """Checkpoint (unless readonly or failed) and release the lock. Idempotent. Transactions

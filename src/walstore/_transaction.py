@@ -74,7 +74,7 @@ class TxState(enum.Enum):
 
     ACTIVE = "active"  # ops buffered; nothing visible; large values staged
     COMMITTING = "committing"  # handed to the committer; outcome pending
-    COMMITTED = "committed"  # durable in the journal (and in place unless StoreFailedError)
+    COMMITTED = "committed"  # durable in the journal (in place unless CommittedNotAppliedError)
     ROLLED_BACK = "rolled_back"  # nothing changed; staged values removed
     FAILED = "failed"  # outcome unknown (the journal sync failed); reopen to learn it
 
@@ -695,11 +695,12 @@ class Transaction:
         """Commit: on return every change is durable (Durability.FULL) and in place.
 
         Raises ConflictError or InvalidPathError (rolled back, nothing changed), an OSError met
-        before the commit point (rolled back), or StoreFailedError (``state`` tells: FAILED, the
-        outcome is unknown; COMMITTED, durable but not yet in place). Cancellation: before the
-        committer takes the transaction it rolls back and the cancellation propagates; after,
-        the commit runs to its end shielded, ``state`` is final, then the cancellation is
-        delivered."""
+        before the commit point (rolled back), CommitOutcomeUnknownError (``state`` FAILED: it
+        may or may not be durable), CommittedNotAppliedError (``state`` COMMITTED: durable, not
+        yet wholly in place), or StoreFailedError (the store failed earlier: rolled back,
+        nothing changed). Cancellation: before the committer takes the transaction it rolls
+        back and the cancellation propagates; after, the commit runs to its end shielded,
+        ``state`` is final, then the cancellation is delivered."""
         self._check_active()
         if self._inflight:
             await self._link.roll_back(self._fp)

@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 import walstore
+from walstore import _inspect
 from walstore._journal_format import HEADER_SIZE
 from walstore._journal_reader import scan_segment
 
@@ -336,6 +337,22 @@ def test_bad_input_gets_one_line_and_a_documented_exit_code(tmp_path: Path, caps
         r = run_in_process(capsys, "backup", str(path), str(tmp_path / "b"))
         assert r.code == 1 and words in one_line_error(r)
     assert not (tmp_path / "missing").exists()  # nothing created
+
+
+def test_a_journal_that_never_holds_still_is_reported(
+    store: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every scan lost a segment to a checkpoint under it: JournalBusyError, a problem
+    reported in one line (exit 1), not an internal error."""
+
+    def vanished(fs: object, layout: object) -> None:
+        raise FileNotFoundError(2, "dropped by a checkpoint")
+
+    monkeypatch.setattr(_inspect, "_read_journal_once", vanished)
+    with pytest.raises(_inspect.JournalBusyError, match="kept changing"):
+        _inspect.read_journal(_inspect.Layout.of(str(store)))
+    r = run_in_process(capsys, "log", str(store))
+    assert r.code == 1 and "kept changing while it was read" in one_line_error(r)
 
 
 def test_usage_errors_exit_2_in_one_line(store: Path, tmp_path: Path, capsys: Cap) -> None:

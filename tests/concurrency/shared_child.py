@@ -44,7 +44,7 @@ async def count(root: str, tasks: int, n: int) -> None:
             for _ in range(tasks):
                 tg.start_soon(worker)
         stats = store.stats()
-    print(f"done {stats['commits']} {stats['conflicts']}", flush=True)
+    print(f"done {stats.commits} {stats.conflicts}", flush=True)
 
 
 async def bank(root: str, accounts: int) -> None:
@@ -155,14 +155,14 @@ async def eio(root: str, erase: bool) -> None:
         fs.armed = True
         try:
             await store.write_json("a.json", 2)
-        except walstore.StoreFailedError as exc:
+        except walstore.CommitOutcomeUnknownError as exc:
             assert "outcome unknown" in str(exc), exc
         else:
             raise AssertionError("the failed sync was not reported")
         try:
             await store.write_json("b.json", 1)
-        except walstore.StoreFailedError:
-            pass  # fail-stop: no more writes here
+        except walstore.StoreFailedError as exc:
+            assert type(exc) is walstore.StoreFailedError, exc  # fail-stop: no more writes here
         else:
             raise AssertionError("a failed store took a write")
         print("failed", flush=True)

@@ -37,7 +37,7 @@ from .helpers import (
     user_files,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="Cancellation never half-commits")]
 
 INLINE = 64  # inline threshold: BIG is staged on disk while the transaction runs
 BIG = bytes(range(256)) * 2
@@ -374,7 +374,7 @@ async def test_cancel_while_queued_behind_another_group_rolls_back() -> None:
     assert user_files(fs) == {**OLD, "a": b"A"}
     assert staging_leftovers(fs) == {}  # removed by the rollback, before any checkpoint
     stats = store.stats()
-    assert stats["commits"] == 2 and stats["conflicts"] == 0
+    assert stats.commits == 2 and stats.conflicts == 0
     await check_store_still_works(fs, store, {**OLD, "a": b"A"}, "queued")
 
 
@@ -427,7 +427,7 @@ async def test_cancel_inside_a_group_being_committed_commits_then_delivers() -> 
     expected = {**OLD, "a": b"a", "b": b"b", "c": b"c"}
     assert user_files(fs) == expected
     stats = store.stats()
-    assert stats["groups"] == 3 and stats["commits"] == 4  # the seed, A, then B+C
+    assert stats.groups == 3 and stats.commits == 4  # the seed, A, then B+C
     await check_store_still_works(fs, store, expected, "in a group")
 
 

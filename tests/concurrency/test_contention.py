@@ -22,7 +22,7 @@ from walstore.testing import MemoryFileSystem
 
 from .helpers import STRESS, Blocker, nth_call, open_memory
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="Contention never fails atomic")]
 
 
 async def incr(tx: walstore.Transaction, path: str, calls: list[int] | None = None) -> int:
@@ -60,10 +60,10 @@ async def test_handlers_on_one_document_all_commit_with_the_defaults(
         assert await store.read_json("counter.json") == {"n": handlers}
     assert sorted(seen) == list(range(1, handlers + 1))
     assert max(attempts) <= 2
-    commits = after["commits"] - before["commits"]
+    commits = after.commits - before.commits
     assert commits == handlers
-    assert after["conflicts"] - before["conflicts"] <= 2 * commits
-    assert after["thread_hops"] - before["thread_hops"] <= commits // 4  # groups of 4+
+    assert after.conflicts - before.conflicts <= 2 * commits
+    assert after.thread_hops - before.thread_hops <= commits // 4  # groups of 4+
 
 
 async def test_a_loop_of_writers_conflicts_only_until_the_queue_forms(tmp_path: Path) -> None:
@@ -84,10 +84,10 @@ async def test_a_loop_of_writers_conflicts_only_until_the_queue_forms(tmp_path: 
                 tg.start_soon(worker)
         after = store.stats()
         assert await store.read_json("counter.json") == {"n": tasks * rounds}
-    commits = after["commits"] - before["commits"]
-    assert after["conflicts"] - before["conflicts"] <= tasks
-    assert after["groups"] - before["groups"] <= commits // 4
-    assert after["turn_waits"] > 0  # they did queue
+    commits = after.commits - before.commits
+    assert after.conflicts - before.conflicts <= tasks
+    assert after.groups - before.groups <= commits // 4
+    assert after.turn_waits > 0  # they did queue
 
 
 async def test_sixteen_hot_documents_are_exact(tmp_path: Path) -> None:
@@ -110,9 +110,9 @@ async def test_sixteen_hot_documents_are_exact(tmp_path: Path) -> None:
         after = store.stats()
         for d in range(16):
             assert await store.read_json(f"doc{d}.json") == {"n": picks.count(d)}
-    commits = after["commits"] - before["commits"]
-    assert after["conflicts"] - before["conflicts"] <= commits
-    assert after["thread_hops"] - before["thread_hops"] <= commits // 4
+    commits = after.commits - before.commits
+    assert after.conflicts - before.conflicts <= commits
+    assert after.thread_hops - before.thread_hops <= commits // 4
 
 
 async def transfer(tx: walstore.Transaction, src: str, dst: str) -> None:
@@ -196,9 +196,9 @@ async def test_a_stale_transaction_fails_on_the_event_loop(tmp_path: Path) -> No
                 await tx.commit()
         after = store.stats()
         assert tx.state is TxState.ROLLED_BACK
-        assert after["thread_hops"] == before["thread_hops"]
-        assert after["journal_bytes"] == before["journal_bytes"]
-        assert after["conflicts"] == before["conflicts"] + 1
+        assert after.thread_hops == before.thread_hops
+        assert after.journal_bytes == before.journal_bytes
+        assert after.conflicts == before.conflicts + 1
         assert not await store.exists("y")
 
 
@@ -276,7 +276,7 @@ async def test_a_blind_write_takes_its_turn_after_the_holder(tmp_path: Path) -> 
             assert await store.read_text("p") == "100"  # the blind write waits
             go.set()
         assert await store.read_text("p") == "blind"  # after the holder's 101
-        assert store.stats()["conflicts"] == 1
+        assert store.stats().conflicts == 1
 
 
 async def test_cancelled_while_waiting_for_a_turn_rolls_back(tmp_path: Path) -> None:

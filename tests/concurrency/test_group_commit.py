@@ -17,7 +17,7 @@ from walstore.testing import MemoryFileSystem
 
 from .helpers import GUARD, ROOT, Blocker, nth_call, open_memory, user_files
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="One fdatasync per commit group")]
 
 TASKS = 64
 
@@ -37,15 +37,15 @@ async def test_concurrent_commits_share_journal_syncs(tmp_path: Path) -> None:
             for i in range(TASKS):
                 tg.start_soon(worker, i)
         after = store.stats()
-        commits = after["commits"] - before["commits"]
-        syncs = after["journal_syncs"] - before["journal_syncs"]
-        hops = after["thread_hops"] - before["thread_hops"]
+        commits = after.commits - before.commits
+        syncs = after.journal_syncs - before.journal_syncs
+        hops = after.thread_hops - before.thread_hops
         assert commits == TASKS * rounds
-        assert after["groups"] - before["groups"] == syncs  # one fdatasync per group
+        assert after.groups - before.groups == syncs  # one fdatasync per group
         assert syncs <= commits / 4, after
         assert hops <= commits / 4, after  # one hop per group, none per transaction
-        assert after["mean_group_size"] > 4, after
-        assert after["conflicts"] == 0
+        assert after.mean_group_size > 4, after
+        assert after.conflicts == 0
         for i in range(TASKS):
             assert await store.read_json(f"f/{i}.json") == {"i": i, "round": rounds - 1}
 
@@ -72,10 +72,10 @@ async def test_writers_released_by_a_group_make_the_next_one_whole(tasks: int) -
         for i in range(tasks):
             tg.start_soon(worker, i)
     after = store.stats()
-    assert after["commits"] - before["commits"] == tasks * rounds
+    assert after.commits - before.commits == tasks * rounds
     # Every group whole, the first too (its leader's turn lets the others start and queue).
     # Without the turn: 2 * rounds groups of half the tasks.
-    assert after["groups"] - before["groups"] == rounds, after
+    assert after.groups - before.groups == rounds, after
     assert user_files(fs) == {f"f/{i}": b"%d" % (rounds - 1) for i in range(tasks)}
     await store.aclose()
 
@@ -112,14 +112,14 @@ async def test_every_transaction_ready_joins_the_next_group() -> None:
 
     after = store.stats()
     delta = fs.calls - before_calls
-    assert after["commits"] - before["commits"] == TASKS
-    assert after["groups"] - before["groups"] == 2
-    assert after["journal_syncs"] - before["journal_syncs"] == 2
+    assert after.commits - before.commits == TASKS
+    assert after.groups - before.groups == 2
+    assert after.journal_syncs - before.journal_syncs == 2
     assert delta["fdatasync"] == 2
     # 2 journal appends; one tmp file per value; after each group's apply, the applied LSN
     # in the header other processes read (.walstore/shared)
     assert delta["pwrite"] == 2 + 2 * TASKS + 2
-    assert after["thread_hops"] - before["thread_hops"] == 2
+    assert after.thread_hops - before.thread_hops == 2
     assert {tx.lsn for tx in txs[1:]} == {txs[1].lsn} != {txs[0].lsn}
     assert all(tx.state is TxState.COMMITTED for tx in txs)
     files = user_files(fs)
@@ -184,9 +184,9 @@ async def test_a_conflict_leaves_the_group_and_the_rest_commit() -> None:
     files = user_files(fs)
     assert files["counter"] == b"1"
     assert sorted(p for p in files if p.startswith("own/")) == sorted(f"own/{n}" for n in won)
-    assert after["conflicts"] - before["conflicts"] == 7
-    assert after["groups"] - before["groups"] == 2  # the unrelated one, then all 12
-    assert after["journal_syncs"] - before["journal_syncs"] == 2
+    assert after.conflicts - before.conflicts == 7
+    assert after.groups - before.groups == 2  # the unrelated one, then all 12
+    assert after.journal_syncs - before.journal_syncs == 2
     await store.aclose()
 
 
@@ -207,9 +207,9 @@ async def test_read_only_transactions_need_no_journal_sync(
             for _ in range(TASKS):
                 tg.start_soon(look)
         after = store.stats()
-    assert after["journal_syncs"] == before["journal_syncs"]
-    assert after["fsyncs"] == before["fsyncs"]
-    assert after["commits"] == before["commits"]
+    assert after.journal_syncs == before.journal_syncs
+    assert after.fsyncs == before.fsyncs
+    assert after.commits == before.commits
 
 
 # -- closing while commits are under way ----------------------------------------------------
@@ -313,10 +313,10 @@ async def test_commits_run_in_the_committer_thread_on_asyncio(anyio_backend: str
             names.append(threading.current_thread().name)
 
     fs.fault = where
-    hops = store.stats()["thread_hops"]
+    hops = store.stats().thread_hops
     for i in range(3):
         await store.write(f"f{i}", b"x")
-    assert store.stats()["thread_hops"] - hops == 3
+    assert store.stats().thread_hops - hops == 3
     fs.fault = None
     thread = store._committer._thread
     await store.aclose()

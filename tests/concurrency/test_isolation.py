@@ -21,7 +21,7 @@ from walstore.testing import MemoryFileSystem
 
 from .helpers import STRESS, Blocker, nth_call, open_memory, staging_leftovers, user_files
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="Isolated")]
 
 
 async def increment(tx: walstore.Transaction, path: str) -> int:
@@ -58,8 +58,8 @@ async def test_no_lost_update(
         assert await store.read_text("counter") == str(tasks * rounds)
         stats = store.stats()
     assert sorted(seen) == list(range(1, tasks * rounds + 1))  # no value handed out twice
-    assert stats["commits"] == tasks * rounds + 1
-    assert stats["conflicts"] > 0  # the tasks did overlap
+    assert stats.commits == tasks * rounds + 1
+    assert stats.conflicts > 0  # the tasks did overlap
     assert (root / "counter").read_text() == str(tasks * rounds)
 
 
@@ -269,7 +269,7 @@ async def test_blind_writes_never_conflict(grouping: str) -> None:
         assert first.lsn < second.lsn
     assert user_files(fs)["f"] == b"2"
     assert json.loads(user_files(fs)["other.json"]) == {"by": "2"}
-    assert store.stats()["conflicts"] == 0
+    assert store.stats().conflicts == 0
     await store.aclose()
 
 
@@ -279,7 +279,7 @@ async def test_many_concurrent_blind_writers_all_commit(tmp_path: Path) -> None:
             for i in range(64):
                 tg.start_soon(store.write_json, "same.json", {"i": i})
         stats = store.stats()
-        assert stats["commits"] == 64 and stats["conflicts"] == 0
+        assert stats.commits == 64 and stats.conflicts == 0
         assert (await store.read_json("same.json"))["i"] in range(64)
 
 
@@ -308,7 +308,7 @@ async def test_stale_read_is_refused_and_nothing_applied(grouping: str) -> None:
         expected["unrelated"] = b"u"
     assert user_files(fs) == expected
     assert staging_leftovers(fs) == {}
-    assert store.stats()["conflicts"] == 1
+    assert store.stats().conflicts == 1
     # Retried through atomic it commits, on top of B.
     await store.atomic(lambda tx: tx.write("y", b"y2"))
     assert user_files(fs)["y"] == b"y2"

@@ -28,6 +28,8 @@ from walstore.testing import MemoryFileSystem
 
 from .helpers import GUARD, open_memory, user_files
 
+pytestmark = pytest.mark.guarantee(name="Misuse is an error, not a hang or a loss")
+
 
 @pytest.mark.anyio
 async def test_a_store_used_from_another_thread_raises(anyio_backend: str) -> None:

@@ -29,7 +29,10 @@ import walstore
 
 from .helpers import GUARD
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.guarantee(name="One writer process, with exclusive=True"),
+]
 
 CHILD = textwrap.dedent(
     """
@@ -291,7 +294,7 @@ async def test_readonly_reads_while_a_writer_process_works(root: Path, anyio_bac
                 assert a["seq"] == b["seq"] == 205
                 assert a["amount"] + b["amount"] == 100
                 assert await ro.list() == ["a.json", "b.json", "worker.txt"]
-                with pytest.raises(walstore.StoreError):
+                with pytest.raises(walstore.StoreReadOnlyError):
                     await ro.write("x", b"")
                 with pytest.raises(walstore.StoreLockedError, match=rf"\bpid {pid}\b"):
                     await walstore.open(root, exclusive=True)

@@ -21,7 +21,7 @@ from walstore import Durability
 
 from .helpers import GUARD, STRESS
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="Readers see whole transactions")]
 
 WRITERS = 16
 TRANSFERS = 128 if STRESS else 24  # per writer: 2048 (384) committed transfers in all

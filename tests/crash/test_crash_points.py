@@ -40,6 +40,8 @@ from tests.crash.realproc import (
 from tests.crash.shapes import BY_NAME, SHAPES, SOAK
 from tests.support import tally
 
+pytestmark = [pytest.mark.guarantee(name="Atomic"), pytest.mark.guarantee(name="Recovered on open")]
+
 TALLY = tally("crash points (real processes)")  # cases: processes killed at an operation
 WORKERS = (os.cpu_count() or 2) + 1  # children often wait for thread hops
 

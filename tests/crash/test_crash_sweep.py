@@ -28,6 +28,12 @@ from tests.support import (
 )
 from walstore.testing import MemoryFileSystem
 
+pytestmark = [
+    pytest.mark.guarantee(name="Atomic"),
+    pytest.mark.guarantee(name="Durable"),
+    pytest.mark.guarantee(name="Recovered on open"),
+]
+
 FULL = walstore.Durability.FULL
 BIG = bytes(range(256)) * 2  # staged: over the inline threshold
 

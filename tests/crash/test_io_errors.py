@@ -6,10 +6,11 @@ The verdicts (DESIGN.md 1.7, docs/commit-protocol.md 4):
 * before the commit point: the transaction raises a clean error (not StoreFailedError), is
   ROLLED_BACK and nothing changed; after a transient error the store is still usable (unless
   the failed call was a sync, which is never retried: then it refuses writes);
-* the journal fdatasync (the commit point): StoreFailedError saying the outcome is unknown and
-  the transaction FAILED, never ROLLED_BACK; reopening finds it wholly or not at all;
-* after it (apply, checkpoint): StoreFailedError, the transaction COMMITTED, the store refuses
-  writes until reopened, and reopening recovers a state holding the transaction;
+* the journal fdatasync (the commit point): CommitOutcomeUnknownError and the transaction
+  FAILED, never ROLLED_BACK; reopening finds it wholly or not at all;
+* after it: in apply CommittedNotAppliedError, in the checkpoint the plain StoreFailedError;
+  the transaction COMMITTED, the store refuses writes (the plain StoreFailedError) until
+  reopened, and reopening recovers a state holding the transaction;
 * except ENOSPC or EDQUOT in the checkpoint at a call on ``.walstore/`` other than a sync (the
   journal's recycled spare segment, a new segment, the reserve's free_space, the clean-up):
   the checkpoint is postponed with an OSError of that errno (or, for free_space, succeeds), the
@@ -31,6 +32,7 @@ import random
 from collections.abc import Awaitable, Callable
 
 import anyio
+import pytest
 
 import walstore
 from tests.crash.shapes import BY_NAME, SHAPES, SOAK, TUNING, Shape, TxOps, fill, run_tx
@@ -38,6 +40,11 @@ from tests.crash.simcheck import check as check_recovered
 from tests.crash.simcheck import recover
 from tests.support import ROOT, Model, tally, user_files
 from walstore.testing import MemoryFileSystem, ShortWrite
+
+pytestmark = [
+    pytest.mark.guarantee(name="Fail-stop"),
+    pytest.mark.guarantee(name="A full disk locks no one out"),
+]
 
 TALLY = tally("injected I/O errors")
 ERRNOS = (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -170,7 +177,8 @@ def commit_case(s: Setup, at: int, kind: str, mode: str, power: bool) -> tuple[s
         # before the commit point
         name = fired[0][1]
         verdict = "before the commit point, " + ("usable" if with_probe else "refusing")
-        if state is walstore.TxState.FAILED and isinstance(tx_exc, walstore.StoreFailedError):
+        unknown = isinstance(tx_exc, walstore.CommitOutcomeUnknownError)
+        if state is walstore.TxState.FAILED and unknown:
             # a journal append that failed and could not be cut back: outcome unknown
             allowed = [s.before, s.after]
             if not (persistent and name in ("pwrite", "truncate")):
@@ -192,9 +200,10 @@ def commit_case(s: Setup, at: int, kind: str, mode: str, power: bool) -> tuple[s
         allowed = [s.before, s.after]
         if state is not walstore.TxState.FAILED:
             bad.append(f"journal sync failed but the transaction is {state}")
-        if not isinstance(tx_exc, walstore.StoreFailedError) or "unknown" not in str(tx_exc):
+        unknown = isinstance(tx_exc, walstore.CommitOutcomeUnknownError)
+        if not unknown or "unknown" not in str(tx_exc):
             bad.append(f"journal sync failed but the error is {tx_exc!r}")
-        if not isinstance(probe_exc, walstore.StoreFailedError):
+        if not _refusal(probe_exc):
             bad.append(f"store not poisoned after a failed journal sync: {probe_exc!r}")
     elif _postponable(kind, fired[0], tx_end):
         verdict = "checkpoint postponed for space"
@@ -220,9 +229,11 @@ def commit_case(s: Setup, at: int, kind: str, mode: str, power: bool) -> tuple[s
         exc = tx_exc if in_tx else cp_exc
         if state is not walstore.TxState.COMMITTED:
             bad.append(f"state {state} after the commit point")
-        if not isinstance(exc, walstore.StoreFailedError):
-            bad.append(f"no StoreFailedError after the commit point: {tx_exc!r} / {cp_exc!r}")
-        if not isinstance(probe_exc, walstore.StoreFailedError):
+        # apply: the transaction's own outcome (committed); a checkpoint: the store's only
+        want = walstore.CommittedNotAppliedError if in_tx else walstore.StoreFailedError
+        if type(exc) is not want:
+            bad.append(f"no {want.__name__} after the commit point: {tx_exc!r} / {cp_exc!r}")
+        if not _refusal(probe_exc):
             bad.append(f"store not poisoned after the commit point: {probe_exc!r}")
     if close_exc is not None and not isinstance(close_exc, OSError | walstore.StoreError):
         bad.append(f"aclose raised {close_exc!r}")
@@ -234,6 +245,12 @@ def commit_case(s: Setup, at: int, kind: str, mode: str, power: bool) -> tuple[s
     fs.reboot(power_loss=random.Random(f"{what}") if power else None)
     bad += _reopen(fs, allowed)
     return verdict, [f"{b} ({what}, power={power})" for b in bad]
+
+
+def _refusal(exc: BaseException | None) -> bool:
+    """A failed store's refusal of a later transaction: the plain StoreFailedError, neither
+    subclass (that transaction has no outcome to learn)."""
+    return type(exc) is walstore.StoreFailedError
 
 
 def _tolerated(call: tuple[int, str, str]) -> bool:

@@ -20,6 +20,7 @@ import random
 from collections.abc import Callable
 
 import anyio
+import pytest
 
 import walstore
 from tests.crash.shapes import BY_NAME, SHAPES, SOAK, TUNING, Shape, run_tx, run_workload
@@ -27,6 +28,8 @@ from tests.crash.simcheck import check, recover
 from tests.support import ROOT, tally
 from walstore import _apply
 from walstore.testing import MemoryFileSystem
+
+pytestmark = pytest.mark.guarantee(name="Durable")
 
 TALLY = tally("power-loss images")
 IMAGES = 100_000 * SOAK  # at least this many in all

@@ -15,10 +15,14 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+import walstore
+from walstore import _errors
 
 REPO = Path(__file__).resolve().parents[2]
 API_MD = REPO / "docs" / "api.md"
@@ -93,3 +97,23 @@ def test_enum_members_say_what_they_mean(api_html: str, path: str, members: list
         assert found, f"{path}.{member} is not in the reference"
         entry = after.split('<div class="doc doc-object', 1)[0]
         assert re.search(r"<p>\s*\S", entry), f"{path}.{member} has no description"
+
+
+def _tree(text: str) -> str:
+    """The error tree drawn in ``text``: the block of lines from the one naming StoreError."""
+    start = text.rindex("\n", 0, text.index("StoreError\n")) + 1
+    return textwrap.dedent(text[start:].split("\n\n", 1)[0].split("\n```", 1)[0])
+
+
+def test_the_reference_draws_the_error_tree_of_the_code() -> None:
+    """docs/api.md shows the tree walstore/_errors.py draws (tests/unit/test_exported_members
+    checks that one against the classes), and an entry for each error."""
+    assert _tree(API_MD.read_text()) == _tree(_errors.__doc__ or "")
+    documented = {path for path, _ in _documented()}
+    errors = {
+        f"walstore.{name}"
+        for name in walstore.__all__
+        if isinstance(getattr(walstore, name), type)
+        and issubclass(getattr(walstore, name), BaseException)
+    }
+    assert errors - documented == set()

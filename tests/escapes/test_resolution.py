@@ -25,6 +25,8 @@ from walstore._fs import _HELD_MAX, _KEPT_MAX, FileSystem, NotRegularFileError, 
 from walstore._inspect import Layout, verify
 from walstore.testing import MemoryFileSystem
 
+pytestmark = pytest.mark.guarantee(name="Nothing outside the root is touched")
+
 KINDS = [
     pytest.param(
         "openat2", marks=pytest.mark.skipif(_openat2 is None, reason="no openat2 (Linux 5.6+)")
@@ -194,6 +196,7 @@ def special(tmp_path: Path, kind: str) -> Path:
     return root
 
 
+@pytest.mark.guarantee(name="Reads never block on special files")
 @pytest.mark.parametrize("cache", [0, 1 << 20])
 @pytest.mark.parametrize("kind", ["fifo", "char device"])
 def test_special_files_are_refused_at_once(tmp_path: Path, kind: str, cache: int) -> None:
@@ -367,6 +370,7 @@ def test_descriptors_held_and_kept_are_bounded(tmp_path: Path, resolver: str) ->
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+@pytest.mark.guarantee(name="Reads never block on special files")
 @pytest.mark.asyncio
 @pytest.mark.parametrize("swap", ["symlink", "fifo"])
 async def test_verify_reads_nothing_through_a_symlink_or_from_a_fifo(

@@ -34,6 +34,8 @@ from walstore._fs import _openat2
 
 from .swapper import Swapper
 
+pytestmark = pytest.mark.guarantee(name="Nothing outside the root is touched")
+
 SLOW = bool(os.environ.get("WALSTORE_SLOW") or os.environ.get("WALSTORE_SOAK"))
 SWAPS = 30_000 if SLOW else 3_000  # at least this many swaps per test (CI: 30 min in all)
 OPS = 1_000 if SLOW else 150  # and this many operations run against them

@@ -48,6 +48,7 @@ def test_main_writes_ten_turns(tmp_path: Path) -> None:
     anyio.run(check)
 
 
+@pytest.mark.guarantee(name="Your app's own invariants")
 @pytest.mark.anyio
 async def test_a_turn_crashed_at_every_call_is_old_or_new() -> None:
     async def setup(store: walstore.Store) -> None:

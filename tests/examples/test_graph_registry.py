@@ -44,6 +44,7 @@ async def test_a_refused_save_changes_nothing(tmp_path: Path) -> None:
         await reg.check_registry(store)
 
 
+@pytest.mark.guarantee(name="Your app's own invariants")
 @pytest.mark.anyio
 async def test_save_and_delete_crashed_at_every_call_keep_the_index_true() -> None:
     async def setup(store: walstore.Store) -> None:

@@ -23,7 +23,10 @@ import pytest
 
 import walstore
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.guarantee(name="Several writer processes (the default)"),
+]
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = 4
 UVICORN = [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app"]

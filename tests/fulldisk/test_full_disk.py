@@ -32,6 +32,8 @@ from tests.powercut.test_powercut import Disk, _unavailable
 from walstore._cli import main as walstore_cli
 from walstore._engine import reserve_for
 
+pytestmark = pytest.mark.guarantee(name="A full disk locks no one out")
+
 ROOM = 48 << 20  # bytes left free for the store on each disk
 SIZES = {"4k": 4 << 10, "128k": 128 << 10, "4m": 4 << 20}
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

@@ -14,6 +14,7 @@ import os
 import random
 
 import anyio
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,8 @@ from tests.support import (
     user_files,
 )
 from walstore.testing import MemoryFileSystem
+
+pytestmark = pytest.mark.guarantee(name="Damage is told from a torn tail")
 
 SOAK = 10 if os.environ.get("WALSTORE_SOAK") else 1
 TALLY = tally("fuzzed inputs")

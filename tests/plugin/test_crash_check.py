@@ -8,7 +8,7 @@ import pytest
 import walstore
 from walstore.pytest_plugin import crash_check
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="Your app's own invariants")]
 
 
 async def test_concurrent_tasks_crashed_together() -> None:

@@ -85,6 +85,7 @@ def _quiet_ini(pytester: pytest.Pytester) -> None:
 SUMMARY = re.compile(r"walstore crash check: (\d+) crash points, (\d+) cases checked, (\d+) broke")
 
 
+@pytest.mark.guarantee(name="Your app's own invariants")
 def test_good_workload_passes_and_counts_the_crash_points(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_bank=GOOD)
     result = pytester.runpytest("-s", "-p", "no:cacheprovider")
@@ -98,6 +99,7 @@ def test_good_workload_passes_and_counts_the_crash_points(pytester: pytest.Pytes
     assert broke == 0
 
 
+@pytest.mark.guarantee(name="Your app's own invariants")
 def test_broken_workload_reports_the_failing_crash_points(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_bank=BROKEN)
     result = pytester.runpytest("-s", "-p", "no:cacheprovider")

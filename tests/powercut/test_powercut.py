@@ -30,6 +30,8 @@ from tests.support import tally
 from tests.torture import workload
 from tests.torture.test_sigkill import kill_and_drain, spawn, wait_for_acks
 
+pytestmark = pytest.mark.guarantee(name="Durable")
+
 SOAK = 10 if os.environ.get("WALSTORE_SOAK") else 1
 CUTS = 50 * SOAK
 TASKS = 8

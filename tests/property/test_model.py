@@ -16,6 +16,7 @@ import os
 import random
 
 import anyio
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -39,6 +40,8 @@ from tests.support import (
     user_files,
 )
 from walstore.testing import MemoryFileSystem
+
+pytestmark = [pytest.mark.guarantee(name="Atomic"), pytest.mark.guarantee(name="Durable")]
 
 SOAK = 10 if os.environ.get("WALSTORE_SOAK") else 1
 TALLY = tally("model-based crash/power-loss")

@@ -15,6 +15,8 @@ import walstore
 from tests.support import ROOT, Tally, open_store, tally, user_files
 from walstore.testing import MemoryFileSystem, SimulatedCrash
 
+pytestmark = pytest.mark.guarantee(name="Directories whole")
+
 FULL = walstore.Durability.FULL
 CONV = "conversations/c1"
 QUERY = b"What is walstore?\n"

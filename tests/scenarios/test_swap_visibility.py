@@ -13,6 +13,8 @@ import pytest
 import walstore
 from walstore import OsFileSystem
 
+pytestmark = pytest.mark.guarantee(name="Directories whole")
+
 
 def test_swapped_directory_is_never_missing(tmp_path: Path) -> None:
     fs = OsFileSystem()

@@ -102,9 +102,47 @@ async def test_open_creates_the_layout(root: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_open_create_false_on_missing_store_refuses(root: Path) -> None:
-    with pytest.raises(walstore.StoreError):
+    with pytest.raises(walstore.NotAStoreError, match="is not a walstore store"):
         await walstore.open(root, create=False)
     assert not root.exists()
+
+
+@pytest.mark.asyncio
+async def test_open_on_a_file_is_not_a_store(root: Path) -> None:
+    root.write_bytes(b"not a directory")
+    with pytest.raises(walstore.NotAStoreError, match="is not a directory"):
+        await walstore.open(root)
+    assert root.read_bytes() == b"not a directory"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("where", [".walstore", ".walstore/journal", ".walstore/staging"])
+async def test_a_file_in_place_of_the_layout_is_a_layout_error(root: Path, where: str) -> None:
+    async with walstore.open(root) as store:
+        await store.write("keep", b"1")
+    (root / where).rename(root.parent / "moved")
+    (root / where).write_bytes(b"a file")
+    with pytest.raises(walstore.StoreLayoutError, match="not a directory"):
+        await walstore.open(root)
+    assert (root / where).read_bytes() == b"a file"  # nothing was changed
+
+
+@pytest.mark.asyncio
+async def test_a_slot_held_against_the_shared_header_is_a_layout_error(root: Path) -> None:
+    """The shared header hands out the next slot, and another process holds its lock
+    (``.walstore/procs`` was changed behind the store's back): the open refuses."""
+    fs = walstore.OsFileSystem()
+    lock = fs.lock
+
+    def lock_but_slots(path: str, *, wait: bool = False) -> int | None:
+        return None if "/procs/" in path else lock(path, wait=wait)
+
+    async with walstore.open(root, exclusive=False) as store:
+        await store.write("keep", b"1")
+        fs.lock = lock_but_slots  # type: ignore[method-assign]
+        with pytest.raises(walstore.StoreLayoutError, match="is taken"):
+            await walstore.open(root, exclusive=False, fs=fs)
+        assert await store.read("keep") == b"1"
 
 
 @pytest.mark.asyncio
@@ -551,22 +589,22 @@ async def test_reopen_preserves_data_and_recovery_is_clean(root: Path) -> None:
 @pytest.mark.asyncio
 async def test_stats_count_commits_and_groups(store: walstore.Store) -> None:
     s0 = store.stats()
-    assert s0["commits"] == 0
-    assert s0["groups"] == 0
+    assert s0.commits == 0
+    assert s0.groups == 0
     for i in range(3):
         await store.write(f"f{i}", b"x")
     s1 = store.stats()
-    assert s1["commits"] == 3
-    assert s1["groups"] == 3
-    assert s1["mean_group_size"] == 1.0
-    assert s1["journal_bytes"] > 0
-    assert s1["journal_syncs"] == 3
+    assert s1.commits == 3
+    assert s1.groups == 3
+    assert s1.mean_group_size == 1.0
+    assert s1.journal_bytes > 0
+    assert s1.journal_syncs == 3
 
     async with store.transaction() as tx:
         await tx.rollback()
     async with store.transaction():
         pass
-    assert store.stats()["commits"] == 3  # neither a rollback nor an empty tx commits
+    assert store.stats().commits == 3  # neither a rollback nor an empty tx commits
 
     async def one(i: int) -> None:
         async with store.transaction() as tx:
@@ -574,12 +612,12 @@ async def test_stats_count_commits_and_groups(store: walstore.Store) -> None:
 
     await asyncio.gather(*(one(i) for i in range(5)))
     s2 = store.stats()
-    assert s2["commits"] == 8
-    assert 4 <= s2["groups"] < 8  # the five concurrent commits shared groups
-    assert s2["mean_group_size"] > 1.0
+    assert s2.commits == 8
+    assert 4 <= s2.groups < 8  # the five concurrent commits shared groups
+    assert s2.mean_group_size > 1.0
 
     await store.checkpoint()
-    assert store.stats()["checkpoints"] == s2["checkpoints"] + 1
+    assert store.stats().checkpoints == s2.checkpoints + 1
 
 
 @pytest.mark.asyncio
@@ -595,8 +633,8 @@ async def test_read_only_transaction_writes_no_journal(store: walstore.Store, wh
     else:
         await store.delete("missing", missing_ok=True)
     after = store.stats()
-    assert after["journal_bytes"] == before["journal_bytes"]
-    assert after["journal_syncs"] == before["journal_syncs"]
+    assert after.journal_bytes == before.journal_bytes
+    assert after.journal_syncs == before.journal_syncs
 
 
 # -- closing ------------------------------------------------------------------------------
@@ -740,7 +778,7 @@ async def test_store_write_of_non_bytes_raises_type_error(
     with pytest.raises(TypeError):
         await store.write("new", data)
     assert snapshot(root) == before
-    assert store.stats()["commits"] == 1
+    assert store.stats().commits == 1
 
 
 @pytest.mark.asyncio
@@ -901,22 +939,22 @@ async def test_readonly_reads_but_refuses_writes(root: Path) -> None:
         assert await ro.list() == ["d"]
         assert await ro.exists("d/a.json")
         assert (await ro.stat("d/a.json")).kind == "file"
-        with pytest.raises(walstore.StoreError):
+        with pytest.raises(walstore.StoreReadOnlyError):
             ro.transaction()
-        with pytest.raises(walstore.StoreError):
+        with pytest.raises(walstore.StoreReadOnlyError):
             await ro.write("b", b"x")
-        with pytest.raises(walstore.StoreError):
+        with pytest.raises(walstore.StoreReadOnlyError):
             await ro.write_json("b", {})
-        with pytest.raises(walstore.StoreError):
+        with pytest.raises(walstore.StoreReadOnlyError):
             await ro.delete("d/a.json")
-        with pytest.raises(walstore.StoreError):
+        with pytest.raises(walstore.StoreReadOnlyError):
             await ro.checkpoint()
     assert snapshot(root) == before
 
 
 @pytest.mark.asyncio
 async def test_readonly_on_missing_store_creates_nothing(root: Path) -> None:
-    with pytest.raises(walstore.StoreError):
+    with pytest.raises(walstore.NotAStoreError):
         await walstore.open(root, readonly=True)
     assert not root.exists()
 
@@ -931,9 +969,9 @@ async def test_durability_off(root: Path) -> None:
             await tx.write_json("j.json", [1])
             await tx.delete("a")
         await s.checkpoint()
-        assert s.stats()["commits"] == 3
-        assert s.stats()["fsyncs"] == 0
-        assert s.stats()["journal_syncs"] == 0
+        assert s.stats().commits == 3
+        assert s.stats().fsyncs == 0
+        assert s.stats().journal_syncs == 0
     assert read_plain(root / "big") == BIG
     async with walstore.open(root, durability=Durability.OFF) as s:
         assert s.recovery.clean

@@ -27,6 +27,8 @@ import walstore
 from walstore._apply import SYNCFS_MIN
 from walstore.testing import MemoryFileSystem, SimulatedCrash
 
+pytestmark = pytest.mark.guarantee(name="One syncfs per checkpoint")
+
 ROOT = "/store"
 MANY = SYNCFS_MIN + 4  # files in a checkpoint big enough for syncfs
 

@@ -25,8 +25,8 @@ async def test_checkpoint_runs_between_groups_and_bounds_the_journal(tmp_path: P
             for name in names:
                 assert os.path.getsize(journal / name) <= 2 * 4096 + 2048
         stats = store.stats()
-        assert stats["checkpoints"] >= 4
-        assert stats["commits"] == 40
+        assert stats.checkpoints >= 4
+        assert stats.commits == 40
     async with walstore.open(tmp_path / "s") as store:
         assert store.recovery.clean
         assert len(await store.list()) == 40

@@ -41,6 +41,7 @@ class RecordingFs(OsFileSystem):
         super().fsync_dir(path)
 
 
+@pytest.mark.guarantee(name="One fdatasync per commit group")
 @pytest.mark.asyncio
 async def test_one_small_transaction_costs_one_journal_fdatasync(tmp_path: Path) -> None:
     fs = RecordingFs()
@@ -48,7 +49,7 @@ async def test_one_small_transaction_costs_one_journal_fdatasync(tmp_path: Path)
         await store.write("warm.json", b"{}")  # the first commit after open, out of the way
         before = fs.calls.copy()
         fs.synced.clear()
-        hops = store.stats()["thread_hops"]
+        hops = store.stats().thread_hops
         async with store.transaction() as tx:
             await tx.write("users/1.json", b'{"n": 1}')
             await tx.write("users/2.json", b'{"n": 2}')
@@ -57,10 +58,11 @@ async def test_one_small_transaction_costs_one_journal_fdatasync(tmp_path: Path)
         assert delta["fdatasync"] == 1
         assert delta["fsync"] == 0 and delta["fsync_dir"] == 0
         assert len(fs.synced) == 1 and fs.synced[0].endswith(".wal")
-        assert store.stats()["thread_hops"] - hops == 1  # the whole commit: one worker call
+        assert store.stats().thread_hops - hops == 1  # the whole commit: one worker call
         assert (tmp_path / "s" / "users" / "2.json").read_bytes() == b'{"n": 2}'
 
 
+@pytest.mark.guarantee(name="One fdatasync per commit group")
 @pytest.mark.asyncio
 async def test_staged_value_is_synced_when_staged_not_at_commit(tmp_path: Path) -> None:
     fs = RecordingFs()
@@ -76,10 +78,11 @@ async def test_staged_value_is_synced_when_staged_not_at_commit(tmp_path: Path) 
         assert fs.synced[-1].endswith(".wal")
 
 
+@pytest.mark.guarantee(name="One fdatasync per commit group")
 def test_concurrent_commits_share_journal_syncs(tmp_path: Path) -> None:
     """64 tasks committing at once: far fewer journal fdatasyncs than commits."""
 
-    async def main() -> dict[str, float]:
+    async def main() -> walstore.StoreStats:
         async with walstore.open(tmp_path / "s") as store:
             async with anyio.create_task_group() as tg:
                 for i in range(64):
@@ -87,9 +90,9 @@ def test_concurrent_commits_share_journal_syncs(tmp_path: Path) -> None:
             return store.stats()
 
     stats = anyio.run(main)
-    assert stats["commits"] == 64
-    assert stats["journal_syncs"] == stats["groups"]
-    assert stats["groups"] <= 8, stats
+    assert stats.commits == 64
+    assert stats.journal_syncs == stats.groups
+    assert stats.groups <= 8, stats
     assert sorted(p.name for p in (tmp_path / "s" / "f").iterdir()) == sorted(
         f"{i}.json" for i in range(64)
     )

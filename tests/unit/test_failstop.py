@@ -13,7 +13,12 @@ import walstore
 from tests.support import ROOT, open_store, user_files
 from walstore.testing import MemoryFileSystem, ShortWrite
 
+pytestmark = pytest.mark.guarantee(name="Fail-stop")
+
 FULL = walstore.Durability.FULL
+F, C = walstore.TxState.FAILED, walstore.TxState.COMMITTED
+UNKNOWN = walstore.CommitOutcomeUnknownError
+NOT_APPLIED = walstore.CommittedNotAppliedError
 
 
 def _eio() -> OSError:
@@ -50,6 +55,30 @@ def _fail_once(name: str, path_part: str, exc: BaseException | ShortWrite):
         return None
 
     return hook, fired
+
+
+def _commit_raising(
+    store: walstore.Store,
+    files: dict[str, bytes],
+    error: type[Exception],
+    match: str,
+    state: walstore.TxState,
+) -> walstore.Transaction:
+    """A transaction writing ``files`` whose commit raises ``error`` (its message matching
+    ``match``) and leaves it in ``state``."""
+    tx = store.transaction()
+    with pytest.raises(error, match=match):
+        anyio.run(_commit_tx, tx, files)
+    assert tx.state is state
+    return tx
+
+
+def _refused(store: walstore.Store, files: dict[str, bytes]) -> None:
+    """A commit the failed store refuses: the plain StoreFailedError, neither subclass (the
+    transaction did nothing; it is no outcome of its own to learn)."""
+    with pytest.raises(walstore.StoreFailedError) as info:
+        anyio.run(_commit, store, files)
+    assert type(info.value) is walstore.StoreFailedError, repr(info.value)
 
 
 @pytest.mark.parametrize("kind", [errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS])
@@ -102,15 +131,11 @@ def test_failed_journal_sync_fails_the_store_with_outcome_unknown() -> None:
     fs = MemoryFileSystem()
     store = _store_with(fs, {"a": b"old"})
     fs.fault, fired = _fail_once("fdatasync", ".wal", _eio())
-    tx = store.transaction()
-    with pytest.raises(walstore.StoreFailedError, match="outcome unknown"):
-        anyio.run(_commit_tx, tx, {"a": b"new"})
+    tx = _commit_raising(store, {"a": b"new"}, UNKNOWN, "outcome unknown", F)
     assert fired
-    assert tx.state is walstore.TxState.FAILED
     fs.fault = None
     syncs = fs.calls["fdatasync"]
-    with pytest.raises(walstore.StoreFailedError):
-        anyio.run(_commit, store, {"b": b"b"})
+    _refused(store, {"b": b"b"})
     assert fs.calls["fdatasync"] == syncs  # never retried
     assert anyio.run(store.read, "a") == b"old"  # reads still work
     anyio.run(store.aclose)
@@ -139,9 +164,7 @@ def test_a_failed_sync_whose_record_cannot_be_erased_stays_unknown() -> None:
         return None
 
     fs.fault = hook
-    tx = store.transaction()
-    with pytest.raises(walstore.StoreFailedError, match="outcome unknown"):
-        anyio.run(_commit_tx, tx, {"a": b"new"})
+    tx = _commit_raising(store, {"a": b"new"}, UNKNOWN, "outcome unknown", F)
     assert failed[:2] == ["fdatasync", "pwrite"]
     fs.fault = None
     anyio.run(store.aclose)
@@ -157,7 +180,7 @@ def test_failed_journal_sync_then_power_loss_is_all_or_nothing(seed: int) -> Non
     fs = MemoryFileSystem()
     store = _store_with(fs, {"a": b"old"})
     fs.fault, _ = _fail_once("fdatasync", ".wal", _eio())
-    with pytest.raises(walstore.StoreFailedError):
+    with pytest.raises(walstore.CommitOutcomeUnknownError):
         anyio.run(_commit, store, {"a": b"new", "d/b": b"b"})
     anyio.run(store.aclose)
     fs.reboot(power_loss=random.Random(seed))
@@ -174,13 +197,10 @@ def test_apply_error_after_commit_point_fails_store_and_reopen_finishes(call: st
     part = {"pwrite": ".tmp", "mkdir": "/store/n"}.get(call, "/store/")
     fs.fault, fired = _fail_once(call, part, _eio())
     store._inline_threshold = 8  # "big" is staged, so a link happens during apply
-    tx = store.transaction()
-    with pytest.raises(walstore.StoreFailedError, match="committed"):
-        anyio.run(_commit_tx, tx, {"a": b"new", "n/m": b"m", "big": b"B" * 32})
+    files = {"a": b"new", "n/m": b"m", "big": b"B" * 32}
+    tx = _commit_raising(store, files, NOT_APPLIED, r"committed .* not applied", C)
     assert fired
-    assert tx.state is walstore.TxState.COMMITTED
-    with pytest.raises(walstore.StoreFailedError):
-        anyio.run(_commit, store, {"x": b"x"})
+    _refused(store, {"x": b"x"})
     anyio.run(store.aclose)
     fs.fault = None
     fs.reboot()
@@ -190,16 +210,92 @@ def test_apply_error_after_commit_point_fails_store_and_reopen_finishes(call: st
     anyio.run(store.aclose)
 
 
+def test_an_old_file_left_after_apply_is_committed_not_applied() -> None:
+    """Apply exchanged the new file into place and then could not unlink the old one (left in
+    staging): the commit is durable and in place, and still the store fails, with
+    CommittedNotAppliedError (what it replaced is not all cleared away)."""
+    fs = MemoryFileSystem()
+    store = _store_with(fs, {"a": b"old"})
+    fs.fault, fired = _fail_once("unlink", "/staging/", _eio())
+    _commit_raising(store, {"a": b"new"}, NOT_APPLIED, r"committed .* and applied, but an old", C)
+    assert fired
+    assert anyio.run(store.read, "a") == b"new"  # wholly in place: reads go on
+    _refused(store, {"x": b"x"})
+    anyio.run(store.aclose)
+    fs.fault = None
+    fs.reboot()
+    store = open_store(fs, FULL)
+    assert user_files(fs) == {"a": b"new"}
+    assert fs.files(ROOT + "/.walstore/staging", skip=()) == {}  # the open cleared it
+    anyio.run(store.aclose)
+
+
+def test_an_append_that_cannot_be_cut_back_is_outcome_unknown() -> None:
+    """The journal write fails and so does cutting the segment back to its last record: the
+    segment may hold part of the record, so the outcome is unknown and the store fails."""
+    fs = MemoryFileSystem()
+    store = _store_with(fs, {"a": b"old"})
+    failed: list[str] = []
+
+    def hook(index: int, call: str, path: str) -> BaseException | None:
+        if ".wal" in path and call in ("pwrite", "truncate") and (failed or call == "pwrite"):
+            failed.append(call)  # the record's write, then every try to undo it
+            return _eio()
+        return None
+
+    fs.fault = hook
+    _commit_raising(store, {"a": b"new"}, UNKNOWN, "outcome unknown: cannot cut back", F)
+    assert len(failed) >= 2
+    fs.fault = None
+    _refused(store, {"x": b"x"})
+    anyio.run(store.aclose)
+    fs.reboot()
+    store = open_store(fs, FULL)
+    assert user_files(fs) == {"a": b"old"}  # nothing of the record reached the segment
+    anyio.run(store.aclose)
+
+
+def test_a_group_whose_commit_raised_something_unforeseen_is_outcome_unknown() -> None:
+    """The commit's worker call raised an error no step handles (a bug, a crash): the leader
+    gets that error, and every other transaction of its group CommitOutcomeUnknownError
+    caused by it, each FAILED."""
+    fs = MemoryFileSystem()
+    store = _store_with(fs, {})
+    fs.fault, fired = _fail_once("pwrite", ".wal", RuntimeError("unforeseen"))
+    txs = [store.transaction() for _ in range(3)]
+    errors: list[BaseException] = []
+
+    async def commit(tx: walstore.Transaction, i: int) -> None:
+        try:
+            await _commit_tx(tx, {f"f{i}": b"v"})
+        except Exception as exc:
+            errors.append(exc)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for i, tx in enumerate(txs):
+                tg.start_soon(commit, tx, i)
+
+    anyio.run(main)
+    assert fired
+    assert [type(e) for e in errors].count(RuntimeError) == 1  # the leader's own
+    unknown = [e for e in errors if not isinstance(e, RuntimeError)]
+    assert len(unknown) == 2 and all(type(e) is walstore.CommitOutcomeUnknownError for e in unknown)
+    assert all(isinstance(e.__cause__, RuntimeError) for e in unknown)
+    assert all(tx.state is walstore.TxState.FAILED for tx in txs)
+    anyio.run(store.aclose)
+
+
 def test_checkpoint_fsync_failure_fails_store_and_keeps_the_journal() -> None:
     fs = MemoryFileSystem()
     store = open_store(fs, FULL)
     anyio.run(_commit, store, {"a": b"1", "d/b": b"2"})
     fs.fault, fired = _fail_once("fsync", "/store/a", _eio())
-    with pytest.raises(walstore.StoreFailedError, match="checkpoint"):
+    with pytest.raises(walstore.StoreFailedError, match="checkpoint") as info:
         anyio.run(store.checkpoint)
+    assert type(info.value) is walstore.StoreFailedError  # no transaction's outcome at stake
     assert fired
-    with pytest.raises(walstore.StoreFailedError):
-        anyio.run(_commit, store, {"x": b"x"})
+    _refused(store, {"x": b"x"})
     anyio.run(store.aclose)  # no checkpoint on close of a failed store
     fs.fault = None
     fs.reboot(power_loss=random.Random(7))

@@ -15,6 +15,8 @@ from walstore._journal_format import Checkpoint, Commit, Put, RecordType, Segmen
 from walstore._journal_reader import FRESH_SEGMENT_SIZE, TornSegment, scan_segment
 from walstore._journal_writer import segment_name
 
+pytestmark = pytest.mark.guarantee(name="Damage is told from a torn tail")
+
 FIRST = 100  # first LSN of the test segment: its CHECKPOINT's LSN
 SALT = 0x5A17C0DE
 OTHER_SALT = 0x0BADF00D

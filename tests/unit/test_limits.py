@@ -26,7 +26,7 @@ from walstore._inspect import Layout, read_staging, verify
 from walstore._limits import PathLimits
 from walstore.testing import MemoryFileSystem
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="No input poisons the store")]
 
 LONG_NAME = "n" * 256  # one byte over Linux's NAME_MAX
 LONG_UTF8_NAME = "é" * 128  # 128 characters, 256 bytes
@@ -198,14 +198,14 @@ async def test_validation_refuses_what_the_op_calls_let_through(tmp_path: Path) 
     root = tmp_path / "s"
     async with walstore.open(root) as store:
         store._limits = _unlimited()
-        groups = store.stats()["groups"]
+        groups = store.stats().groups
         bad, good = store.transaction(), store.transaction()
         await _replace(bad, LONG_NAME)
         await good.write("good.txt", b"good")
         errors = await _one_group(store, bad, good)
         assert [type(e) for e in errors] == [InvalidPathError], errors
         assert (bad.state, good.state) == (TxState.ROLLED_BACK, TxState.COMMITTED)
-        assert store.stats()["groups"] == groups + 1  # they did share a group
+        assert store.stats().groups == groups + 1  # they did share a group
     async with walstore.open(root) as store:
         assert await store.read("good.txt") == b"good"
 
@@ -257,13 +257,13 @@ async def test_groups_are_cut_to_what_one_record_holds(
     (taken as one, the group was too big for its record and failed)."""
     monkeypatch.setattr(fmt, "MAX_PAYLOAD", 96 << 10)
     async with walstore.open(tmp_path / "s", inline_threshold=1 << 20) as store:
-        groups = store.stats()["groups"]
+        groups = store.stats().groups
         a, b = store.transaction(), store.transaction()
         await a.write("a.bin", b"a" * (64 << 10))
         await b.write("b.bin", b"b" * (64 << 10))
         assert await _one_group(store, a, b) == []
         assert (a.state, b.state) == (TxState.COMMITTED, TxState.COMMITTED)
-        assert store.stats()["groups"] == groups + 2
+        assert store.stats().groups == groups + 2
 
 
 # -- deep trees --------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ async def test_a_store_poisoned_by_an_older_version_opens_again(tmp_path: Path) 
     async with walstore.open(root) as store:
         await store.write("d/old.txt", b"old")
         store._limits = store._engine.limits = _unlimited()  # as an unchecked version
-        with pytest.raises(walstore.StoreFailedError):
+        with pytest.raises(walstore.CommittedNotAppliedError):
             async with store.transaction() as tx:
                 await tx.write("first.txt", b"applied before the poison")
                 await _replace(tx, LONG_NAME)
@@ -378,7 +378,7 @@ async def test_recovery_reports_the_skipped_op(tmp_path: Path) -> None:
     root = tmp_path / "s"
     async with walstore.open(root) as store:
         store._limits = store._engine.limits = _unlimited()
-        with pytest.raises(walstore.StoreFailedError):
+        with pytest.raises(walstore.CommittedNotAppliedError):
             async with store.transaction() as tx:
                 await _replace(tx, LONG_NAME)
                 await tx.write("last.txt", b"after the poison")

@@ -20,6 +20,8 @@ import pytest
 
 import walstore
 
+pytestmark = pytest.mark.guarantee(name="One writer process, with exclusive=True")
+
 TIMEOUT = 60  # seconds; only a guard against a hung child, never waited out when all is well
 
 # Tries to open the store once (or for lock_timeout seconds) and reports what happened.
@@ -348,7 +350,7 @@ async def test_readonly_opens_and_reads_while_another_process_holds_the_lock(
             assert await ro.read("held.txt") == str(h.pid).encode()
             assert await ro.list() == ["docs", "held.txt"]
             assert ro.recovery.clean
-            with pytest.raises(walstore.StoreError):
+            with pytest.raises(walstore.StoreReadOnlyError):
                 ro.transaction()
             assert lock_pid(root) == h.pid  # readonly did not touch the LOCK
         # Closing the readonly store released nothing: the holder still holds it.

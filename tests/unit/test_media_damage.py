@@ -22,6 +22,8 @@ from walstore._inspect import Layout, verify
 from walstore._journal_reader import scan_segment
 from walstore._journal_writer import segment_lsn
 
+pytestmark = pytest.mark.guarantee(name="Damage is told from a torn tail")
+
 
 async def crashed_copy(tmp_path: Path) -> Path:
     """A store that wrote ``a`` and then deleted it, copied while open (a crash: nothing was

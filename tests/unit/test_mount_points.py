@@ -1,9 +1,9 @@
 """Mount points inside a store. walstore commits by renaming from ``.walstore/staging`` into
 place, and Linux renames (and links) within one mount only, so a change at or under a mount
 point is refused before the commit point (``InvalidPathError``), and a store whose
-``.walstore/`` is not on its root's mount does not open (``StoreError``). Before, such a change
-was committed, failed with EXDEV while being applied, and every later open failed the same way
-in its replay.
+``.walstore/`` is not on its root's mount does not open (``StoreLayoutError``). Before, such a
+change was committed, failed with EXDEV while being applied, and every later open failed the
+same way in its replay.
 
 Mounts known at open come from the mount table (any file system, bind mounts too); a file
 system mounted later is known by its device. MemoryFileSystem.mount simulates both kinds (its
@@ -23,6 +23,8 @@ import pytest
 
 import walstore
 from walstore.testing import MemoryFileSystem
+
+pytestmark = pytest.mark.guarantee(name="Mount points are checked")
 
 ROOT = "/store"
 
@@ -101,7 +103,7 @@ async def test_without_the_check_the_change_would_be_committed_and_never_applied
     fs, store = await _store_with_mount(same_device=True, after_open=False)
     store._engine._mounts = frozenset()  # the check, blinded
     try:
-        with pytest.raises(walstore.StoreFailedError, match="not applied"):
+        with pytest.raises(walstore.CommittedNotAppliedError, match="not applied"):
             await store.write("d/m/x", b"x")
     finally:
         await store.aclose()
@@ -120,7 +122,7 @@ async def test_a_store_whose_walstore_dir_is_on_another_mount_does_not_open(
     async with walstore.open(ROOT, fs=fs) as store:
         await store.write("keep", b"1")
     fs.mount(f"{ROOT}/{where}", same_device=same_device)
-    with pytest.raises(walstore.StoreError, match="another file system or mount"):
+    with pytest.raises(walstore.StoreLayoutError, match="another file system or mount"):
         await walstore.open(ROOT, fs=fs, create=False)
 
 
@@ -136,7 +138,7 @@ async def test_a_symlinked_walstore_dir_does_not_open(where: str) -> None:
     fs.rename(f"{ROOT}/{where}", f"/elsewhere/{os.path.basename(where)}")
     fs.mount("/elsewhere")  # now another file system, reached through the symlink
     fs.symlink(f"/elsewhere/{os.path.basename(where)}", f"{ROOT}/{where}")
-    with pytest.raises(walstore.StoreError, match="not a directory"):
+    with pytest.raises(walstore.StoreLayoutError, match="not a directory"):
         await walstore.open(ROOT, fs=fs, create=False)
 
 
@@ -200,7 +202,7 @@ async def test_a_real_mount_on_staging_stops_the_open(tmp_path: Path) -> None:
         await store.write("keep", b"1")
     _mount("-t", "tmpfs", "tmpfs", str(root / ".walstore" / "staging"))
     try:
-        with pytest.raises(walstore.StoreError, match="another file system or mount"):
+        with pytest.raises(walstore.StoreLayoutError, match="another file system or mount"):
             await walstore.open(root, create=False)
     finally:
         subprocess.run(["umount", str(root / ".walstore" / "staging")], check=True)

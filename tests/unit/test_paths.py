@@ -19,6 +19,8 @@ import pytest_asyncio
 import walstore
 from walstore import InvalidPathError, TxState
 
+pytestmark = pytest.mark.guarantee(name="Contained")
+
 
 def snapshot(*dirs: Path) -> dict[str, Any]:
     """Every entry under each of ``dirs``: kind and content (symlinks not followed)."""

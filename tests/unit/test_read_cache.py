@@ -22,37 +22,37 @@ async def test_reads_of_written_and_read_files_need_no_thread_hop(tmp_path: Path
         await store.write("a.json", b"{}")
         (tmp_path / "s" / "b.json").write_bytes(b"[]")  # there before: read once, then cached
         assert await store.read("b.json") == b"[]"
-        hops = store.stats()["thread_hops"]
+        hops = store.stats().thread_hops
         for _ in range(10):
             assert await store.read("a.json") == b"{}"
             assert await store.read("b.json") == b"[]"
             async with store.transaction() as tx:
                 assert await tx.read("a.json") == b"{}"
-        assert store.stats()["thread_hops"] == hops
+        assert store.stats().thread_hops == hops
 
 
 @pytest.mark.asyncio
 async def test_the_cache_is_on_by_default(tmp_path: Path) -> None:
     async with walstore.open(tmp_path / "s") as store:
         await store.write("a.json", b"{}")
-        hops = store.stats()["thread_hops"]
+        hops = store.stats().thread_hops
         assert await store.read("a.json") == b"{}"
-        assert store.stats()["thread_hops"] == hops
+        assert store.stats().thread_hops == hops
 
 
 @pytest.mark.asyncio
 async def test_big_files_and_a_zero_budget_are_not_cached(tmp_path: Path) -> None:
     async with walstore.open(tmp_path / "s", cache_bytes=1 << 20, cache_max_file=10) as store:
         await store.write("big", b"x" * 11)
-        hops = store.stats()["thread_hops"]
+        hops = store.stats().thread_hops
         await store.read("big")
         await store.read("big")
-        assert store.stats()["thread_hops"] == hops + 2
+        assert store.stats().thread_hops == hops + 2
     async with walstore.open(tmp_path / "s", cache_bytes=0) as store:
         await store.write("small", b"x")
-        hops = store.stats()["thread_hops"]
+        hops = store.stats().thread_hops
         await store.read("small")
-        assert store.stats()["thread_hops"] == hops + 1
+        assert store.stats().thread_hops == hops + 1
 
 
 @pytest.mark.asyncio

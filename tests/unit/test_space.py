@@ -13,6 +13,8 @@ import walstore
 from walstore._inspect import Space, space_notes
 from walstore.testing import MemoryFileSystem
 
+pytestmark = pytest.mark.guarantee(name="A full disk locks no one out")
+
 ROOT = "/store"
 MiB = 1 << 20
 

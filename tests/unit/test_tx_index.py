@@ -16,7 +16,7 @@ import pytest
 import walstore
 from walstore import Durability
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="Transactions cost linear time")]
 
 N = 2000
 
