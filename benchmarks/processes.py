@@ -23,57 +23,25 @@ import asyncio
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+from workload import drive, key, summary
 
 import walstore
 
-KEYS = 256
 ME = "walstore shared"
 Result = dict[str, Any]
-One = Callable[[int, int], Awaitable[None]]  # (task, i) -> one committed transaction
 
 
 def _key(proc: int, task: int, i: int) -> str:
-    return f"p{proc}-t{task}-k{i % KEYS}"
-
-
-async def _drive(tasks: int, seconds: float, one: One) -> Result:
-    """Run ``tasks`` tasks for ``seconds``; what this process did."""
-    latencies: list[float] = []
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.time()
-    stop = time.perf_counter() + seconds
-
-    async def task(t: int) -> None:
-        i = 0
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            await one(t, i)
-            latencies.append(time.perf_counter() - t0)
-            i += 1
-
-    async with anyio.create_task_group() as tg:
-        for t in range(tasks):
-            tg.start_soon(task, t)
-    end = time.time()
-    cpu = resource.getrusage(resource.RUSAGE_SELF)
-    return {
-        "start": start,
-        "end": end,
-        "latencies": latencies,
-        "user": cpu.ru_utime - cpu0.ru_utime,
-        "sys": cpu.ru_stime - cpu0.ru_stime,
-    }
+    return key(f"p{proc}", task, i)
 
 
 async def _walstore(d: str, proc: int, tasks: int, seconds: float) -> Result:
@@ -84,7 +52,7 @@ async def _walstore(d: str, proc: int, tasks: int, seconds: float) -> Result:
             async with store.transaction() as tx:
                 await tx.write(_key(proc, task, i), os.urandom(1024))
 
-        out = await _drive(tasks, seconds, one)
+        out = await drive(tasks, seconds, one)
         out["stats"] = dataclasses.asdict(store.stats())  # printed as JSON
         return out
 
@@ -129,7 +97,7 @@ async def _aiosqlite(d: str, proc: int, tasks: int, seconds: float, group: bool)
                     await flush()
             await fut
 
-        return await _drive(tasks, seconds, one)
+        return await drive(tasks, seconds, one)
 
 
 async def _lmdb(d: str, proc: int, tasks: int, seconds: float) -> Result:
@@ -148,7 +116,7 @@ async def _lmdb(d: str, proc: int, tasks: int, seconds: float) -> Result:
             await anyio.to_thread.run_sync(txn, _key(proc, task, i), os.urandom(1024))
 
     try:
-        return await _drive(tasks, seconds, one)
+        return await drive(tasks, seconds, one)
     finally:
         env.close()
 
@@ -213,13 +181,8 @@ def run_one(system: str, base: str, procs: int, tasks: int, seconds: float) -> R
         stats = [o["stats"] for o in outs]
         extra["group"] = sum(x["commits"] for x in stats) / max(1, sum(x["groups"] for x in stats))
         extra["conflicts"] = sum(x["conflicts"] for x in stats) / n
-    return extra | {
-        "tx_per_s": n / span,
-        "p50_ms": statistics.median(lat) * 1e3,
-        "p99_ms": lat[int(n * 0.99) - 1] * 1e3,
-        "cpu_user_ms": sum(o["user"] for o in outs) / n * 1e3,
-        "cpu_sys_ms": sum(o["sys"] for o in outs) / n * 1e3,
-    }
+    user, kernel = sum(o["user"] for o in outs), sum(o["sys"] for o in outs)
+    return extra | summary(lat, span, user, kernel)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+from workload import drive, every_key, key, summarise, summary
 
 import walstore
 from walstore._journal_reader import scan_segment
@@ -34,6 +35,7 @@ from walstore._journal_reader import scan_segment
 VALUE = os.urandom(1024)
 VALUE4 = os.urandom(4096)
 Result = dict[str, Any]
+FLOOR = "floor (bare syscalls)"  # the same system calls as walstore's commit, no walstore code
 
 
 def _cpu() -> tuple[float, float]:
@@ -59,6 +61,7 @@ def _summary(
 
 
 async def _drive(n_tx: int, tasks: int, one: Callable[[int], Awaitable[None]]) -> Result:
+    """``n_tx`` transactions ``one(i)`` spread over ``tasks`` tasks (W7, W8)."""
     latencies: list[float] = []
     counter = iter(range(n_tx))
 
@@ -79,8 +82,14 @@ async def _drive(n_tx: int, tasks: int, one: Callable[[int], Awaitable[None]]) -
 # -- systems under test: each returns (setup, one transaction of `files` files, teardown) --------
 
 
-def _value(files: int) -> bytes:
-    return VALUE if files == 1 else VALUE4  # W1-W3: 1 KiB; W4: ten 4 KiB files
+def _size(files: int) -> int:
+    return 1024 if files == 1 else 4096  # W1-W3: one 1 KiB file; W4: ten 4 KiB files
+
+
+def _files(prefix: str, task: int, i: int, files: int) -> list[tuple[str, bytes]]:
+    """Transaction ``i`` of ``task``: its keys, each with a fresh random value."""
+    size = _size(files)
+    return [(key(prefix, task, i, j, files), os.urandom(size)) for j in range(files)]
 
 
 def _open_walstore(d: str, variant: str) -> Any:
@@ -124,16 +133,25 @@ def _settle(limit: float = 30.0) -> None:
         time.sleep(0.5)
 
 
-async def bench_walstore(d: str, n: int, tasks: int, files: int, variant: str = "") -> Result:
-    value = _value(files)
+async def bench_walstore(
+    d: str, seconds: float, tasks: int, files: int, prefix: str, variant: str = ""
+) -> Result:
     async with _open_walstore(d, variant) as store:
-
-        async def one(i: int) -> None:
+        for keys in _chunks(every_key(prefix, tasks, files)):
             async with store.transaction() as tx:
-                for j in range(files):
-                    await tx.write(f"f/{i % 1000}-{j}.bin", value)
+                for k in keys:
+                    await tx.write(k, os.urandom(_size(files)))
 
-        return await _drive(n, tasks, one)
+        async def one(task: int, i: int) -> None:
+            async with store.transaction() as tx:
+                for k, v in _files(prefix, task, i, files):
+                    await tx.write(k, v)
+
+        return summarise(await drive(tasks, seconds, one))
+
+
+def _chunks(keys: list[str], n: int = 1000) -> list[list[str]]:
+    return [keys[i : i + n] for i in range(0, len(keys), n)]
 
 
 def _atomic_write(d: str, name: str, data: bytes) -> None:
@@ -155,25 +173,34 @@ def _fsync_dir(d: str) -> None:
         os.close(fd)
 
 
-async def bench_atomic(d: str, n: int, tasks: int, files: int) -> Result:
-    def txn(i: int) -> None:  # not atomic across files: the peer users hand-roll today
-        for j in range(files):
-            _atomic_write(d, f"{i % 1000}-{j}.bin", _value(files))
+async def bench_atomic(d: str, seconds: float, tasks: int, files: int, prefix: str) -> Result:
+    for k in every_key(prefix, tasks, files):
+        _atomic_write(d, k, os.urandom(_size(files)))
+
+    def txn(rows: list[tuple[str, bytes]]) -> None:  # not atomic across files: hand-rolled
+        for k, v in rows:
+            _atomic_write(d, k, v)
         _fsync_dir(d)
 
-    async def one(i: int) -> None:
-        await anyio.to_thread.run_sync(txn, i)
+    async def one(task: int, i: int) -> None:
+        await anyio.to_thread.run_sync(txn, _files(prefix, task, i, files))
 
-    return await _drive(n, tasks, one)
+    return summarise(await drive(tasks, seconds, one))
 
 
-async def bench_aiosqlite(d: str, n: int, tasks: int, files: int, group: bool) -> Result:
+async def bench_aiosqlite(
+    d: str, seconds: float, tasks: int, files: int, prefix: str, group: bool
+) -> Result:
     import aiosqlite
 
     async with aiosqlite.connect(os.path.join(d, "db.sqlite"), isolation_level=None) as db:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB)")
+        await db.executemany(
+            "INSERT INTO kv VALUES (?, ?)",
+            [(k, os.urandom(_size(files))) for k in every_key(prefix, tasks, files)],
+        )
         lock = asyncio.Lock()
         queue: list[tuple[list[tuple[str, bytes]], asyncio.Future[None]]] = []
 
@@ -188,8 +215,8 @@ async def bench_aiosqlite(d: str, n: int, tasks: int, files: int, group: bool) -
                 for _, fut in batch:
                     fut.set_result(None)
 
-        async def one(i: int) -> None:
-            rows = [(f"{i % 1000}-{j}", _value(files)) for j in range(files)]
+        async def one(task: int, i: int) -> None:
+            rows = _files(prefix, task, i, files)
             if not group:
                 async with lock:
                     await db.execute("BEGIN")
@@ -203,28 +230,79 @@ async def bench_aiosqlite(d: str, n: int, tasks: int, files: int, group: bool) -
                     await flush()
             await fut
 
-        return await _drive(n, tasks, one)
+        return summarise(await drive(tasks, seconds, one))
 
 
-async def bench_lmdb(d: str, n: int, tasks: int, files: int) -> Result:
+async def bench_lmdb(d: str, seconds: float, tasks: int, files: int, prefix: str) -> Result:
     import lmdb
 
     env = lmdb.open(d, map_size=1 << 30, sync=True, metasync=True)
+    with env.begin(write=True) as t:
+        for k in every_key(prefix, tasks, files):
+            t.put(k.encode(), os.urandom(_size(files)))
     lock = anyio.Lock()
 
-    def txn(i: int) -> None:
+    def txn(rows: list[tuple[str, bytes]]) -> None:
         with env.begin(write=True) as t:
-            for j in range(files):
-                t.put(f"{i % 1000}-{j}".encode(), _value(files))
+            for k, v in rows:
+                t.put(k.encode(), v)
 
-    async def one(i: int) -> None:
+    async def one(task: int, i: int) -> None:
         async with lock:  # one writer at a time, as LMDB requires
-            await anyio.to_thread.run_sync(txn, i)
+            await anyio.to_thread.run_sync(txn, _files(prefix, task, i, files))
 
     try:
-        return await _drive(n, tasks, one)
+        return summarise(await drive(tasks, seconds, one))
     finally:
         env.close()
+
+
+async def bench_floor(d: str, seconds: float, tasks: int, files: int, prefix: str) -> Result:
+    """The system calls a commit of this workload needs, in a bare loop with no walstore
+    code: per group of ``tasks`` transactions (a perfect group commit), each one's record
+    appended to a zero-filled journal, one fdatasync, then each file's value written to a
+    temp file and renamed over the key. What the default mode's contract costs the kernel."""
+    for k in every_key(prefix, tasks, files):
+        _atomic_write(d, k, os.urandom(_size(files)))
+    journal_size = 64 << 20
+    fd = os.open(os.path.join(d, "journal"), os.O_RDWR | os.O_CREAT, 0o644)
+    for off in range(0, journal_size, 1 << 20):
+        os.pwrite(fd, bytes(1 << 20), off)
+    os.fsync(fd)
+    offset = 0
+
+    def group(g: int) -> None:
+        nonlocal offset
+        txs = [_files(prefix, t, g, files) for t in range(tasks)]
+        for rows in txs:
+            record = b"".join(k.encode() + v for k, v in rows) + bytes(64)  # + the header
+            if offset + len(record) > journal_size:
+                offset = 0
+            os.pwrite(fd, record, offset)
+            offset += len(record)
+        os.fdatasync(fd)
+        for rows in txs:
+            for k, v in rows:
+                tmp = os.path.join(d, f".{k}.tmp")
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.write(out, v)
+                os.close(out)
+                os.rename(tmp, os.path.join(d, k))
+
+    lat: list[float] = []
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    stop = start + seconds
+    g = 0
+    while time.perf_counter() < stop:
+        t = time.perf_counter()
+        group(g)
+        lat += [time.perf_counter() - t] * tasks  # every transaction of the group waits it
+        g += 1
+    span = time.perf_counter() - start
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    os.close(fd)
+    return summary(lat, span, cpu.ru_utime - cpu0.ru_utime, cpu.ru_stime - cpu0.ru_stime)
 
 
 def raw_floor(d: str, n: int) -> Result:
@@ -625,9 +703,10 @@ def stream_rss(base: str) -> Result:
 SYSTEMS: dict[str, Callable[..., Awaitable[Result]]] = {
     "walstore": bench_walstore,
     "atomic-writes": bench_atomic,
-    "aiosqlite": lambda d, n, t, f: bench_aiosqlite(d, n, t, f, False),
-    "aiosqlite-group": lambda d, n, t, f: bench_aiosqlite(d, n, t, f, True),
+    "aiosqlite": partial(bench_aiosqlite, group=False),
+    "aiosqlite-group": partial(bench_aiosqlite, group=True),
     "lmdb": bench_lmdb,
+    FLOOR: bench_floor,
 }
 
 W5_SYSTEMS: dict[str, Callable[[str, int], Awaitable[Result]]] = {
@@ -645,19 +724,19 @@ W6_SYSTEMS: dict[str, Callable[[str, int], Awaitable[Result]]] = {
     "lmdb": w6_lmdb,
 }
 
-WORKLOADS = {  # name: (tasks, files per transaction, transactions)
-    "W1 1KiB x1, 1 task": (1, 1, 500),
-    "W2 1KiB x1, 16 tasks": (16, 1, 3000),
-    "W3 1KiB x1, 64 tasks": (64, 1, 6000),
-    "W4 4KiB x10, 1 task": (1, 10, 300),
-    "W4 4KiB x10, 16 tasks": (16, 10, 1500),
+WORKLOADS = {  # name: (key prefix, tasks, files per transaction)
+    "W1 1KiB x1, 1 task": ("W1", 1, 1),
+    "W2 1KiB x1, 16 tasks": ("W2", 16, 1),
+    "W3 1KiB x1, 64 tasks": ("W3", 64, 1),
+    "W4 4KiB x10, 1 task": ("W4", 1, 10),
+    "W4 4KiB x10, 16 tasks": ("W4", 16, 10),
 }
 
 
 def _metric(r: Result) -> tuple[str, float] | None:
-    for key in ("mb_per_s", "reads_per_s", "tx_per_s"):
-        if key in r:
-            return key, r[key]
+    for name in ("mb_per_s", "reads_per_s", "tx_per_s"):
+        if name in r:
+            return name, r[name]
     return None
 
 
@@ -667,7 +746,7 @@ def _run(
     wname: str,
     sname: str,
     fn: Any,
-    *args: int,
+    *args: Any,
 ) -> None:
     # Nothing is deleted until the end: on this discard-mounted disk a burst of deletes slows
     # file creation for seconds after (deleting ~25,000 files at once made create + fsync
@@ -691,7 +770,13 @@ def _median(runs: list[Result]) -> Result:
 
 
 def run_all(
-    scale: float, base: str, only: str | None, ablation: bool = False, rounds: int = 1
+    scale: float,
+    base: str,
+    only: str | None,
+    ablation: bool = False,
+    rounds: int = 1,
+    seconds: float = 2.0,
+    only_systems: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Result]]:
     """Every workload on every system, ``rounds`` times with the systems interleaved and their
     order rotated (so a slow minute of the shared disk hits them alike); each number is the
@@ -702,6 +787,8 @@ def run_all(
     if ablation:  # walstore with one optimisation off, beside the real thing
         for v in ("no-prealloc", "no-cache", "no-syncfs", "no-exchange"):
             systems[f"walstore {v}"] = partial(bench_walstore, variant=v)
+    if only_systems:
+        systems = {k: v for k, v in systems.items() if k.startswith(only_systems)}
         w6_systems["walstore no-cache"] = partial(w6_walstore, variant="no-cache")
 
     def wanted(name: str) -> bool:
@@ -717,12 +804,11 @@ def run_all(
     for r in range(rounds):
         if wanted("floor"):
             _run(results, base, "floor", "raw 4KiB append+fdatasync", _floor, int(1000 * scale))
-        for wname, (tasks, files, n) in WORKLOADS.items():
+        for wname, (prefix, tasks, files) in WORKLOADS.items():
             if not wanted(wname):
                 continue
-            count = max(10, int(n * scale))
             for sname, fn in rotated(systems, r):
-                _run(results, base, wname, sname, fn, count, tasks, files)
+                _run(results, base, wname, sname, fn, seconds, tasks, files, prefix)
         for wname, (docs, n) in RMW_WORKLOADS.items():
             if not wanted(wname):
                 continue
@@ -760,24 +846,24 @@ def print_table(results: dict[str, dict[str, Result]]) -> None:
             for what, r in by_system.items():
                 print(f"  {what:34} " + "  ".join(f"{k} {v:,.3g}" for k, v in r.items()))
             continue
-        peers = [_metric(r) for s, r in by_system.items() if not s.startswith("walstore")]
+        peers = [_metric(r) for s, r in by_system.items() if not s.startswith(("walstore", FLOOR))]
         best = max((m[1] for m in peers if m is not None), default=None)
         best_p50 = min(
             (
                 r["p50_ms"]
                 for s, r in by_system.items()
-                if not s.startswith("walstore") and "p50_ms" in r
+                if not s.startswith(("walstore", FLOOR)) and "p50_ms" in r
             ),
             default=None,
         )
         for sname, r in by_system.items():
             m = _metric(r)
             if m is None:
-                print(f"  {sname:16} skipped ({r.get('skipped')})")
+                print(f"  {sname:22} skipped ({r.get('skipped')})")
                 continue
             unit = {"tx_per_s": "tx/s", "mb_per_s": "MB/s", "reads_per_s": "reads/s"}[m[0]]
             line = (
-                f"  {sname:16} {m[1]:9.0f} {unit:7}  p50 {r['p50_ms']:6.2f} ms"
+                f"  {sname:22} {m[1]:9.0f} {unit:7}  p50 {r['p50_ms']:6.2f} ms"
                 f"  p99 {r['p99_ms']:6.2f} ms"
             )
             if "cpu_user_ms" in r:
@@ -791,6 +877,9 @@ def print_table(results: dict[str, dict[str, Result]]) -> None:
                 line += f"  walstore/best peer {m[1] / best:.2f}x"
                 if best_p50:
                     line += f", p50 {r['p50_ms'] / best_p50:.2f}x the best peer's"
+                floor = by_system.get(FLOOR)
+                if floor is not None and "tx_per_s" in floor:
+                    line += f", {m[1] / floor['tx_per_s']:.2f}x the floor"
             print(line)
 
 
@@ -804,6 +893,12 @@ def main() -> None:
         help="where to run (default: benchmarks/.scratch)",
     )
     parser.add_argument("--only", default=None, help="workloads whose name starts with this")
+    parser.add_argument(
+        "--systems", default="", help="comma-separated: only systems whose name starts so"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=2.0, help="per W1-W4 run (default 2; --quick 0.5)"
+    )
     parser.add_argument(
         "--ablation", action="store_true", help="also walstore without each optimisation"
     )
@@ -819,7 +914,13 @@ def main() -> None:
     base = tempfile.mkdtemp(prefix="walstore-bench-", dir=args.dir)
     try:
         results = run_all(
-            0.1 if args.quick else 1.0, base, args.only, args.ablation, max(1, args.rounds)
+            0.1 if args.quick else 1.0,
+            base,
+            args.only,
+            args.ablation,
+            max(1, args.rounds),
+            0.5 if args.quick else args.seconds,
+            tuple(s for s in args.systems.split(",") if s),
         )
     finally:
         shutil.rmtree(base)
