@@ -23,10 +23,10 @@ from ._errors import TransactionError as TransactionError
 from ._fs import FileStat as FileStat
 from ._fs import FileSystem as FileSystem
 from ._fs import OsFileSystem as OsFileSystem
+from ._open import open as open
 from ._recovery import RecoveryReport as RecoveryReport
 from ._store import Store as Store
 from ._store import StoreStats as StoreStats
-from ._store import open as open
 from ._transaction import DirWriter as DirWriter
 from ._transaction import StreamWriter as StreamWriter
 from ._transaction import Transaction as Transaction

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import anyio
 
-from . import _backup, _demo, _inspect, _store
+from . import _backup, _demo, _inspect, _open
 from ._errors import CorruptionError, StoreError, StoreFailedError, StoreLockedError
 
 # -- exit codes and output --------------------------------------------------------------------
@@ -276,7 +276,7 @@ def _report_dict(report: Any) -> dict[str, Any]:
 
 
 async def _open_and(root: str, checkpoint: bool) -> tuple[dict[str, Any], bool]:
-    async with _store.open(root, create=False) as store:
+    async with _open.open(root, create=False) as store:
         rec = _report_dict(store.recovery)
         if checkpoint:
             await store.checkpoint()

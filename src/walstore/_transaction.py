@@ -63,8 +63,8 @@ if TYPE_CHECKING:
     from ._conflicts import Conflict
     from ._contention import Claim
     from ._fs import AsyncWriter, FileStat
+    from ._group_commit import PendingWrite
     from ._limits import PathLimits
-    from ._store import PendingWrite
 
 Path = str | os.PathLike[str]
 
