@@ -22,8 +22,8 @@ from ._errors import TransactionClosedError as TransactionClosedError
 from ._errors import TransactionError as TransactionError
 from ._fs import FileStat as FileStat
 from ._fs import FileSystem as FileSystem
-from ._fs import OsFileSystem as OsFileSystem
 from ._open import open as open
+from ._os_fs import OsFileSystem as OsFileSystem
 from ._recovery import RecoveryReport as RecoveryReport
 from ._store import Store as Store
 from ._store import StoreStats as StoreStats

@@ -18,7 +18,8 @@ from ._apply import SYNCFS_MIN
 from ._commit_lock import wait_for_commit_lock
 from ._engine import Durability, Engine
 from ._errors import StoreLockedError
-from ._fs import FileSystem, OsFileSystem
+from ._fs import FileSystem
+from ._os_fs import OsFileSystem
 from ._store import Store
 
 DEFAULT_INLINE_THRESHOLD = 128 * 1024

@@ -24,9 +24,9 @@ from ._commit_lock import CommitLock
 from ._contention import PathLocks
 from ._engine import Engine
 from ._errors import StoreClosedError, StoreFailedError, StoreMisuseError, StoreReadOnlyError
-from ._fs import on_asyncio
 from ._recovery import RecoveryReport
 from ._worker import CommitThread
+from ._writers import on_asyncio
 
 if TYPE_CHECKING:
     from ._group_commit import PendingWrite, Waiter
