@@ -20,6 +20,7 @@ from ._errors import StoreReadOnlyError as StoreReadOnlyError
 from ._errors import TransactionBusyError as TransactionBusyError
 from ._errors import TransactionClosedError as TransactionClosedError
 from ._errors import TransactionError as TransactionError
+from ._footprint import TxState as TxState
 from ._fs import FileStat as FileStat
 from ._fs import FileSystem as FileSystem
 from ._open import open as open
@@ -27,10 +28,9 @@ from ._os_fs import OsFileSystem as OsFileSystem
 from ._recovery import RecoveryReport as RecoveryReport
 from ._store import Store as Store
 from ._store import StoreStats as StoreStats
-from ._transaction import DirWriter as DirWriter
-from ._transaction import StreamWriter as StreamWriter
 from ._transaction import Transaction as Transaction
-from ._transaction import TxState as TxState
+from ._tx_writers import DirWriter as DirWriter
+from ._tx_writers import StreamWriter as StreamWriter
 
 try:
     __version__: str = _metadata.version("walstore")

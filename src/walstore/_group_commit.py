@@ -34,10 +34,10 @@ from ._engine import (
     conflict_error,
 )
 from ._errors import CommitOutcomeUnknownError, StoreFailedError
+from ._footprint import Footprint, TxState
 from ._fs import AsyncWriter
 from ._limits import check_tx_size
 from ._store_base import StoreBase
-from ._transaction import Footprint, TxState
 
 log = logging.getLogger("walstore")
 

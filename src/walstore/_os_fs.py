@@ -26,7 +26,7 @@ from ._writers import AiofilesWriter, ThreadWriter, on_asyncio
 _BIG_READ = 1 << 30  # a read this long that comes back short may have hit Linux's cap
 
 
-def _kind(mode: int) -> Kind:
+def _kind_of_mode(mode: int) -> Kind:
     if stat_mod.S_ISREG(mode):
         return "file"
     if stat_mod.S_ISDIR(mode):
@@ -272,7 +272,7 @@ class OsFileSystem(ConfinedPaths):
                 os.close(c)
         if c is None and found is not None and stat_mod.S_ISDIR(st.st_mode):
             self._checked(found, st)
-        return FileStat(_kind(st.st_mode), st.st_size, st.st_mtime_ns, st.st_dev)
+        return FileStat(_kind_of_mode(st.st_mode), st.st_size, st.st_mtime_ns, st.st_dev)
 
     def realpath(self, path: str) -> str:
         self.calls["realpath"] += 1

@@ -27,13 +27,15 @@ from ._conflicts import Conflict
 from ._contention import Claim, DeadlinePassed
 from ._engine import Durability, TxOp
 from ._errors import ConflictError
+from ._footprint import Footprint, TxState
 from ._fs import AsyncWriter, FileStat
 from ._group_commit import GroupCommit, PendingWrite
 from ._limits import PathLimits
 from ._paths import check_path
 from ._recovery import RecoveryReport
 from ._store_reads import StoreReads
-from ._transaction import Footprint, Path, Transaction, TxState, encode_json, to_bytes
+from ._transaction import Transaction
+from ._tx_writers import Path, encode_json, to_bytes
 
 log = logging.getLogger("walstore")
 T = TypeVar("T")
@@ -374,8 +376,8 @@ class _Link:
         return await self._store._stage(tx, index, data)
 
     @property
-    def sync(self) -> bool:
-        return self._store._engine.sync
+    def sync_enabled(self) -> bool:
+        return self._store._engine.sync_enabled
 
     async def open_stream(self, tx: Footprint, index: int) -> tuple[str, AsyncWriter]:
         return await self._store._open_stream(tx, index)

@@ -29,8 +29,8 @@ from ._worker import CommitThread
 from ._writers import on_asyncio
 
 if TYPE_CHECKING:
+    from ._footprint import Footprint
     from ._group_commit import PendingWrite, Waiter
-    from ._transaction import Footprint
 
 T = TypeVar("T")
 

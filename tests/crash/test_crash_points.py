@@ -161,6 +161,8 @@ def _seam_calls() -> set[str]:
         "_group_commit",
         "_open",
         "_transaction",
+        "_tx_view",
+        "_tx_writers",
     ):
         text = (src / f"{module}.py").read_text()
         called |= set(re.findall(r"\bfs\.(\w+)\(", text))
