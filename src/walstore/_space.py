@@ -20,7 +20,7 @@ from ._prepared import Outcome, PendingReplace, PreparedTx, Result, TxOp
 _BLOCK = 4096  # what a new file or directory entry may cost on disk, beyond its data
 # A commit looks at free space again (statvfs) after this many groups, or once the groups
 # since the last look may have used an eighth of what was left above the reserve; between
-# looks it counts down from the last one (a look cost 11-18 µs of a 1 KiB commit's ~1 ms).
+# looks it counts down from the last one (a look is a system call: benchmarks/RESULTS.md).
 SPACE_LOOK_EVERY = 64
 
 

@@ -54,7 +54,7 @@ class StoreReads(StoreBase):
             # A group is being committed in a worker thread, which needs the GIL at every
             # step. Readers served from memory in a loop would hold it: each of the thread's
             # syscalls would then wait out the 5 ms switch interval, and commits would crawl
-            # (16 writers beside two such readers: 2,000 transfers took over 120 s). So a hit
+            # (benchmarks/RESULTS.md: the visibility test with polling readers). So a hit
             # waits for that group, once, and reads what it left: as fresh, and the loop is
             # idle while the thread runs.
             await committing.wait()
