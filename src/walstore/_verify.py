@@ -12,22 +12,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _inspect
 from . import _journal_format as fmt
 from ._errors import CorruptionError
 from ._fs import FileStat
-from ._inspect import (
-    CHUNK,
-    JournalView,
-    Layout,
-    NoProgress,
-    Progress,
-    probe_lock,
-    read_journal,
-    reading,
-    space,
-    space_notes,
-    staged_names,
-)
+from ._inspect import JournalView, Layout, Progress, read_journal, reading, space, space_notes
 from ._os_fs import OsFileSystem, lstat_result
 from ._paths import RESERVED, parents
 
@@ -114,7 +103,7 @@ def file_crc(
     crc = size = 0
     fd = fs.open_regular(path)
     try:
-        while chunk := fs.pread(fd, CHUNK, size):
+        while chunk := fs.pread(fd, _inspect.CHUNK, size):
             crc = zlib.crc32(chunk, crc)
             size += len(chunk)
             if advance is not None:
@@ -165,11 +154,11 @@ def verify(layout: Layout, progress: Progress | None = None) -> VerifyResult:
     """Check the journal, the staged values it names, and every path it touches, against
     each other; read-only. See the module docstring for how a store in use is handled."""
     with reading(layout) as fs:
-        return _verify(fs, layout, progress or NoProgress())
+        return _verify(fs, layout, progress or _inspect.NoProgress())
 
 
 def _verify(fs: OsFileSystem, layout: Layout, progress: Progress) -> VerifyResult:
-    lock = probe_lock(layout, fs)
+    lock = _inspect.probe_lock(layout, fs)
     result = VerifyResult(layout.root, lock.holder)
     for attempt in range(1, VERIFY_ATTEMPTS + 1):
         result = VerifyResult(layout.root, lock.holder, attempts=attempt)
@@ -200,7 +189,7 @@ def _verify(fs: OsFileSystem, layout: Layout, progress: Progress) -> VerifyResul
             )
         staged_problems = _check_staged(fs, layout, before, result, progress)
         file_problems = _check_paths(fs, layout, before, result, progress, lock.held)
-        lock = probe_lock(layout, fs)
+        lock = _inspect.probe_lock(layout, fs)
         result.in_use_by = lock.holder
         try:
             after = read_journal(layout, retry_corruption=lock.held, fs=fs)
@@ -252,7 +241,7 @@ def _check_staged(
     progress: Progress,
 ) -> list[Problem]:
     problems: list[Problem] = []
-    names = staged_names(journal)
+    names = _inspect.staged_names(journal)
     total = sum(op.size for _txid, op in names.values() if crc_recorded(op))
     advance = progress.task("staged values", total)
     for name, (txid, op) in sorted(names.items()):

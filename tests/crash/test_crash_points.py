@@ -152,6 +152,8 @@ def _seam_calls() -> set[str]:
     called: set[str] = set()
     for module in (
         "_engine",
+        "_group_steps",
+        "_checkpoint",
         "_apply",
         "_recovery",
         "_journal_writer",
