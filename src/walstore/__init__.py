@@ -1,6 +1,29 @@
 """walstore: a transactional store of plain files for async apps, made crash-safe by a
 write-ahead journal."""
 
+# Layout. Imports point down this list, never up (within a line, left to right):
+#
+#   _open                    walstore.open: make the engine, recover, hand back a Store
+#   _store                   Store's public API and _Link, the only way a Transaction reaches it
+#   _group_commit            the commit queue and its leader (LevelDB's writers_), hot-path hand-on
+#   _store_reads             reads and the read cache
+#   _store_base _commit_lock _worker _contention _cache    a Store's state and checks; the lock
+#                            shared with other processes; the committer thread; turns on hot
+#                            paths; the read cache
+#   _transaction _tx_view _tx_ops _tx_writers _footprint   Transaction, its reads, its ops, the
+#                            writers it hands out, what it and its store share (TxLink)
+#   _engine _checkpoint _group_steps _validate _reads _space   the blocking core, checkpoints,
+#                            the commit protocol; numbered invariants in _engine's docstring
+#   _peers _shared           other processes: the commit lock, the shared header, slots
+#   _recovery _apply         replay at open; applying a group in place
+#   _commit_log _journal_writer _journal_reader            the journal's segments and records
+#   _os_fs _confine _writers _libc _memory_fs _memory_disk _fs    OsFileSystem (paths beneath
+#                            the root, stream writers, ctypes calls), the simulated disk, the seam
+#   _prepared _conflicts _limits _paths _journal_format _errors   plain data and rules, no I/O
+#
+# Beside it, importing from it and imported by none of it: _cli, _inspect (read-only readers
+# of a store) with _info, _verify and _backup on it, _demo, testing, _crashcheck, pytest_plugin.
+
 from importlib import metadata as _metadata
 
 from ._engine import Durability as Durability
@@ -20,17 +43,17 @@ from ._errors import StoreReadOnlyError as StoreReadOnlyError
 from ._errors import TransactionBusyError as TransactionBusyError
 from ._errors import TransactionClosedError as TransactionClosedError
 from ._errors import TransactionError as TransactionError
+from ._footprint import TxState as TxState
 from ._fs import FileStat as FileStat
 from ._fs import FileSystem as FileSystem
-from ._fs import OsFileSystem as OsFileSystem
+from ._open import open as open
+from ._os_fs import OsFileSystem as OsFileSystem
 from ._recovery import RecoveryReport as RecoveryReport
 from ._store import Store as Store
 from ._store import StoreStats as StoreStats
-from ._store import open as open
-from ._transaction import DirWriter as DirWriter
-from ._transaction import StreamWriter as StreamWriter
 from ._transaction import Transaction as Transaction
-from ._transaction import TxState as TxState
+from ._tx_writers import DirWriter as DirWriter
+from ._tx_writers import StreamWriter as StreamWriter
 
 try:
     __version__: str = _metadata.version("walstore")

@@ -209,7 +209,7 @@ class Applier:
 
     def _rewrite_in_place(self, op: Put) -> bool:
         """Replay of a put whose file already holds the value (the crashed process applied
-        it): write the same bytes over it in place, ~5x cheaper than a new file. Rewriting
+        it): write the same bytes over it in place, cheaper than a new file (RESULTS.md). Rewriting
         matters: after a write-back error in the crashed process the page cache may show data
         the disk never got, and only pages dirtied anew are written back by the checkpoint's
         sync (fsyncgate). Identical bytes keep the file whole at every instant, for readers
@@ -233,10 +233,10 @@ class Applier:
 
         Over an existing file it exchanges the two names (renameat2 RENAME_EXCHANGE) and
         leaves the old file at ``tmp``, for ``drop_replaced`` to unlink once the group is in
-        place. On ext4 that costs ~35 µs against ~100 µs for a rename over the old file,
-        which for ``auto_da_alloc`` starts writing the new data back at once
-        (benchmarks/RESULTS.md). Either is atomic for every reader, in this process or
-        another, and either can be replayed. ``exists``: whether ``target`` is a file, as
+        place. On ext4 that is cheaper than a rename over the old file, which for
+        ``auto_da_alloc`` starts writing the new data back at once (benchmarks/RESULTS.md).
+        Either is atomic for every reader, in this process or another, and either can be
+        replayed. ``exists``: whether ``target`` is a file, as
         validation found it under the commit lock (None: look it up)."""
         if self.exchange_files and exists is None:
             st = self.fs.lstat(target)
@@ -387,11 +387,9 @@ class Applier:
         With ``fs_fd`` (a handle on the store's file system, open since the store opened, so
         that write-back errors since then are reported on it) and at least ``syncfs_min``
         changes, one ``syncfs`` does it: one file-system journal commit instead of one per
-        fsync (2,000 files: 17 ms against 110 ms for 16 threads of fsyncs,
-        benchmarks/RESULTS.md).
-        Otherwise, or where syncfs cannot report errors, each is fsynced, many at once (ext4
-        commits concurrent fsyncs together: ~5x one stream). Their order does not matter, as
-        nothing relies on them before the CHECKPOINT."""
+        fsync (benchmarks/RESULTS.md). Otherwise, or where syncfs cannot report errors, each
+        is fsynced, many at once (ext4 commits concurrent fsyncs together). Their order does
+        not matter, as nothing relies on them before the CHECKPOINT."""
         changes = len(self.dirty_files) + len(self.dirty_dirs)
         if fs_fd is not None and self.syncfs_min is not None and changes >= self.syncfs_min:
             try:

@@ -58,7 +58,6 @@ from typing import Any
 
 from . import _journal_format as fmt
 from ._errors import CorruptionError, StoreError
-from ._fs import OsFileSystem
 from ._inspect import (
     CHUNK,
     JournalView,
@@ -71,6 +70,7 @@ from ._inspect import (
     staged_names,
 )
 from ._journal_reader import SegmentScan
+from ._os_fs import OsFileSystem
 from ._paths import RESERVED
 
 PREFIX = "walstore-backup-"

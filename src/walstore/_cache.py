@@ -1,7 +1,7 @@
 """ReadCache: small files' contents kept on the event-loop side, so reads skip the thread hop.
 
-A thread hop costs hundreds of microseconds, an in-memory lookup under one. The
-store knows every change made through it: the committer updates the cache after each group
+A thread hop costs tens of microseconds (benchmarks/RESULTS.md), an in-memory lookup under
+one. The store knows every change made through it: the committer updates the cache after each group
 is applied, on the event-loop thread, in one synchronous step, so a reader sees either none or
 all of a group. Changes of other processes that share the store are dropped from it when this
 one catches up on them, or wholesale when a read finds it behind (``Store._see_others``).

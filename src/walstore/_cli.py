@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import anyio
 
-from . import _backup, _demo, _inspect, _store
+from . import _backup, _demo, _info, _inspect, _open, _verify
 from ._errors import CorruptionError, StoreError, StoreFailedError, StoreLockedError
 
 # -- exit codes and output --------------------------------------------------------------------
@@ -122,7 +122,7 @@ def _in_use(pid: int | None) -> str:
 
 def cmd_info(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     layout = _inspect.Layout.of(args.root)
-    d = _inspect.info(layout)
+    d = _info.info(layout)
     lock = d["lock"]
     if lock["held"]:
         use = _in_use(lock["pid"])
@@ -168,7 +168,7 @@ def cmd_info(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
 def cmd_log(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     if args.since is not None and args.since < 0:
         raise _backup.UsageError(f"--since must be a txid (>= 0), not {args.since}")
-    d = _inspect.log(_inspect.Layout.of(args.root), args.since)
+    d = _info.log(_inspect.Layout.of(args.root), args.since)
     lines: list[str] = []
     if d["in_use_by"] is not None:
         lines.append(f"(store {_in_use(d['in_use_by'])}: the journal is growing)")
@@ -202,7 +202,7 @@ def _op_lines(op: dict[str, Any], indent: str) -> list[str]:
 def cmd_verify(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     layout = _inspect.Layout.of(args.root)
     with _progress(args.json) as bar:
-        r = _inspect.verify(layout, bar)
+        r = _verify.verify(layout, bar)
     lines = [f"verify {r.root}"]
     if r.in_use_by is not None:
         lines.append(
@@ -276,7 +276,7 @@ def _report_dict(report: Any) -> dict[str, Any]:
 
 
 async def _open_and(root: str, checkpoint: bool) -> tuple[dict[str, Any], bool]:
-    async with _store.open(root, create=False) as store:
+    async with _open.open(root, create=False) as store:
         rec = _report_dict(store.recovery)
         if checkpoint:
             await store.checkpoint()
@@ -286,7 +286,7 @@ async def _open_and(root: str, checkpoint: bool) -> tuple[dict[str, Any], bool]:
 def cmd_recover(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     layout = _inspect.Layout.of(args.root)
     if args.dry_run:
-        d = _inspect.recovery_plan(layout)
+        d = _info.recovery_plan(layout)
         d["dry_run"] = True
         lines = [f"recover --dry-run {d['root']} (nothing was changed)"]
         if d["in_use_by"] is not None:
@@ -308,7 +308,7 @@ def cmd_recover(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
 
 def cmd_checkpoint(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     layout = _inspect.Layout.of(args.root)
-    before = _inspect.info(layout)
+    before = _info.info(layout)
     if before["lock"]["held"] and not before["lock"]["processes"]:
         raise StoreLockedError(
             f"store {layout.root} is locked by another process (pid {before['lock']['pid']}, "
@@ -317,7 +317,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     # Beside processes that share the store: it opens as one more of them, and takes the
     # checkpoint in its turn under the commit lock.
     rec, _ = anyio.run(_open_and, layout.root, True)
-    after = _inspect.info(layout)
+    after = _info.info(layout)
     d = {
         "root": layout.root,
         "recovery": rec,

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._engine import Durability
+from ._open import open as open_store
 from ._store import Store
-from ._store import open as open_store
 from .testing import MemoryFileSystem
 
 ROOT = "/store"

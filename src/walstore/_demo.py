@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from . import _store
+from . import _open, _store
 from ._backup import UsageError
 from ._recovery import RecoveryReport
 from ._transaction import Transaction
@@ -57,7 +57,7 @@ async def _rewrite_conversation(tx: Transaction, version: int) -> None:
 async def child(root: str, first: int) -> None:
     """The workload the demo kills: many tasks transferring money, one rewriting a
     conversation; prints ``ACK <n>`` for every committed transfer, numbered from ``first``."""
-    async with _store.open(root) as store:
+    async with _open.open(root) as store:
         counter = iter(range(first, first + 10**9))
 
         async def worker(seed: int) -> None:
@@ -113,7 +113,7 @@ async def _ledger(store: _store.Store) -> set[int]:
 
 
 async def _setup(root: str) -> _Baseline:
-    async with _store.open(root) as store:
+    async with _open.open(root) as store:
         reused = await store.exists("bank")
         if not reused:
             async with store.transaction() as tx:
@@ -139,7 +139,7 @@ async def _setup(root: str) -> _Baseline:
 async def _check(root: str, base: _Baseline) -> tuple[RecoveryReport, dict[str, int], list[str]]:
     """Reopen (recover) the store and compare it with the baseline and the ACKs."""
     problems: list[str] = []
-    async with _store.open(root) as store:
+    async with _open.open(root) as store:
         report = store.recovery
         balances = [(await store.read_json(f"bank/{i}.json"))["balance"] for i in range(ACCOUNTS)]
         ours = {n for n in await _ledger(store) if n >= base.first}

@@ -2,9 +2,39 @@
 
 Layout: the engine owns the commit log (``_commit_log.py``) and the applier (``_apply.py``),
 and is made of one concern per module, imported one way (the engine imports them, none of
-them imports the engine): ``_validate.py`` (step 1 per transaction), ``_space.py`` (the
-reserve), ``_reads.py`` (reads, the apply gate), ``_peers.py`` (other processes, which sees the
-engine only as its ``Host``) and ``_prepared.py`` (what a group takes and returns).
+them imports the engine): ``_checkpoint.py`` (when one is due, and the checkpoint itself),
+``_group_steps.py`` (the commit protocol, a step per method),
+``_validate.py`` (step 1 per transaction), ``_space.py`` (the reserve), ``_reads.py`` (reads,
+the apply gate), ``_peers.py`` (other processes, which sees the engine only as its ``Host``)
+and ``_prepared.py`` (what a group takes and returns).
+
+Invariants (what the code keeps; each names where it is kept):
+
+1. ``last_lsn`` is the LSN of the last COMMIT applied in place, or of the last checkpoint
+   if none came since. It only grows, and is set under ``_lock`` only: by step 4 (under the
+   apply gate), by ``take_in`` and ``followed`` (other processes' commits and checkpoints),
+   by the checkpoint, and by recovery at open.
+2. The engine's ``_lock`` is held from step 0 of a group through step 4 (``commit_group``),
+   through a checkpoint and through ``close``: one of them runs at a time. With other
+   processes the commit lock (``_peers.py``) is held across the same span; the leader takes
+   it on the event loop (``CommitLock.hold``) before it hands the group to the committer
+   thread. ``_assert_held`` checks both (LevelDB's ``AssertHeld``).
+3. Before a group's commit point (step 3, ``sync_journal``) nothing outside
+   ``.walstore/staging/`` and the journal has changed on its behalf: a crash before it
+   leaves the store as it was, one after it leaves a journal that recovery applies.
+4. A failed fsync or fdatasync is never retried (what it covered may be lost while a retry
+   reports success): it fails the store (``_fail`` sets ``failed``), and every later group
+   is refused before step 0.
+5. Readers never see part of a group: step 4 applies under the apply gate's write side and
+   every read takes its read side; an apply that stopped half way sets ``partial``, and
+   reads then refuse (``ReadSide._check_whole``) until a reopen recovers.
+6. The conflict index holds the effects of every group committed since the oldest open
+   transaction began (``prune(oldest_begin)``), and a group's effects are observed under the
+   apply gate, before a reader can see its files: a read tagged with LSN n is checked
+   against every commit after n.
+7. Txids only grow, across reopens and processes: ``new_txid`` takes them under
+   ``_txids``; each checkpoint records ``next_txid`` in the new segment's header, and
+   recovery starts above every txid the journal and the staging area name.
 
 Threads:
 
@@ -39,31 +69,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import struct
 import threading
-import time
 import zlib
 from contextlib import suppress
-from dataclasses import dataclass, field
 
 from . import _journal_format as fmt
 from ._apply import SYNCFS_MIN, Applier, remove_tree
-from ._commit_log import JournalLog, LogConflict
+from ._checkpoint import Checkpoints
+from ._commit_log import JournalLog
 from ._conflicts import ConflictIndex
 from ._errors import (
-    CommitOutcomeUnknownError,
-    CommittedNotAppliedError,
-    ConflictError,
-    CorruptionError,
-    InvalidPathError,
     NotAStoreError,
-    StoreClosedError,
     StoreFailedError,
     StoreLayoutError,
     StoreLockedError,
 )
 from ._fs import FileSystem, write_all
-from ._journal_writer import AppendFailed, FailStop, synced
+from ._group_steps import Counters
 from ._limits import PathLimits, limits_of
 from ._paths import RESERVED
 from ._peers import Peers
@@ -76,59 +98,19 @@ from ._prepared import PreparedTx as PreparedTx
 from ._prepared import Result as Result
 from ._prepared import TxOp as TxOp
 from ._prepared import conflict_error as conflict_error
-from ._reads import ApplyGate, refused
+from ._reads import ApplyGate
 from ._recovery import Recovered, RecoveryReport, recover
 from ._shared import (
     effects_of,
     touched,
 )
-from ._space import SpaceAccount, out_of_space
+from ._space import out_of_space
 from ._space import reserve_for as reserve_for
-from ._validate import GroupValidation, Validator, collides
 
 log = logging.getLogger("walstore")
 
 
-@dataclass
-class Counters:
-    commits: int = 0
-    groups: int = 0
-    conflicts: int = 0
-    checkpoints: int = 0
-    journal_bytes: int = 0
-    journal_syncs: int = 0
-
-
-@dataclass
-class _Group:
-    """One group as ``commit_group`` takes it through its steps."""
-
-    txs: list[PreparedTx]
-    results: list[Result | None]  # set once a transaction is refused (or the group ends)
-    log: JournalLog
-    head: int = 0  # the log's head before the group: it appends after it
-    lsn: int = 0  # the group's LSN
-    state: GroupValidation = field(default_factory=GroupValidation)
-    resolved: dict[int, tuple[fmt.Op, ...]] = field(default_factory=dict)  # index -> ops
-    staged: list[int] = field(default_factory=list)  # txids with a staging directory
-    writers: list[tuple[int, tuple[fmt.Op, ...]]] = field(default_factory=list)
-
-
-class _GroupEnded(Exception):
-    """A step ended the group early: ``results`` are every transaction's outcome."""
-
-    def __init__(self, results: list[Result]) -> None:
-        super().__init__("group ended")
-        self.results = results
-
-
-# A checkpoint is due once old versions and staged values kept until it hold this much.
-GARBAGE_BYTES = 256 << 20
-# A checkpoint that found no space is tried again after this many seconds (or when called).
-CHECKPOINT_RETRY = 1.0
-
-
-class Engine(Validator, SpaceAccount):
+class Engine(Checkpoints):
     """The blocking core. Which thread runs what: the module docstring."""
 
     def __init__(
@@ -148,7 +130,7 @@ class Engine(Validator, SpaceAccount):
         self.journal_dir = os.path.join(self.meta, "journal")
         self.staging_dir = os.path.join(self.meta, "staging")
         self.durability = durability
-        self.sync = durability is not Durability.OFF
+        self.sync_enabled = durability is not Durability.OFF
         self.checkpoint_bytes = checkpoint_bytes
         self.checkpoint_files = checkpoint_files
         self.syncfs_min = syncfs_min  # checkpoints of this many changes use syncfs; None: never
@@ -156,7 +138,8 @@ class Engine(Validator, SpaceAccount):
         # commits overwrite allocated blocks (their fdatasync then writes data only).
         size = min(checkpoint_bytes + min(checkpoint_bytes, 1 << 20), 65 << 20)
         hint = getattr(fs, "journal_preallocation", None)  # a simulated disk keeps it small
-        self.preallocate = (size if hint is None else min(size, int(hint))) if self.sync else 0
+        size = size if hint is None else min(size, int(hint))
+        self.preallocate = size if self.sync_enabled else 0
         self.counters = Counters()
         self.failed: StoreFailedError | None = None
         self.partial = False  # a group is half applied: reads would show half of it
@@ -252,7 +235,7 @@ class Engine(Validator, SpaceAccount):
             self.root,
             self.journal_dir,
             self.staging_dir,
-            sync=self.sync,
+            sync=self.sync_enabled,
             preallocate=self.preallocate,
             fs_fd=fs_fd,
             syncfs_min=self.syncfs_min,
@@ -267,8 +250,9 @@ class Engine(Validator, SpaceAccount):
         died after the commit point), and note all of them as this process's own (conflict
         index, read cache, what the next checkpoint syncs and drops). Returns the applied.
         In the committer thread (or the opening one). REQUIRES: commit lock held."""
+        self.peers.assert_xlock()
         unapplied = [c for c in commits if c.lsn > applied]
-        if unapplied and self.sync:
+        if unapplied and self.sync_enabled:
             assert self.commit_log is not None
             self.commit_log.sync()  # its writer may have died before its fdatasync
         with self._gate.write():
@@ -289,6 +273,7 @@ class Engine(Validator, SpaceAccount):
         """Another process took a checkpoint at ``checkpoint_lsn``; ``gap``: a segment in
         between came and went, its commits unknown here. In the committer thread. REQUIRES:
         commit lock held."""
+        self.peers.assert_xlock()
         if gap:
             self.conflicts.barrier = checkpoint_lsn
             self.cache_stale = True
@@ -298,7 +283,8 @@ class Engine(Validator, SpaceAccount):
     def _check_mounts_at_open(self) -> None:
         """Commits rename from ``staging/`` into place, which works within one mount only: the
         root and its ``.walstore/`` must be one, and changes at or under a mount point below
-        the root are refused (``_check_mount_points``, and ``_kind`` for mounts made later)."""
+        the root are refused (``_check_mount_points``, and ``Validator._kind_after`` for
+        mounts made later)."""
         fs = self.fs
         devs: dict[str, int] = {}
         for d in (self._real_root, self.meta, self.journal_dir, self.staging_dir):
@@ -345,7 +331,7 @@ class Engine(Validator, SpaceAccount):
             elif st.kind != "dir":
                 bad = NotAStoreError if d == self.root else StoreLayoutError
                 raise bad(f"{d} exists and is not a directory")
-        if self.sync:
+        if self.sync_enabled:
             # Every time, not only when made: a first open that crashed after its mkdirs
             # left them unsynced, and a store last used with Durability.OFF left its live
             # segment's name unsynced; this open cannot tell.
@@ -402,7 +388,7 @@ class Engine(Validator, SpaceAccount):
         fd = self.fs.open(os.path.join(self.staging_dir, name), create=True, truncate=True)
         try:
             write_all(self.fs, fd, data, 0)
-            if self.sync:
+            if self.sync_enabled:
                 self.fs.fsync(fd)
         finally:
             self.fs.close(fd)
@@ -420,342 +406,3 @@ class Engine(Validator, SpaceAccount):
         remove_tree(self.fs, os.path.join(self.staging_dir, str(txid)))
 
     # -- the commit protocol -------------------------------------------------------------
-
-    def commit_group(self, group: list[PreparedTx], oldest_begin: int) -> list[Result]:
-        """Run steps 0-4 for a group, in one worker call (in the committer thread, never on
-        the event loop), and return each transaction's outcome for step 5, ``acknowledge``,
-        which the Store does. ``oldest_begin`` is the smallest begin LSN of any open
-        transaction (older conflict records are dropped).
-
-        Under ``fs.hold()``: each directory the group's paths go through is resolved
-        (beneath the root, through no symlink) once for the group instead of at every call;
-        dropped when the group renames or removes it, closed when the group ends."""
-        with self._lock, self.fs.hold():
-            if self.failed is not None:
-                err = StoreFailedError(f"store failed earlier: {self.failed}")
-                return [Result(Outcome.REJECTED, error=err) for _ in group]
-            if self.commit_log is None:
-                closed = StoreClosedError(f"store {self.root} is closed")
-                return [Result(Outcome.REJECTED, error=closed) for _ in group]
-            g = _Group(group, [None] * len(group), self.commit_log)
-            try:
-                self._step_catch_up(g)  # step 0
-                self._step_validate(g)  # step 1
-                self._step_sync_staged(g)  # step 2
-                self._step_append_commit(g)  # step 3
-                self._step_sync_journal(g)  # step 3, the commit point
-                self._step_apply(g)  # step 4
-            except _GroupEnded as ended:
-                return ended.results
-            self.conflicts.prune(oldest_begin)
-            self.counters.groups += 1
-            self.counters.commits += len(g.writers)
-            self.counters.journal_bytes = g.log.bytes_written
-            for txid, ops in g.writers:
-                log.debug("txid=%d committed lsn=%d ops=%d", txid, g.lsn, len(ops))
-            return self._fill(g.results, Result(Outcome.COMMITTED, g.lsn))
-
-    def _end_group(self, g: _Group, value: Result) -> _GroupEnded:
-        """End the group early: every transaction not refused yet gets ``value``."""
-        return _GroupEnded(self._fill(g.results, value))
-
-    def _step_catch_up(self, g: _Group) -> None:
-        """Step 0, ``catch_up``: take in what other processes committed (``_peers.py``)."""
-        try:
-            self.peers.catch_up()
-        except OSError as exc:
-            raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
-        except CorruptionError as exc:
-            self._fail(f"the journal is damaged: {exc}", exc)
-            raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
-        g.head = g.log.head
-        g.lsn = g.head + 1
-
-    def _step_validate(self, g: _Group) -> None:
-        """Step 1, ``validate``: refuse each transaction whose reads are stale, whose paths
-        do not fit what is on disk (plus what the transactions ahead of it change), or whose
-        apply would eat into the space reserve. Nothing on disk is touched."""
-        for i, tx in enumerate(g.txs):
-            try:
-                self._validate_tx(tx, g.state)
-            except (InvalidPathError, ConflictError, OSError) as exc:
-                if isinstance(exc, ConflictError):
-                    self.counters.conflicts += 1
-                g.results[i] = Result(Outcome.REJECTED, error=exc)
-        try:
-            self._check_group_space(g.txs, g.results, g.log)
-        except FailStop as exc:  # nothing is committed, but a failed sync is never retried
-            self._fail(f"sync before the commit point failed: {exc}", exc)
-            raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
-
-    def _step_sync_staged(self, g: _Group) -> None:
-        """Step 2, ``sync_staged``: link moved and kept files into staging, then fsync the
-        staging directories of the transactions that staged anything, and ``staging/``."""
-        results = g.results
-        for i, tx in enumerate(g.txs):
-            if results[i] is not None or not tx.ops:
-                continue
-            try:
-                g.resolved[i] = self._link_sources(tx)
-            except (InvalidPathError, OSError) as exc:
-                results[i] = Result(Outcome.REJECTED, error=exc)
-                continue
-            if tx.staged or g.resolved[i] is not tx.ops:
-                g.staged.append(tx.txid)
-        if not self._writers(g):
-            raise self._end_group(g, Result(Outcome.COMMITTED, self.last_lsn))
-        try:
-            if self.sync and g.staged:
-                for txid in g.staged:
-                    self.fs.fsync_dir(os.path.join(self.staging_dir, str(txid)))
-                self.fs.fsync_dir(self.staging_dir)
-        except OSError as exc:
-            # Nothing is committed, but a failed fsync is never retried: what it covered
-            # may be lost while a retry reports success (fsyncgate).
-            self._fail(f"staging fsync failed: {exc}", exc)
-            raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
-
-    def _writers(self, g: _Group) -> list[tuple[int, tuple[fmt.Op, ...]]]:
-        """The transactions still in the group, with their resolved ops."""
-        g.writers = [(g.txs[i].txid, ops) for i, ops in g.resolved.items() if g.results[i] is None]
-        return g.writers
-
-    def _step_append_commit(self, g: _Group) -> None:
-        """Step 3, ``append_commit``: one COMMIT record for the group, appended in one write.
-        Each transaction is encoded on its own, so that one the record cannot hold (the op
-        calls and the store refuse those first; this is the last line) is refused alone,
-        before the commit point, and the others go on."""
-        parts: list[bytes] = []
-        size = fmt.GROUP_HEADER_SIZE
-        results = g.results
-        for i, ops in g.resolved.items():
-            if results[i] is not None:
-                continue
-            txid = g.txs[i].txid
-            try:
-                part = fmt.encode_tx(fmt.TxRecord(txid, ops))
-            except (struct.error, OverflowError, UnicodeEncodeError) as exc:
-                results[i] = Result(Outcome.REJECTED, error=_unrecordable(txid, exc))
-                continue
-            if size + len(part) > fmt.MAX_PAYLOAD:
-                big = InvalidPathError(
-                    f"txid={txid}: its {len(part)} bytes do not fit the commit record"
-                )
-                results[i] = Result(Outcome.REJECTED, error=big)
-                continue
-            parts.append(part)
-            size += len(part)
-        if not self._writers(g):
-            raise self._end_group(g, Result(Outcome.COMMITTED, self.last_lsn))
-        try:
-            g.log.append(parts, g.head)
-        except LogConflict as exc:  # nothing written: the group is validated again
-            stale = ConflictError(f"another writer committed first: {exc}")
-            raise self._end_group(g, Result(Outcome.REJECTED, error=stale)) from None
-        except OSError as exc:
-            raise self._end_group(g, Result(Outcome.REJECTED, error=exc)) from None
-        except AppendFailed as exc:
-            self._fail(f"journal append failed and could not be undone: {exc}", exc)
-            err = CommitOutcomeUnknownError(f"commit outcome unknown: {exc}")
-            raise self._end_group(g, Result(Outcome.UNKNOWN, error=err)) from None
-
-    def _step_sync_journal(self, g: _Group) -> None:
-        """Step 3, ``sync_journal``: fdatasync the journal. This is the commit point."""
-        try:
-            if self.sync:
-                g.log.sync()
-                self.counters.journal_syncs += 1
-        except OSError as exc:
-            self._fail(f"journal fdatasync failed: {exc}", exc)
-            # The record is in the page cache, maybe on disk: erase it, so that no process
-            # (other processes catching up, this one closing) applies what a power loss
-            # could still take back. If that fails too it may or may not be durable.
-            try:
-                g.log.unappend()
-                log.error("store %s: the record of the failed sync is erased", self.root)
-            except OSError as exc2:
-                log.error(
-                    "store %s: erasing the record of the failed sync failed too: %s",
-                    self.root,
-                    exc2,
-                )
-            err = CommitOutcomeUnknownError(
-                f"commit outcome unknown: the journal sync failed ({exc}); "
-                "reopen the store to learn whether it committed"
-            )
-            err.__cause__ = exc
-            raise self._end_group(g, Result(Outcome.UNKNOWN, error=err)) from None
-
-    def _step_apply(self, g: _Group) -> None:
-        """Step 4, ``apply``: rename every change into place with readers held off by the
-        apply gate, then (readers let in) ``drop_replaced``."""
-        lsn = g.lsn
-        applied = False
-        try:
-            with self._gate.write():
-                # Step 1 looked these up already: apply need not lstat them again.
-                self._applier.forget_dir_cache(known=g.state.disk_dirs)
-                for txid, ops in g.writers:
-                    self._applier.apply(txid, ops, replacing=g.state.replacing)
-                for txid in g.staged:  # dropped at the next checkpoint
-                    self._applier.garbage.add(os.path.join(self.staging_dir, str(txid)))
-                self.last_lsn = lsn
-                # Still under the gate: whoever saw this group's files sees it here too
-                # (the early check on the event loop relies on it).
-                self.conflicts.observe(lsn, g.state.effects)
-                self.peers.note_applied(lsn)  # other processes: it is applied
-            applied = True
-            self._applier.drop_replaced()
-        except OSError as exc:
-            self.partial = not applied
-            self._fail(f"apply failed after the commit point: {exc}", exc)
-            err = CommittedNotAppliedError(
-                f"committed (journal LSN {lsn}) and applied, but an old file could not be "
-                f"removed: {exc}; reopen the store to recover"
-                if applied
-                else f"committed (journal LSN {lsn}) but not applied: {exc}; "
-                "reopen the store to finish applying it"
-            )
-            err.__cause__ = exc
-            raise self._end_group(g, Result(Outcome.COMMITTED, lsn, err)) from None
-
-    def _link_sources(self, tx: PreparedTx) -> tuple[fmt.Op, ...]:
-        """Step 2 for one transaction: hard-link the source of each move and each file a
-        directory replacement keeps into ``staging/<txid>/``, fsynced, so that the commit
-        record can name them as staged values. Returns ``tx.ops`` itself if none."""
-        if not any(isinstance(op, Move | PendingReplace) for op in tx.ops):
-            return tx.ops  # type: ignore[return-value]
-        d = os.path.join(self.staging_dir, str(tx.txid))
-        if self.fs.lstat(d) is None:
-            self.fs.mkdir(d)
-        out: list[fmt.Op] = []
-        for i, op in enumerate(tx.ops):
-            if isinstance(op, Move):
-                out.append(self._link(op.src, f"{tx.txid}/m{i}", op.path))
-            elif isinstance(op, PendingReplace):
-                entries = list(op.entries)
-                named = {e.path for e in entries}
-                for j, rel in enumerate(self._kept(op)):
-                    if not collides(rel, named):  # what the new directory holds wins
-                        entries.append(self._link(f"{op.path}/{rel}", f"{tx.txid}/k{i}-{j}", rel))
-                out.append(fmt.ReplaceDir(op.path, tuple(entries)))
-            else:
-                out.append(op)
-        return tuple(out)
-
-    def _link(self, src: str, name: str, as_path: str) -> fmt.PutStaged:
-        full = self._applier.full(src)
-        st = self._lstat(src)
-        if st is None:
-            raise FileNotFoundError(2, "No such file or directory", src)
-        if st.kind != "file":
-            raise InvalidPathError(f"cannot move or keep {src!r}: not a regular file")
-        staged = os.path.join(self.staging_dir, name)
-        try:  # resolved again: it may have moved behind a symlink since the lstat
-            self.fs.link(full, staged)
-        except OSError as exc:
-            raise refused(exc, src) from None
-        if self.sync:  # it may hold data applied since the last checkpoint, not yet synced
-            fd = self.fs.open(staged)
-            try:
-                self.fs.fsync(fd)
-            finally:
-                self.fs.close(fd)
-        return fmt.PutStaged(as_path, name, st.size, 0)
-
-    @staticmethod
-    def _fill(results: list[Result | None], value: Result) -> list[Result]:
-        return [value if r is None else r for r in results]
-
-    def _fail(self, message: str, exc: BaseException) -> None:
-        """Fail the store: every later commit is refused. In the committer thread."""
-        log.error("store %s failed: %s", self.root, message)
-        self.failed = StoreFailedError(message)
-        self.failed.__cause__ = exc
-
-    def checkpoint_due(self) -> bool:
-        """Whether the leader should checkpoint after its group. On the event loop, between
-        groups: it reads what the committer thread left, nothing on disk."""
-        j = self.commit_log
-        if j is None or self.failed is not None:
-            return False
-        if self._checkpoint_retry and time.monotonic() < self._checkpoint_retry:
-            return False
-        a = self._applier
-        garbage_limit = GARBAGE_BYTES
-        if self.free is not None:
-            # Staged values (and trees moved away) hold their space until the checkpoint:
-            # free them once they hold a quarter of what is left above the reserve.
-            spare = max(0, self.free - self.reserve)
-            garbage_limit = min(GARBAGE_BYTES, spare // 4)
-            if spare < self.reserve and a.garbage:
-                return True
-        return (
-            j.segment_bytes > self.checkpoint_bytes
-            or len(a.dirty_files) > self.checkpoint_files
-            or a.garbage_bytes > garbage_limit
-        )
-
-    def checkpoint(self) -> None:
-        """Make everything applied durable in place and start a new journal segment. Raises
-        OSError ENOSPC/EDQUOT if there was no space for the segment or for removing what it
-        frees: nothing committed is at risk, the store carries on and the checkpoint is tried
-        again later. Any other error fails the store (StoreFailedError). In the committer
-        thread (or a worker thread for ``Store.checkpoint``), between groups."""
-        with self._lock:
-            if self.failed is not None:
-                raise StoreFailedError(f"store failed earlier: {self.failed}")
-            try:
-                self.peers.catch_up()
-                self._checkpoint_locked()
-            except OSError as exc:
-                if out_of_space(exc):
-                    self._checkpoint_retry = time.monotonic() + CHECKPOINT_RETRY
-                    log.warning("checkpoint of %s postponed: %s", self.root, exc)
-                    raise OSError(
-                        exc.errno,
-                        f"checkpoint postponed, no space: {exc}; nothing committed is at risk "
-                        "and the store carries on",
-                    ) from exc
-                self._fail(f"checkpoint failed: {exc}", exc)
-                raise StoreFailedError(f"checkpoint failed: {exc}") from exc
-
-    def _checkpoint_locked(self) -> None:
-        """Checkpoint steps 1-4 (docs/commit-protocol.md, section 5). REQUIRES: ``_lock`` and
-        the commit lock held."""
-        journal = self.commit_log
-        assert journal is not None
-        # Step 1: checkpoint_sync: applied files and directories, so the journal can go.
-        if self.sync:
-            # A handle open since the open, so write-back errors since are reported on it.
-            fd = self.peers.fd if self.peers.fd is not None else self._lock_fd
-            synced(lambda: self._applier.sync(fd))
-        else:
-            self._applier.dirty_files.clear()
-            self._applier.dirty_dirs.clear()
-        # With other processes open the old segment goes at step 3, not to the spare: one of
-        # them may still read it through its handle.
-        journal.recycle = bool(self.preallocate) and (self.exclusive or self.peers.alone())
-        # Step 2: checkpoint_new_segment (``JournalLog.new_segment``).
-        self.peers.note_segment(journal.head + 1)  # other processes: named before it exists
-        lsn = journal.new_segment(self.next_txid)
-        self.last_lsn = lsn
-        self.peers.note_applied(lsn)
-        # Step 3: checkpoint_drop_segments: the old segment becomes the spare (or goes).
-        journal.drop_segments()
-        # Step 4: checkpoint_drop_garbage
-        self._applier.drop_garbage()
-        self.counters.checkpoints += 1
-        if self.free is not None:  # what the checkpoint freed, for the next triggers
-            with contextlib.suppress(OSError):
-                self.look_at_space()
-        self._checkpoint_retry = 0.0
-        log.debug("checkpoint lsn=%d", lsn)
-
-
-def _unrecordable(txid: int, exc: BaseException) -> InvalidPathError:
-    err = InvalidPathError(
-        f"txid={txid}: a path, count or size does not fit the journal's record format ({exc})"
-    )
-    err.__cause__ = exc
-    return err

@@ -155,8 +155,8 @@ _ZEROS = bytes(1 << 16)
 
 def _end_of_data(data: bytes, start: int) -> int:
     """The offset just past the last non-zero byte at or after ``start`` (``start`` if none).
-    Skips zeros 64 KiB at a time: a preallocated segment is mostly zeros, and a byte-wise
-    rstrip of its 60 MiB took 80 ms of every open."""
+    Skips zeros 64 KiB at a time: a preallocated segment is mostly zeros, which a byte-wise
+    rstrip would walk at every open (benchmarks/RESULTS.md)."""
     end, step = len(data), len(_ZEROS)
     while end - start >= step and data[end - step : end] == _ZEROS:
         end -= step

@@ -122,9 +122,8 @@ class JournalWriter:
 
         With ``preallocate``, the segment is zero-filled to that size (zeros written, not
         fallocated), so appends overwrite allocated blocks and their fdatasync need not commit
-        file-system metadata (measured on ext4: a 4 KiB overwrite + fdatasync p50 0.22 ms, an
-        append that grows the file 0.37 ms). It is then written
-        and synced under a temporary name and renamed into place, so a segment under its
+        file-system metadata (benchmarks/RESULTS.md). It is then written and synced under a
+        temporary name and renamed into place, so a segment under its
         real name is never a half-written preallocation."""
         salt = secrets.randbits(32)
         name = segment_name(checkpoint.lsn)

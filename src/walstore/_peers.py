@@ -55,7 +55,7 @@ class Host(Protocol):
     meta: str
     journal_dir: str
     staging_dir: str
-    sync: bool
+    sync_enabled: bool
     preallocate: int
     exclusive: bool
     last_lsn: int
@@ -367,7 +367,11 @@ class Peers:
         REQUIRES: commit lock held."""
         fs, host = self.fs, self.host
         journal = JournalLog.join(
-            fs, host.journal_dir, header.segment_lsn, sync=host.sync, preallocate=host.preallocate
+            fs,
+            host.journal_dir,
+            header.segment_lsn,
+            sync=host.sync_enabled,
+            preallocate=host.preallocate,
         )
         journal.recycle = False  # others may still read an old segment through their handle
         host.commit_log = journal

@@ -20,7 +20,7 @@ from ._prepared import Outcome, PendingReplace, PreparedTx, Result, TxOp
 _BLOCK = 4096  # what a new file or directory entry may cost on disk, beyond its data
 # A commit looks at free space again (statvfs) after this many groups, or once the groups
 # since the last look may have used an eighth of what was left above the reserve; between
-# looks it counts down from the last one (a look cost 11-18 µs of a 1 KiB commit's ~1 ms).
+# looks it counts down from the last one (a look is a system call: benchmarks/RESULTS.md).
 SPACE_LOOK_EVERY = 64
 
 
@@ -65,7 +65,7 @@ class SpaceAccount:
 
     fs: FileSystem
     meta: str
-    sync: bool
+    sync_enabled: bool
     _applier: Applier
     _lock_fd: int | None
     free: int | None  # free bytes at the last look (free_space), None: not yet
@@ -109,7 +109,7 @@ class SpaceAccount:
             else:
                 free, reserve = last - self._spent, self.reserve
             a = self._applier
-            if free - reserve < 2 * total and self.sync and (a.dirty_files or a.dirty_dirs):
+            if free - reserve < 2 * total and self.sync_enabled and (a.dirty_files or a.dirty_dirs):
                 # Checkpoint step 1, early: the file system may hold back blocks for data not
                 # yet written back (XFS reserves tens of KiB per small file until then: a
                 # 48 MiB disk looked full at 15 MiB). Its sync errors fail the store.

@@ -91,7 +91,7 @@ class Validator(ReadSide):
                     out.append(rel)
         return out
 
-    def _kind(self, path: str, state: GroupValidation, local: Overlay) -> str | None:
+    def _kind_after(self, path: str, state: GroupValidation, local: Overlay) -> str | None:
         """What ``path`` is once the group so far (and this transaction so far) applied."""
         for layer in (local, state.overlay):
             if path in layer.kinds:
@@ -129,10 +129,10 @@ class Validator(ReadSide):
             if self._mounts:
                 self._check_mount_points(op)
             if not isinstance(op, fmt.Delete):  # a delete makes no directories
-                self._check_parents(op.path, state, local, listing, modified)
+                self._check_group_parents(op.path, state, local, listing, modified)
             elif "/" in op.path:  # nor unlink on another file system, which no checkpoint
-                self._kind(parent(op.path), state, local)  # syncs (a mount above: the same)
-            kind = self._kind(op.path, state, local)
+                self._kind_after(parent(op.path), state, local)  # syncs (a mount above: the same)
+            kind = self._kind_after(op.path, state, local)
             if isinstance(op, fmt.Put | fmt.PutStaged | fmt.Delete | Move):
                 # A symlink is a plain entry: a delete removes the link itself (never what it
                 # points to); anything else refuses to replace it.
@@ -143,7 +143,7 @@ class Validator(ReadSide):
                     raise InvalidPathError(f"cannot change {op.path!r}: it is {what}")
                 # The source is linked at step 2, before anything of this transaction is
                 # applied: check it as the group before this transaction leaves it.
-                if isinstance(op, Move) and self._kind(op.src, state, Overlay()) != "file":
+                if isinstance(op, Move) and self._kind_after(op.src, state, Overlay()) != "file":
                     raise FileNotFoundError(2, "No such file to move", op.src)
                 if (kind is None) != isinstance(op, fmt.Delete):
                     listing.add(parent(op.path))
@@ -188,7 +188,7 @@ class Validator(ReadSide):
         state.effects.trees |= trees
         state.replacing |= replacing
 
-    def _check_parents(
+    def _check_group_parents(
         self,
         path: str,
         state: GroupValidation,
@@ -197,7 +197,7 @@ class Validator(ReadSide):
         modified: set[str],
     ) -> None:
         for anc in parents(path):
-            kind = self._kind(anc, state, local)
+            kind = self._kind_after(anc, state, local)
             if kind is None:
                 local.kinds[anc] = "dir"
                 listing.add(parent(anc))

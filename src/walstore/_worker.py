@@ -1,10 +1,10 @@
 """CommitThread: the committer's own worker thread on asyncio, as aiosqlite keeps one per
 connection.
 
-A round trip through ``anyio.to_thread.run_sync`` costs ~75 µs here: it finds an idle worker,
-takes a capacity-limiter token and opens a cancel scope every time. A thread that waits on a
-``SimpleQueue`` and answers through ``call_soon_threadsafe`` costs ~55 µs, and a commit is one
-such round trip (benchmarks/RESULTS.md). On trio the store keeps anyio's threads.
+A round trip through ``anyio.to_thread.run_sync`` finds an idle worker, takes a
+capacity-limiter token and opens a cancel scope every time; a thread that waits on a
+``SimpleQueue`` and answers through ``call_soon_threadsafe`` does less, and a commit is one
+such round trip (the costs of both: benchmarks/RESULTS.md). On trio the store keeps anyio's threads.
 
 A call handed to the thread always runs to its end and its outcome is always collected: the
 committer must learn every group's. Callers wait for it inside a shielded cancel scope.

@@ -42,8 +42,8 @@ from typing import Any
 import pytest
 
 from ._crashcheck import CrashFailure, CrashReport, crash_check
+from ._open import open as open_store
 from ._store import Store
-from ._store import open as open_store
 
 __all__ = ["CrashFailure", "CrashReport", "crash_check", "walstore_crash_check", "walstore_store"]
 

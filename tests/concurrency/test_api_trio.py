@@ -1,5 +1,5 @@
 """The main API round trip on both backends: the public API runs on asyncio and on trio
-(tests/unit/test_api.py checks the details on asyncio)."""
+(tests/unit/test_api_*.py check the details on asyncio)."""
 
 from __future__ import annotations
 

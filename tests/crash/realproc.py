@@ -34,9 +34,10 @@ import walstore
 from tests.crash.shapes import BY_NAME, CHECKPOINT_BYTES, TUNING, Shape, run_tx, run_workload
 from tests.support import INLINE
 from walstore._engine import Engine
-from walstore._fs import AsyncWriter, OsFileSystem
+from walstore._fs import AsyncWriter
 from walstore._journal_reader import scan_segment
 from walstore._journal_writer import SPARE
+from walstore._os_fs import OsFileSystem
 
 CRASHED = 86  # the exit status of a child that died at its crash point
 FAILED = 3  # the exit status of a child whose code raised

@@ -150,7 +150,22 @@ def _seam_calls() -> set[str]:
     """The seam methods that the commit, checkpoint and recovery code calls."""
     src = Path(walstore.__file__).parent
     called: set[str] = set()
-    for module in ("_engine", "_apply", "_recovery", "_journal_writer", "_store", "_transaction"):
+    for module in (
+        "_engine",
+        "_group_steps",
+        "_checkpoint",
+        "_apply",
+        "_recovery",
+        "_journal_writer",
+        "_store",
+        "_store_base",
+        "_store_reads",
+        "_group_commit",
+        "_open",
+        "_transaction",
+        "_tx_view",
+        "_tx_writers",
+    ):
         text = (src / f"{module}.py").read_text()
         called |= set(re.findall(r"\bfs\.(\w+)\(", text))
     return called

@@ -21,8 +21,11 @@ import pytest
 
 import walstore
 from walstore import InvalidPathError
-from walstore._fs import _HELD_MAX, _KEPT_MAX, FileSystem, NotRegularFileError, _openat2
-from walstore._inspect import Layout, verify
+from walstore._confine import _HELD_MAX, _KEPT_MAX
+from walstore._fs import FileSystem, NotRegularFileError
+from walstore._inspect import Layout
+from walstore._libc import _openat2
+from walstore._verify import verify
 from walstore.testing import MemoryFileSystem
 
 pytestmark = pytest.mark.guarantee(name="Nothing outside the root is touched")

@@ -30,7 +30,7 @@ import pytest
 import walstore
 from walstore import CorruptionError, InvalidPathError, StoreFailedError
 from walstore._backup import backup
-from walstore._fs import _openat2
+from walstore._libc import _openat2
 
 from .swapper import Swapper
 

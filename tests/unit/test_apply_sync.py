@@ -308,7 +308,7 @@ def test_pread_goes_on_after_a_read_cut_short_at_the_cap(
 ) -> None:
     """Linux returns at most ~2 GiB from one read; a read that long coming back short is
     continued. Scaled down: reads capped at 4 bytes, and 4 counting as long."""
-    import walstore._fs as fs_mod
+    import walstore._os_fs as fs_mod
 
     real = os.pread
     monkeypatch.setattr(fs_mod, "_BIG_READ", 4)
@@ -339,8 +339,8 @@ def test_pread_goes_on_after_a_read_cut_short_at_the_cap(
 def test_syncfs_is_used_only_where_it_reports_write_back_errors(
     sysname: str, release: str, used: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import walstore._fs as fs_mod
+    import walstore._libc as libc
 
     fake = os.uname_result((sysname, "host", release, "#1", "x86_64"))
-    monkeypatch.setattr(fs_mod.os, "uname", lambda: fake)
-    assert fs_mod._kernel_at_least(5, 8) is used
+    monkeypatch.setattr(libc.os, "uname", lambda: fake)
+    assert libc._kernel_at_least(5, 8) is used

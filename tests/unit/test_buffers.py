@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import walstore
-from walstore._inspect import Layout, verify
+from walstore._inspect import Layout
+from walstore._verify import verify
 from walstore.testing import MemoryFileSystem
 
 pytestmark = pytest.mark.anyio

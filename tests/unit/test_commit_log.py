@@ -10,7 +10,7 @@ import pytest
 
 from walstore import _journal_format as fmt
 from walstore._commit_log import JournalLog, LogConflict
-from walstore._fs import OsFileSystem
+from walstore._os_fs import OsFileSystem
 
 
 def tx(txid: int, path: str) -> bytes:

@@ -22,8 +22,9 @@ import walstore
 from walstore import InvalidPathError, TxState, _limits
 from walstore import _journal_format as fmt
 from walstore._backup import _rmtree, backup
-from walstore._inspect import Layout, read_staging, verify
+from walstore._inspect import Layout, read_staging
 from walstore._limits import PathLimits
+from walstore._verify import verify
 from walstore.testing import MemoryFileSystem
 
 pytestmark = [pytest.mark.anyio, pytest.mark.guarantee(name="No input poisons the store")]

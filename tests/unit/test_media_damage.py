@@ -18,9 +18,10 @@ import pytest
 
 import walstore
 from walstore import _journal_format as fmt
-from walstore._inspect import Layout, verify
+from walstore._inspect import Layout
 from walstore._journal_reader import scan_segment
 from walstore._journal_writer import segment_lsn
+from walstore._verify import verify
 
 pytestmark = pytest.mark.guarantee(name="Damage is told from a torn tail")
 
