@@ -21,8 +21,9 @@ write-ahead journal."""
 #                            the root, stream writers, ctypes calls), the simulated disk, the seam
 #   _prepared _conflicts _limits _paths _journal_format _errors   plain data and rules, no I/O
 #
-# Beside it, importing from it and imported by none of it: _cli, _inspect (read-only readers
-# of a store) with _info, _verify and _backup on it, _demo, testing, _crashcheck, pytest_plugin.
+# Beside it, importing from it and imported by none of it: _cli (with _cli_text, what it
+# prints), _inspect (read-only readers of a store) with _info, _verify and _backup on it,
+# _demo, testing, _crashcheck, pytest_plugin.
 
 from importlib import metadata as _metadata
 

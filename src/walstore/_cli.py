@@ -6,17 +6,16 @@ Human output by default; --json on every command but demo prints one JSON docume
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import anyio
 
 from . import _backup, _demo, _info, _inspect, _open, _verify
+from . import _cli_text as text
 from ._errors import CorruptionError, StoreError, StoreFailedError, StoreLockedError
 
 # -- exit codes and output --------------------------------------------------------------------
@@ -52,71 +51,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"walstore: {message} (see `{self.prog} --help`)\n")
 
 
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n_f = n / 1024
-        if n_f < 1024 or unit == "TiB":
-            return f"{n_f:.1f} {unit}"
-        n //= 1024
-    raise AssertionError
-
-
-def _txids(ids: list[int], limit: int = 12) -> str:
-    shown = ", ".join(map(str, ids[:limit]))
-    return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
-
-
-class _RichProgress:
-    """Progress bars on stderr (only made when stderr is a terminal)."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self._progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-
-    def task(self, label: str, total: int | None) -> Callable[[int], None]:
-        tid = self._progress.add_task(label, total=total)
-        return lambda n: self._progress.advance(tid, n)
-
-    def __enter__(self) -> _RichProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-
-@contextlib.contextmanager
-def _progress(json_out: bool) -> Iterator[_inspect.Progress]:
-    if json_out or not sys.stderr.isatty():
-        yield _inspect.NoProgress()
-        return
-    with _RichProgress() as bar:
-        yield bar
-
-
-def _in_use(pid: int | None) -> str:
-    return f"in use by pid {pid}" if pid is not None else "in use by another process"
-
-
 # -- info, log ---------------------------------------------------------------------------------
 
 
@@ -125,14 +59,14 @@ def cmd_info(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     d = _info.info(layout)
     lock = d["lock"]
     if lock["held"]:
-        use = _in_use(lock["pid"])
+        use = text.in_use(lock["pid"])
     else:
         use = "no" + (f" (last opened by pid {lock['pid']})" if lock["pid"] else "")
     segs = d["segments"]
     lines = [
         f"store       {d['root']}",
         f"in use      {use}",
-        f"journal     {_size(d['journal_bytes'])} in {len(segs)} segment(s)"
+        f"journal     {text.size(d['journal_bytes'])} in {len(segs)} segment(s)"
         + (f"; live {d['live_segment']}" if d["live_segment"] else " (never opened)"),
     ]
     if d["live_segment"]:
@@ -144,23 +78,23 @@ def cmd_info(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     if d["torn_tail_bytes"]:
         lines.append(f"tail        {d['torn_tail_bytes']} bytes after the last record")
     lines.append(
-        f"staged      {_size(d['staged_bytes'])} in {d['staging_transactions']} transaction "
+        f"staged      {text.size(d['staged_bytes'])} in {d['staging_transactions']} transaction "
         f"dir(s), {d['staging_other_entries']} other staging entr(ies)"
     )
     sp = d["space"]
     lines.append(
-        f"free        {_size(sp['free_bytes'])} of {_size(sp['total_bytes'])}; reserve "
-        f"{_size(sp['reserve_bytes'])} (commits that write leave it free"
+        f"free        {text.size(sp['free_bytes'])} of {text.size(sp['total_bytes'])}; reserve "
+        f"{text.size(sp['reserve_bytes'])} (commits that write leave it free"
         + ("; the disk is FULL: they are refused, deletes still commit)" if sp["full"] else ")")
     )
     spare = (
-        f"spare segment {_size(sp['spare_segment_bytes'])} (the next checkpoint recycles it: "
+        f"spare segment {text.size(sp['spare_segment_bytes'])} (the next checkpoint recycles it: "
         "no new space)"
         if sp["checkpoint_needs_bytes"] == 0
         else "no spare segment (the next checkpoint allocates one)"
     )
     lines.append(
-        f"journal     {_size(sp['live_segment_room_bytes'])} preallocated room left; {spare}"
+        f"journal     {text.size(sp['live_segment_room_bytes'])} preallocated room left; {spare}"
     )
     return EXIT_OK, d, lines
 
@@ -171,7 +105,7 @@ def cmd_log(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     d = _info.log(_inspect.Layout.of(args.root), args.since)
     lines: list[str] = []
     if d["in_use_by"] is not None:
-        lines.append(f"(store {_in_use(d['in_use_by'])}: the journal is growing)")
+        lines.append(f"(store {text.in_use(d['in_use_by'])}: the journal is growing)")
     if not d["transactions"]:
         since = f" after txid {args.since}" if args.since is not None else ""
         lsn = d["checkpoint_lsn"]
@@ -179,21 +113,8 @@ def cmd_log(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     for tx in d["transactions"]:
         lines.append(f"tx {tx['txid']}  lsn {tx['lsn']}  {len(tx['ops'])} op(s)")
         for op in tx["ops"]:
-            lines += _op_lines(op, "  ")
+            lines += text.op_lines(op, "  ")
     return EXIT_OK, d, lines
-
-
-def _op_lines(op: dict[str, Any], indent: str) -> list[str]:
-    size = "" if op["size"] is None else _size(op["size"])
-    extra = ""
-    if op["kind"] == "put-staged":
-        extra = f"  (staged {op['staged']})"
-    elif op["kind"] == "replace-dir":
-        size = f"{len(op['entries'])} entries, {size}"
-    out = [f"{indent}{op['kind']:<12} {op['path']}  {size}{extra}".rstrip()]
-    for e in op.get("entries", ()):
-        out += _op_lines(e, indent + "    ")
-    return out
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -201,12 +122,12 @@ def _op_lines(op: dict[str, Any], indent: str) -> list[str]:
 
 def cmd_verify(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     layout = _inspect.Layout.of(args.root)
-    with _progress(args.json) as bar:
+    with text.progress(args.json) as bar:
         r = _verify.verify(layout, bar)
     lines = [f"verify {r.root}"]
     if r.in_use_by is not None:
         lines.append(
-            f"  {_in_use(r.in_use_by)}: read without the lock; files of the commit in "
+            f"  {text.in_use(r.in_use_by)}: read without the lock; files of the commit in "
             "flight may be mid-apply and are not counted as problems"
         )
     if r.checkpoint_lsn is not None:
@@ -231,53 +152,9 @@ def cmd_verify(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
 # -- recover, checkpoint -----------------------------------------------------------------------
 
 
-def _report_lines(d: dict[str, Any], verb: str) -> list[str]:
-    if d["clean"]:
-        return ["  clean: nothing to recover"]
-    would = "would " if verb == "plan" else ""
-    past = verb != "plan"
-    fwd, back = d["rolled_forward"], d["rolled_back"]
-    lines = [
-        f"  {would}{'rolled' if past else 'roll'} forward {len(fwd)} transaction(s)"
-        + (f": {_txids(fwd)}" if fwd else "")
-        + f" ({d['ops_replayed']} op(s) {'replayed' if past else 'to replay'})",
-        f"  {would}{'rolled' if past else 'roll'} back {len(back)} transaction(s)"
-        + (f": {_txids(back)}" if back else "")
-        + " (staged, never committed)",
-    ]
-    if d["torn_bytes"]:
-        lines.append(
-            f"  {would}{'discarded' if past else 'discard'} {d['torn_bytes']} bytes "
-            "of torn journal tail"
-        )
-    lines += [
-        f"  SKIPPED an op no file system can apply (committed unchecked by an older walstore): {s}"
-        for s in d.get("ops_skipped", ())
-    ]
-    orphans = d.get("orphans_removed", d.get("orphans_removed_at_least", 0))
-    lines.append(
-        f"  {would}{'removed' if past else 'remove'} {d['segments_removed']} old journal "
-        f"segment(s) and {'at least ' if not past else ''}{orphans} staging entr(ies)"
-    )
-    return lines
-
-
-def _report_dict(report: Any) -> dict[str, Any]:
-    return {
-        "clean": report.clean,
-        "rolled_forward": list(report.rolled_forward),
-        "rolled_back": list(report.rolled_back),
-        "torn_bytes": report.torn_bytes,
-        "orphans_removed": report.orphans_removed,
-        "segments_removed": report.segments_removed,
-        "ops_replayed": report.ops_replayed,
-        "ops_skipped": list(report.ops_skipped),
-    }
-
-
 async def _open_and(root: str, checkpoint: bool) -> tuple[dict[str, Any], bool]:
     async with _open.open(root, create=False) as store:
-        rec = _report_dict(store.recovery)
+        rec = text.report_dict(store.recovery)
         if checkpoint:
             await store.checkpoint()
     return rec, checkpoint
@@ -291,19 +168,19 @@ def cmd_recover(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
         lines = [f"recover --dry-run {d['root']} (nothing was changed)"]
         if d["in_use_by"] is not None:
             lines.append(
-                f"  {_in_use(d['in_use_by'])}: this is what opening it would do if that "
+                f"  {text.in_use(d['in_use_by'])}: this is what opening it would do if that "
                 "process stopped now"
             )
-        return EXIT_OK, d, lines + _report_lines(d, "plan")
+        return EXIT_OK, d, lines + text.report_lines(d, "plan")
     lock = _inspect.probe_lock(layout)
     if lock.held:  # the processes that have it open recover it as they go
         raise StoreLockedError(
-            f"store {layout.root} is {_in_use(lock.pid)}: recover runs on a store no process "
+            f"store {layout.root} is {text.in_use(lock.pid)}: recover runs on a store no process "
             "has open (the processes sharing it finish what a dead one left, as they go)"
         )
     rec, _ = anyio.run(_open_and, layout.root, False)
     d = {"root": layout.root, "dry_run": False, **rec}
-    return EXIT_OK, d, [f"recovered {layout.root}", *_report_lines(d, "done")]
+    return EXIT_OK, d, [f"recovered {layout.root}", *text.report_lines(d, "done")]
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
@@ -331,12 +208,15 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
     }
     lines = [f"checkpoint {layout.root}"]
     if not rec["clean"]:
-        lines += ["  the open recovered first:", *("  " + x for x in _report_lines(rec, "done"))]
+        lines += [
+            "  the open recovered first:",
+            *("  " + x for x in text.report_lines(rec, "done")),
+        ]
     lines.append(
         f"  {d['transactions_made_durable']} transaction(s) made durable in place; checkpoint "
         f"LSN {d['checkpoint_lsn_before']} -> {d['checkpoint_lsn']}; journal "
-        f"{_size(d['journal_bytes_before'])} -> {_size(d['journal_bytes'])}; staged "
-        f"{_size(d['staged_bytes_before'])} -> {_size(d['staged_bytes'])}"
+        f"{text.size(d['journal_bytes_before'])} -> {text.size(d['journal_bytes'])}; staged "
+        f"{text.size(d['staged_bytes_before'])} -> {text.size(d['staged_bytes'])}"
     )
     return EXIT_OK, d, lines
 
@@ -345,16 +225,16 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
 
 
 def cmd_backup(args: argparse.Namespace) -> tuple[int, Any, list[str]]:
-    with _progress(args.json) as bar:
+    with text.progress(args.json) as bar:
         r = _backup.backup(args.root, args.dest, keep=args.keep, copy=args.copy, progress=bar)
     lines = [
         f"backup of {r.root}",
         f"  -> {r.path}",
-        f"  {r.linked} file(s) hard-linked, {r.copied} copied ({_size(r.copied_bytes)}); "
-        f"journal {_size(r.journal_bytes)} with {r.transactions} transaction(s) after "
+        f"  {r.linked} file(s) hard-linked, {r.copied} copied ({text.size(r.copied_bytes)}); "
+        f"journal {text.size(r.journal_bytes)} with {r.transactions} transaction(s) after "
         f"checkpoint LSN {r.checkpoint_lsn}",
         f"  consistent on attempt {r.attempts}"
-        + (f" (the store was {_in_use(r.in_use_by)})" if r.in_use_by is not None else ""),
+        + (f" (the store was {text.in_use(r.in_use_by)})" if r.in_use_by is not None else ""),
     ]
     if r.skipped:
         lines.append(f"  skipped {len(r.skipped)} special file(s): {', '.join(r.skipped[:5])}")
@@ -478,22 +358,6 @@ def _message(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
-_UNSAFE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
-)
-
-
-def _escape(line: str) -> str:
-    """``line`` with every control, format or line-separator character and every
-    undecodable byte (a surrogate) written as an escape (``\\n``, ``\\x1b``, ``\\udcff``):
-    a file name that holds a newline or a terminal escape cannot paint a line of its own
-    (a fake ``OK:``) or restyle the terminal. Every line printed for people goes through it;
-    JSON output escapes them already."""
-    if not _UNSAFE.search(line):
-        return line
-    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), line)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     json_out: bool = getattr(args, "json", False)
@@ -511,12 +375,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         code = _exit_code(exc)
         message = " ".join(_message(exc).split())  # one line, whatever the message holds
-        print(f"walstore: {_escape(message)}", file=sys.stderr)
+        print(f"walstore: {text.escape(message)}", file=sys.stderr)
         if json_out:
             print(json.dumps({"error": message, "exit_code": code}))
         return code
     if json_out:
         print(json.dumps(doc, indent=2))
     else:
-        print("\n".join(map(_escape, lines)))
+        print("\n".join(map(text.escape, lines)))
     return code
