@@ -165,6 +165,14 @@ def _atomic_write(d: str, name: str, data: bytes) -> None:
     os.rename(tmp, os.path.join(d, name))
 
 
+def _prefill(d: str, keys: list[str], size: int) -> None:
+    """Write every key once before the clock starts (set-up: synced once, at the end)."""
+    for k in keys:
+        with open(os.path.join(d, k), "wb") as f:
+            f.write(os.urandom(size))
+    os.sync()
+
+
 def _fsync_dir(d: str) -> None:
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -174,8 +182,7 @@ def _fsync_dir(d: str) -> None:
 
 
 async def bench_atomic(d: str, seconds: float, tasks: int, files: int, prefix: str) -> Result:
-    for k in every_key(prefix, tasks, files):
-        _atomic_write(d, k, os.urandom(_size(files)))
+    _prefill(d, every_key(prefix, tasks, files), _size(files))
 
     def txn(rows: list[tuple[str, bytes]]) -> None:  # not atomic across files: hand-rolled
         for k, v in rows:
@@ -262,8 +269,7 @@ async def bench_floor(d: str, seconds: float, tasks: int, files: int, prefix: st
     code: per group of ``tasks`` transactions (a perfect group commit), each one's record
     appended to a zero-filled journal, one fdatasync, then each file's value written to a
     temp file and renamed over the key. What the default mode's contract costs the kernel."""
-    for k in every_key(prefix, tasks, files):
-        _atomic_write(d, k, os.urandom(_size(files)))
+    _prefill(d, every_key(prefix, tasks, files), _size(files))
     journal_size = 64 << 20
     fd = os.open(os.path.join(d, "journal"), os.O_RDWR | os.O_CREAT, 0o644)
     for off in range(0, journal_size, 1 << 20):
