@@ -90,11 +90,7 @@ class MemoryFileSystem(MemoryDisk):
     def close(self, fd: int) -> None:
         with self._lock:
             self._call("close", self._fd_path(fd))
-            ino = self._fds.pop(fd, None)
-            self._fd_names.pop(fd, None)
-            if ino is not None and self._locks.get(ino) == fd:  # its flock goes with it
-                del self._locks[ino]
-                self._unlocked.notify_all()
+            self._drop_fd(fd)  # and its flock with it
 
     def read_file(self, path: str) -> bytes:
         with self._lock:
@@ -319,11 +315,7 @@ class MemoryFileSystem(MemoryDisk):
             try:
                 self._call("unlock", self._fd_path(fd))
             finally:  # close(2) frees the descriptor, and so the flock, even when it fails
-                ino = self._fds.pop(fd, None)
-                self._fd_names.pop(fd, None)
-                if ino is not None and self._locks.get(ino) == fd:
-                    del self._locks[ino]
-                    self._unlocked.notify_all()
+                self._drop_fd(fd)
 
     def flock(self, fd: int) -> bool:
         with self._lock:
@@ -337,10 +329,19 @@ class MemoryFileSystem(MemoryDisk):
     def funlock(self, fd: int) -> None:
         with self._lock:
             self._call("funlock", self._fd_path(fd))
-            ino = self._fds[fd]
-            if self._locks.get(ino) == fd:
-                del self._locks[ino]
-                self._unlocked.notify_all()
+            self._drop_flock(fd, self._fds[fd])
+
+    def _drop_fd(self, fd: int) -> None:
+        """Forget a closed handle, and release the flock it held. Requires: _lock held."""
+        ino = self._fds.pop(fd, None)
+        self._fd_names.pop(fd, None)
+        if ino is not None:
+            self._drop_flock(fd, ino)
+
+    def _drop_flock(self, fd: int, ino: int) -> None:
+        if self._locks.get(ino) == fd:
+            del self._locks[ino]
+            self._unlocked.notify_all()
 
     def map_file(self, fd: int, size: int) -> _MemoryMap:
         with self._lock:

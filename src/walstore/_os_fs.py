@@ -331,14 +331,13 @@ class OsFileSystem(ConfinedPaths):
         self.calls["lock"] += 1
         fd = self._open_file(path, os.O_RDWR | os.O_CREAT)
         try:
-            # flock, not fcntl record locks: those are dropped when any handle of the file
-            # closes. flock is shared with a fork()ed child: a store refuses use after fork.
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+            taken = _flock(fd, wait)
+        except BaseException:
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return None
             raise
+        if not taken:
+            os.close(fd)
+            return None
         return fd
 
     def _open_file(self, path: str, flags: int) -> int:
@@ -360,13 +359,7 @@ class OsFileSystem(ConfinedPaths):
 
     def flock(self, fd: int) -> bool:
         self.calls["flock"] += 1
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            raise
-        return True
+        return _flock(fd, wait=False)
 
     def funlock(self, fd: int) -> None:
         self.calls["funlock"] += 1
@@ -384,6 +377,19 @@ class OsFileSystem(ConfinedPaths):
             return AiofilesWriter(await aiofiles.open(fd, "wb", buffering=0), self)
         # aiofiles needs an asyncio loop; on trio the same calls go through anyio's threads.
         return ThreadWriter(fd, self)
+
+
+def _flock(fd: int, wait: bool) -> bool:
+    """Take the exclusive flock of ``fd``; False if another handle holds it (without
+    ``wait``). flock, not fcntl record locks: those are dropped when any handle of the file
+    closes. flock is shared with a fork()ed child: a store refuses use after fork."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    return True
 
 
 def lstat_result(fs: OsFileSystem, path: str) -> os.stat_result | None:

@@ -463,7 +463,7 @@ class Peers:
 
     def _close_kept(self) -> None:
         if self._xlock_kept:  # (a forked child's copy: the parent's holds the lock)
-            self._xlock_fd = None
+            self._xlock_fd, self._xlock_kept = None, False
         for fd in (self._gate_fd, self._lock_fd):
             if fd is not None:
                 self._close_fd(fd)
